@@ -1,0 +1,232 @@
+"""Batch formation: sizes, the wait counted from the oldest request, no wait when full,
+dropped cancelled requests, deadlines, overload and draining."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import pytest
+
+from rag.batching import Batcher, Draining, Overloaded
+
+
+class Recorder:
+    """A batch function that records what it computed and can be held closed."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[str]] = []
+        self.gate = threading.Event()
+        self.gate.set()
+        self.entered = threading.Event()
+
+    def __call__(self, items: list[str]) -> list[str | BaseException]:
+        self.entered.set()
+        self.gate.wait(10)
+        self.batches.append(list(items))
+        return [ValueError(item) if item.startswith("bad") else item.upper() for item in items]
+
+
+def run(coroutine):
+    return asyncio.run(asyncio.wait_for(coroutine, 30))
+
+
+async def started(batcher: Batcher) -> Batcher:
+    batcher.start()
+    return batcher
+
+
+async def wait_until_entered(recorder: Recorder) -> None:
+    while not recorder.entered.is_set():
+        await asyncio.sleep(0.005)
+
+
+def test_full_batch_does_not_wait():
+    async def scenario():
+        recorder = Recorder()
+        batcher = await started(Batcher(recorder, max_batch_size=4, max_wait_s=5, max_queue=16))
+        begin = time.monotonic()
+        results = await asyncio.gather(*(batcher.submit(x) for x in "abcd"))
+        elapsed = time.monotonic() - begin
+        await batcher.stop()
+        return recorder, results, elapsed
+
+    recorder, results, elapsed = run(scenario())
+    assert [r.value for r in results] == ["A", "B", "C", "D"]
+    assert recorder.batches == [["a", "b", "c", "d"]]
+    assert all(r.batch_size == 4 for r in results)
+    assert elapsed < 1.0  # far below max_wait_s = 5
+
+
+def test_wait_is_counted_from_the_oldest_request():
+    async def scenario():
+        recorder = Recorder()
+        batcher = await started(Batcher(recorder, max_batch_size=8, max_wait_s=0.4, max_queue=16))
+        first = asyncio.ensure_future(batcher.submit("first"))
+        await asyncio.sleep(0.25)
+        second = asyncio.ensure_future(batcher.submit("second"))
+        results = await asyncio.gather(first, second)
+        await batcher.stop()
+        return recorder, results
+
+    recorder, (first, second) = run(scenario())
+    assert recorder.batches == [["first", "second"]]
+    # The batch closed 0.4 s after the first arrival, not 0.4 s after the second.
+    assert 0.35 <= first.queue_s < 0.6
+    assert second.queue_s < first.queue_s - 0.15
+
+
+def test_lone_request_waits_at_most_max_wait():
+    async def scenario():
+        batcher = await started(Batcher(Recorder(), max_batch_size=8, max_wait_s=0.1, max_queue=4))
+        result = await batcher.submit("only")
+        await batcher.stop()
+        return result
+
+    result = run(scenario())
+    assert result.batch_size == 1
+    assert 0.08 <= result.queue_s < 0.4
+
+
+def test_batches_are_capped_at_max_batch_size():
+    async def scenario():
+        recorder = Recorder()
+        recorder.gate.clear()
+        batcher = await started(Batcher(recorder, max_batch_size=4, max_wait_s=0, max_queue=64))
+        blocker = asyncio.ensure_future(batcher.submit("x0"))
+        await wait_until_entered(recorder)
+        rest = [asyncio.ensure_future(batcher.submit(f"x{i}")) for i in range(1, 11)]
+        await asyncio.sleep(0.05)
+        recorder.gate.set()
+        await asyncio.gather(blocker, *rest)
+        await batcher.stop()
+        return recorder, batcher
+
+    recorder, batcher = run(scenario())
+    assert [len(b) for b in recorder.batches] == [1, 4, 4, 2]
+    assert batcher.batch_size_counts == {1: 1, 4: 2, 2: 1}
+    assert [x for b in recorder.batches for x in b] == [f"x{i}" for i in range(11)]
+
+
+def test_cancelled_requests_are_dropped_before_compute():
+    async def scenario():
+        recorder = Recorder()
+        recorder.gate.clear()
+        batcher = await started(Batcher(recorder, max_batch_size=8, max_wait_s=0, max_queue=16))
+        blocker = asyncio.ensure_future(batcher.submit("blocker"))
+        await wait_until_entered(recorder)
+        keep = asyncio.ensure_future(batcher.submit("keep"))
+        leave = asyncio.ensure_future(batcher.submit("leave"))
+        await asyncio.sleep(0.02)
+        leave.cancel()
+        await asyncio.sleep(0.02)
+        recorder.gate.set()
+        await asyncio.gather(blocker, keep)
+        await batcher.stop()
+        return recorder, leave
+
+    recorder, leave = run(scenario())
+    assert leave.cancelled()
+    assert recorder.batches == [["blocker"], ["keep"]]
+
+
+def test_request_past_its_timeout_gets_timeout_and_is_not_computed():
+    async def scenario():
+        recorder = Recorder()
+        recorder.gate.clear()
+        batcher = await started(Batcher(recorder, max_batch_size=8, max_wait_s=0, max_queue=16))
+        blocker = asyncio.ensure_future(batcher.submit("blocker"))
+        await wait_until_entered(recorder)
+        with pytest.raises(TimeoutError):
+            await batcher.submit("late", timeout_s=0.1)
+        recorder.gate.set()
+        await blocker
+        await asyncio.sleep(0.05)
+        await batcher.stop()
+        return recorder
+
+    recorder = run(scenario())
+    assert recorder.batches == [["blocker"]]
+
+
+def test_full_queue_is_refused_with_a_retry_estimate():
+    async def scenario():
+        recorder = Recorder()
+        recorder.gate.clear()
+        batcher = await started(Batcher(recorder, max_batch_size=1, max_wait_s=0, max_queue=2))
+        running = asyncio.ensure_future(batcher.submit("running"))
+        await wait_until_entered(recorder)
+        queued = [asyncio.ensure_future(batcher.submit(f"q{i}")) for i in range(2)]
+        await asyncio.sleep(0.01)
+        with pytest.raises(Overloaded) as refused:
+            await batcher.submit("one too many")
+        recorder.gate.set()
+        await asyncio.gather(running, *queued)
+        await batcher.stop()
+        return refused.value
+
+    refused = run(scenario())
+    assert refused.retry_after_s >= 1
+
+
+def test_one_failing_item_does_not_fail_its_batch():
+    async def scenario():
+        batcher = await started(Batcher(Recorder(), max_batch_size=4, max_wait_s=1, max_queue=8))
+        results = await asyncio.gather(
+            *(batcher.submit(x) for x in ("ok1", "bad", "ok2", "ok3")), return_exceptions=True
+        )
+        await batcher.stop()
+        return results
+
+    results = run(scenario())
+    assert isinstance(results[1], ValueError)
+    assert [r.value for i, r in enumerate(results) if i != 1] == ["OK1", "OK2", "OK3"]
+
+
+def test_a_failing_batch_fails_each_caller_and_the_worker_survives():
+    calls = []
+
+    def flaky(items: list[str]) -> list[str]:
+        calls.append(items)
+        if len(calls) == 1:
+            raise RuntimeError("boom")
+        return items
+
+    async def scenario():
+        batcher = await started(Batcher(flaky, max_batch_size=2, max_wait_s=1, max_queue=8))
+        failed = await asyncio.gather(
+            batcher.submit("a"), batcher.submit("b"), return_exceptions=True
+        )
+        later = await batcher.submit("c")
+        await batcher.stop()
+        return failed, later
+
+    failed, later = run(scenario())
+    assert all(isinstance(f, RuntimeError) for f in failed)
+    assert later.value == "c"
+
+
+def test_drain_refuses_new_work_and_finishes_queued_work():
+    async def scenario():
+        recorder = Recorder()
+        recorder.gate.clear()
+        batcher = await started(Batcher(recorder, max_batch_size=1, max_wait_s=0, max_queue=8))
+        queued = [asyncio.ensure_future(batcher.submit(x)) for x in ("a", "b")]
+        await wait_until_entered(recorder)
+        batcher.begin_drain()
+        with pytest.raises(Draining):
+            await batcher.submit("after drain")
+        assert not await batcher.wait_idle(0.05)
+        recorder.gate.set()
+        assert await batcher.wait_idle(5)
+        results = await asyncio.gather(*queued)
+        await batcher.stop()
+        return results
+
+    assert [r.value for r in run(scenario())] == ["A", "B"]
+
+
+def test_invalid_knobs_are_rejected():
+    with pytest.raises(ValueError):
+        Batcher(Recorder(), max_batch_size=0, max_wait_s=0, max_queue=1)
