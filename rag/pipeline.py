@@ -1,0 +1,105 @@
+"""The RAG pipeline: embed -> retrieve -> prompt -> generate, a whole batch at a time.
+
+It knows nothing of HTTP or queues; servers and benchmarks call `answer_batch`.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from rag.config import Config
+from rag.embedder import Embedder
+from rag.generator import Generator
+from rag.index import DocumentIndex, Hit
+from rag.validation import QueryLimits, find_problems
+
+# Tokens kept for the system prompt, the question and the chat template's markup.
+PROMPT_OVERHEAD_TOKENS = 192
+
+
+class QueryRejected(ValueError):
+    """One query of a batch could not be answered; the others still are."""
+
+
+@dataclass
+class Answer:
+    query: str
+    result: str
+    docs: list[Hit]
+    prompt_tokens: int
+    new_tokens: int
+    batch_size: int
+    # Each stage's time for the whole batch this query ran in (the time it waited on).
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+
+class RAGPipeline:
+    def __init__(
+        self,
+        embedder: Embedder,
+        index: DocumentIndex,
+        generator: Generator,
+        limits: QueryLimits,
+        system_prompt: str,
+    ) -> None:
+        self.embedder = embedder
+        self.index = index
+        self.generator = generator
+        self.limits = limits
+        self.system_prompt = system_prompt
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> RAGPipeline:
+        """Load both models, the corpus and its index (from the embedding cache if warm)."""
+        from rag.corpus import load_corpus
+        from rag.models import load_embedder, load_generator
+
+        embedder = load_embedder(cfg.model, batch_size=cfg.corpus.embed_batch_size)
+        index = DocumentIndex(load_corpus(cfg.corpus), embedder, cfg.corpus)
+        generator = load_generator(cfg.model)
+        limits = QueryLimits(cfg.server.max_query_chars, cfg.server.k_max, index.size)
+        return cls(embedder, index, generator, limits, cfg.model.system_prompt)
+
+    def build_prompt(self, query: str, hits: list[Hit]) -> str:
+        budget = (self.generator.cfg.max_prompt_tokens - PROMPT_OVERHEAD_TOKENS) // len(hits)
+        context = "\n".join(
+            f"[{n}] {self.generator.truncate(hit.doc.text, budget)}"
+            for n, hit in enumerate(hits, start=1)
+        )
+        return self.generator.render(
+            self.system_prompt, f"Context:\n{context}\n\nQuestion: {query}"
+        )
+
+    def answer_batch(self, queries: list[str], ks: list[int]) -> list[Answer | QueryRejected]:
+        """Answer every valid query with one embedding call, one index search and one
+        generate call; an invalid query gets a QueryRejected in its place."""
+        outcomes: list[Answer | QueryRejected | None] = [None] * len(queries)
+        valid = []
+        for position, (query, k) in enumerate(zip(queries, ks, strict=True)):
+            problems = find_problems(query, k, self.limits)
+            if problems:
+                outcomes[position] = QueryRejected("; ".join(p.message for p in problems))
+            else:
+                valid.append(position)
+        if valid:
+            answers = self._answer_valid([queries[i] for i in valid], [ks[i] for i in valid])
+            for position, answer in zip(valid, answers, strict=True):
+                outcomes[position] = answer
+        return outcomes  # type: ignore[return-value]
+
+    def _answer_valid(self, queries: list[str], ks: list[int]) -> list[Answer]:
+        hits, embed_s, search_s = self.index.retrieve(queries, ks)
+        started = time.perf_counter()
+        prompts = [self.build_prompt(q, h) for q, h in zip(queries, hits, strict=True)]
+        generations = self.generator.generate(prompts)
+        generate_s = time.perf_counter() - started
+        timings = {
+            "embed_ms": embed_s * 1e3,
+            "retrieve_ms": search_s * 1e3,
+            "generate_ms": generate_s * 1e3,
+        }
+        return [
+            Answer(q, g.text, h, g.prompt_tokens, g.new_tokens, len(queries), dict(timings))
+            for q, h, g in zip(queries, hits, generations, strict=True)
+        ]

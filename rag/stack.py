@@ -1,0 +1,142 @@
+"""Start a server process, wait until it is ready, and tear it down cleanly.
+
+Modelled on vLLM's benchmark sweep: the server runs in its own process group, readiness
+is polled with a timeout, a crash during start-up is detected at once (with the tail of
+its log in the error), and stopping sends SIGTERM (drain) before SIGKILL.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class ServerFailed(RuntimeError):
+    """The server exited or did not become ready in time; the message has its log tail."""
+
+
+def http_get(url: str, timeout_s: float = 2.0) -> tuple[int, dict]:
+    """GET a JSON endpoint; (status, body), with status 0 when nothing answered."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as response:
+            return response.status, json.loads(response.read() or b"{}")
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read() or b"{}")
+    except (OSError, ValueError):
+        return 0, {}
+
+
+@dataclass
+class ServerProcess:
+    """`python -m <module> <overrides> port=0` as a managed child process.
+
+    Use as a context manager: entering starts it and waits for /ready; leaving stops it.
+    """
+
+    overrides: list[str]
+    module: str = "rag.serve"
+    ready_timeout_s: float = 300.0
+    log_path: Path | None = None
+    env: dict[str, str] = field(default_factory=dict)
+    host: str = "127.0.0.1"
+    process: subprocess.Popen | None = field(default=None, init=False)
+    port: int = field(default=0, init=False)
+    _workdir: tempfile.TemporaryDirectory | None = field(default=None, init=False)
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def start(self) -> ServerProcess:
+        self._workdir = tempfile.TemporaryDirectory(prefix="ragbench-server-")
+        port_file = Path(self._workdir.name) / "port"
+        if self.log_path is None:
+            self.log_path = Path(self._workdir.name) / "server.log"
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        command = [
+            sys.executable, "-m", self.module, *self.overrides,
+            f"host={self.host}", "port=0", f"port_file={port_file}",
+        ]  # fmt: skip
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(
+                command,
+                cwd=REPO_ROOT,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env={**os.environ, **self.env},
+                start_new_session=True,  # its own process group: stopping reaches children
+            )
+        self.port = self._wait_for_port(port_file)
+        self.wait_ready()
+        return self
+
+    def _wait_for_port(self, port_file: Path) -> int:
+        deadline = time.monotonic() + self.ready_timeout_s
+        while time.monotonic() < deadline:
+            self._check_alive()
+            if port_file.exists():
+                return int(port_file.read_text())
+            time.sleep(0.05)
+        raise self._failure(f"did not open a port within {self.ready_timeout_s:g} s")
+
+    def wait_ready(self) -> None:
+        deadline = time.monotonic() + self.ready_timeout_s
+        while time.monotonic() < deadline:
+            self._check_alive()
+            if http_get(f"{self.url}/ready")[0] == 200:
+                return
+            time.sleep(0.1)
+        raise self._failure(f"not ready within {self.ready_timeout_s:g} s")
+
+    def _check_alive(self) -> None:
+        assert self.process is not None
+        if (code := self.process.poll()) is not None:
+            raise self._failure(f"exited with code {code} during start-up")
+
+    def _failure(self, what: str) -> ServerFailed:
+        tail = ""
+        if self.log_path and self.log_path.exists():
+            tail = "\n".join(self.log_path.read_text(errors="replace").splitlines()[-30:])
+        self.stop()
+        return ServerFailed(f"{self.module} {' '.join(self.overrides)}: {what}\n{tail}")
+
+    def stop(self, timeout_s: float = 30.0) -> int | None:
+        """SIGTERM (the server drains), then SIGKILL the group if it is still there."""
+        process, self.process = self.process, None
+        code = None
+        if process is not None:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGTERM)
+            try:
+                code = process.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                code = process.wait()
+        if self._workdir is not None:
+            self._workdir.cleanup()
+            self._workdir = None
+        return code
+
+    def __enter__(self) -> ServerProcess:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.stop()
