@@ -14,7 +14,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -170,7 +170,7 @@ def create_app(cfg: Config, load_pipeline: Callable[[], RAGPipeline] | None = No
     state = ServerState(cfg, load_pipeline or (lambda: RAGPipeline.from_config(cfg)))
 
     @asynccontextmanager
-    async def lifespan(app: FastAPI):  # noqa: ANN202
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         state.spawn(state.load())
         yield
         if state.batcher is not None:
