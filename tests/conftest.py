@@ -1,0 +1,43 @@
+"""Shared fixtures: hermetic cache folders and real server processes on loopback."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from rag.stack import ServerProcess
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One model and embedding cache for the whole session, never the user's own."""
+    return tmp_path_factory.mktemp("ragbench-cache")
+
+
+@pytest.fixture(scope="session")
+def cache_overrides(cache_dir: Path) -> list[str]:
+    return [f"model.cache_dir={cache_dir}", f"corpus.cache_dir={cache_dir}"]
+
+
+@pytest.fixture
+def start_server(
+    cache_overrides: list[str], tmp_path: Path
+) -> Iterator[Callable[..., ServerProcess]]:
+    """Start `python -m rag.serve` with overrides (tiny models unless told otherwise);
+    every server started is stopped when the test ends."""
+    servers: list[ServerProcess] = []
+
+    def start(*overrides: str, model: str = "tiny", ready_timeout_s: float = 120) -> ServerProcess:
+        server = ServerProcess(
+            [f"model={model}", *cache_overrides, *overrides],
+            ready_timeout_s=ready_timeout_s,
+            log_path=tmp_path / f"server-{len(servers)}.log",
+        )
+        servers.append(server)
+        return server.start()
+
+    yield start
+    for server in servers:
+        server.stop()
