@@ -1,0 +1,110 @@
+"""Arrival schedules: exact where they should be, the right distribution where random."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from rag.schedule import (
+    arrival_offsets,
+    build_schedule,
+    load_queries,
+    load_trace,
+    write_schedule,
+)
+
+
+def test_ideal_spacing_is_exact():
+    offsets = arrival_offsets("ideal", rps=250.0, num_requests=1000)
+    assert len(offsets) == 1000 and offsets[0] == 0.0
+    np.testing.assert_allclose(np.diff(offsets), 1 / 250.0, rtol=0, atol=1e-12)
+    # absolute positions, not accumulated gaps: no drift at the end
+    assert offsets[-1] == pytest.approx(999 / 250.0, abs=1e-12)
+    assert build_schedule("ideal", rps=250.0, num_requests=1000).rate == pytest.approx(250.0)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_poisson_gaps_are_exponential_at_the_right_mean(seed: int):
+    rps = 40.0
+    gaps = np.diff(arrival_offsets("poisson", rps=rps, num_requests=5000, seed=seed))
+    assert gaps.mean() == pytest.approx(1 / rps, rel=0.05)
+    assert stats.kstest(gaps, "expon", args=(0, 1 / rps)).pvalue > 0.01
+    # and not some other mean: the same test rejects a 20% slower rate
+    assert stats.kstest(gaps, "expon", args=(0, 1.2 / rps)).pvalue < 0.01
+
+
+def test_gamma_burstiness_sets_the_coefficient_of_variation():
+    def cv(burstiness: float) -> float:
+        offsets = arrival_offsets("gamma", rps=100.0, num_requests=20000, burstiness=burstiness)
+        gaps = np.diff(offsets)
+        assert gaps.mean() == pytest.approx(0.01, rel=0.05)
+        return gaps.std() / gaps.mean()
+
+    assert cv(0.25) == pytest.approx(2.0, rel=0.1)  # burstier than poisson
+    assert cv(1.0) == pytest.approx(1.0, rel=0.05)  # poisson
+    assert cv(4.0) == pytest.approx(0.5, rel=0.05)  # more regular
+
+
+def test_same_seed_same_schedule_and_queries_do_not_move_the_times():
+    a = build_schedule("poisson", rps=10.0, num_requests=50, seed=7)
+    b = build_schedule("poisson", rps=10.0, num_requests=50, seed=7)
+    c = build_schedule("poisson", rps=10.0, num_requests=50, seed=8)
+    d = build_schedule("poisson", rps=10.0, num_requests=50, seed=7, queries=["only this"])
+    np.testing.assert_array_equal(a.offsets, b.offsets)
+    assert a.queries == b.queries
+    assert not np.array_equal(a.offsets, c.offsets)
+    np.testing.assert_array_equal(a.offsets, d.offsets)
+    assert d.queries == ["only this"] * 50
+
+
+def test_duration_and_count_bound_the_schedule():
+    assert len(arrival_offsets("ideal", rps=10.0, duration=2.0)) == 20
+    assert len(arrival_offsets("ideal", rps=10.0, num_requests=5, duration=2.0)) == 5
+    assert len(arrival_offsets("ideal", rps=10.0, num_requests=50, duration=2.0)) == 20
+    offsets = arrival_offsets("poisson", rps=200.0, duration=5.0, seed=3)
+    assert offsets.max() < 5.0
+    assert len(offsets) == pytest.approx(1000, rel=0.1)  # the whole duration is covered
+
+
+def test_trace_replay_from_text_and_from_a_saved_schedule(tmp_path: Path):
+    trace = tmp_path / "trace.txt"
+    trace.write_text("# arrival times\n100.5\n100.0\n\n101.25  # late one\n100.0\n")
+    np.testing.assert_allclose(load_trace(str(trace)), [0.0, 0.0, 0.5, 1.25])
+    assert len(arrival_offsets("trace", trace=str(trace), num_requests=2)) == 2
+
+    saved = build_schedule("poisson", rps=20.0, num_requests=30, seed=4)
+    path = tmp_path / "schedule.csv"
+    write_schedule(saved, path)
+    replay = build_schedule("trace", trace=str(path), seed=4)
+    np.testing.assert_array_equal(replay.offsets, saved.offsets)
+    assert replay.queries == saved.queries
+
+
+def test_builtin_queries_and_query_files(tmp_path: Path):
+    builtin = load_queries()
+    assert 25 <= len(builtin) <= 40
+    assert "What is photosynthesis?" in builtin
+    assert all(q.endswith("?") for q in builtin)
+    path = tmp_path / "q.txt"
+    path.write_text("# comment\nfirst\n\n  second  \n")
+    assert load_queries(str(path)) == ["first", "second"]
+    drawn = build_schedule("ideal", rps=1.0, num_requests=200, queries=builtin).queries
+    assert len(set(drawn)) > len(builtin) // 2
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"timing_mode": "bursty", "rps": 1.0, "num_requests": 1}, "timing_mode"),
+        ({"timing_mode": "ideal", "rps": 0.0, "num_requests": 1}, "rps"),
+        ({"timing_mode": "poisson", "rps": 1.0}, "num_requests or duration"),
+        ({"timing_mode": "gamma", "rps": 1.0, "num_requests": 5, "burstiness": 0}, "burstiness"),
+        ({"timing_mode": "trace"}, "trace file"),
+    ],
+)
+def test_bad_schedules_are_refused(kwargs: dict, message: str):
+    with pytest.raises(ValueError, match=message):
+        arrival_offsets(**kwargs)
