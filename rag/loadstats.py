@@ -1,0 +1,137 @@
+"""Summary statistics of one load run: a flat dict that becomes one row of summary.csv.
+
+Latency is timed from each request's scheduled send, so a slow server cannot hide its
+queue.  Failures are never dropped: they are counted by class, and the error-adjusted
+percentiles count each one as an infinitely slow request.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+PERCENTILE_METHOD = "linear"  # numpy's default: interpolate between closest ranks
+PERCENTILES = (50, 90, 95, 99)
+ERROR_CLASSES = (
+    "timeout",
+    "connection",
+    "http_3xx",
+    "http_4xx",
+    "http_5xx",
+    "bad_body",
+    "client",
+    "cancelled",
+    "not_sent",
+)
+LATE_S = 0.005  # a send this late counts against the schedule ...
+MAX_LATE_FRACTION = 0.01  # ... and more than this fraction of late sends voids the run
+MIN_SEND_RATE_RATIO = 0.99  # achieved send rate must reach this share of the schedule's
+
+
+def percentile(values: Sequence[float] | np.ndarray, q: float) -> float:
+    """numpy's 'linear' percentile, also defined when some values are +inf: a rank that
+    falls on or interpolates towards an infinite value is infinite."""
+    v = np.sort(np.asarray(values, dtype=float))
+    if len(v) == 0:
+        return float("nan")
+    h = (len(v) - 1) * q / 100.0
+    lo = math.floor(h)
+    hi = min(lo + 1, len(v) - 1)
+    frac = h - lo
+    if frac == 0 or v[lo] == v[hi]:
+        return float(v[lo])
+    if math.isinf(v[hi]):
+        return math.inf
+    return float(v[lo] + (v[hi] - v[lo]) * frac)
+
+
+def _column(rows: Sequence[dict[str, Any]], key: str) -> np.ndarray:
+    return np.array([r[key] for r in rows if r[key] is not None], dtype=float)
+
+
+def _add_distribution(out: dict[str, Any], name: str, values: np.ndarray) -> None:
+    out[f"{name}_mean_s"] = float(values.mean()) if len(values) else math.nan
+    for p in PERCENTILES:
+        out[f"{name}_p{p}_s"] = percentile(values, p)
+    out[f"{name}_max_s"] = float(values.max()) if len(values) else math.nan
+
+
+def _send_rate(sent_s: np.ndarray) -> float:
+    """Sends per second over the span of sends, on the same footing as Schedule.rate."""
+    if len(sent_s) < 2 or sent_s.max() <= sent_s.min():
+        return math.nan
+    return (len(sent_s) - 1) / float(sent_s.max() - sent_s.min())
+
+
+def summarise(
+    rows: Sequence[dict[str, Any]],
+    schedule_rps: float,
+    target_rps: float,
+    interrupted: bool = False,
+) -> dict[str, Any]:
+    """Counts, rates, latency and send-lag distributions, and whether the run is valid.
+
+    Throughput counts successful completions per second between the first scheduled send
+    and the last completion.  Latency percentiles are over successful requests; the
+    `latency_adj_*` ones are over every scheduled request, a failure counting as +inf.
+    """
+    ok = [r for r in rows if r["error"] is None]
+    sent = [r for r in rows if r["sent_s"] is not None]
+    out: dict[str, Any] = {
+        "scheduled": len(rows),
+        "sent": len(sent),
+        "ok": len(ok),
+        "failed": len(rows) - len(ok),
+    }
+    for cls in ERROR_CLASSES:
+        out[f"failed_{cls}"] = sum(1 for r in rows if r["error"] == cls)
+
+    sent_s = _column(sent, "sent_s")
+    done_s = _column(rows, "done_s")
+    first_scheduled = min((r["scheduled_s"] for r in rows), default=math.nan)
+    span = float(done_s.max()) - first_scheduled if len(done_s) else math.nan
+    out["target_rps"] = target_rps
+    out["schedule_rps"] = schedule_rps
+    out["achieved_send_rps"] = _send_rate(sent_s)
+    out["throughput_rps"] = len(ok) / span if span > 0 else math.nan
+    out["duration_s"] = span
+
+    out["percentile_method"] = PERCENTILE_METHOD
+    _add_distribution(out, "latency", _column(ok, "latency_s"))
+    _add_distribution(out, "service_latency", _column(ok, "service_latency_s"))
+    adjusted = [r["latency_s"] if r["error"] is None else math.inf for r in rows]
+    for p in PERCENTILES:
+        out[f"latency_adj_p{p}_s"] = percentile(adjusted, p)
+
+    lag = _column(sent, "send_lag_s")
+    out["send_lag_p50_s"] = percentile(lag, 50)
+    out["send_lag_p99_s"] = percentile(lag, 99)
+    out["send_lag_max_s"] = float(lag.max()) if len(lag) else math.nan
+    out["late_fraction"] = float(np.mean(lag > LATE_S)) if len(lag) else math.nan
+
+    reasons = _invalid_reasons(out, interrupted)
+    out["interrupted"] = interrupted
+    out["valid"] = not reasons
+    out["invalid_reason"] = "; ".join(reasons)
+    return out
+
+
+def _invalid_reasons(s: dict[str, Any], interrupted: bool) -> list[str]:
+    """Why the client failed to keep to its schedule, if it did."""
+    reasons = []
+    if interrupted:
+        reasons.append("interrupted")
+    if s["scheduled"] and not s["sent"]:
+        reasons.append("nothing sent")
+    if s["late_fraction"] > MAX_LATE_FRACTION:
+        reasons.append(f"{s['late_fraction']:.1%} of sends late by more than {LATE_S * 1e3:.0f} ms")
+    achieved, scheduled = s["achieved_send_rps"], s["schedule_rps"]
+    if achieved < MIN_SEND_RATE_RATIO * scheduled:  # False when either is nan
+        reasons.append(
+            f"achieved send rate {achieved:.1f}/s is under"
+            f" {MIN_SEND_RATE_RATIO:.0%} of the schedule's {scheduled:.1f}/s"
+        )
+    return reasons
