@@ -1,0 +1,302 @@
+"""The load generator against real local HTTP servers on 127.0.0.1."""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import json
+import math
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from aiohttp import web
+from loadgen_server import LocalServer, rag_ok
+
+from rag.loadgen import ROW_COLUMNS, LoadConfig, run_load, run_load_async
+
+
+def config(target: str, **overrides) -> LoadConfig:
+    base = {"timing_mode": "ideal", "rps": 50.0, "num_requests": 20, "progress": False}
+    return LoadConfig(target=target, **{**base, **overrides})
+
+
+def assert_one_row_each(rows: list[dict], n: int) -> None:
+    assert [r["request_id"] for r in rows] == list(range(n))
+
+
+def closed_port() -> int:
+    """A port on 127.0.0.1 that nothing listens on (connection refused)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_import_pulls_in_no_model_code():
+    code = (
+        "import rag.loadgen, sys\n"
+        "assert 'torch' not in sys.modules\n"
+        "assert 'transformers' not in sys.modules\n"
+        "mine = {'rag', 'rag.loadgen', 'rag.sender', 'rag.schedule', 'rag.loadstats',"
+        " 'rag.loadfiles'}\n"
+        "other = {m for m in sys.modules if m.split('.')[0] == 'rag'} - mine\n"
+        "assert not other, other\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_ok_run_rows_summary_and_files(tmp_path: Path):
+    out = tmp_path / "requests.csv"
+    with LocalServer() as server:
+        rows, summary = run_load(config(server.url, out=str(out), tag="t1"))
+    assert server.hits["/rag"] == 20
+    assert_one_row_each(rows, 20)
+    for r in rows:
+        assert r["error"] is None and r["status"] == 200
+        assert r["response_bytes"] > 0
+        assert r["server_queue_ms"] == 1.5 and r["server_total_ms"] == 14.0
+        assert r["server_batch_size"] == 3 and r["server_replica"] == "r0"
+        assert r["latency_s"] == pytest.approx(r["send_lag_s"] + r["service_latency_s"])
+        assert r["tag"] == "t1"
+    assert [r["scheduled_s"] for r in rows] == pytest.approx([i / 50 for i in range(20)])
+
+    assert summary["scheduled"] == summary["sent"] == summary["ok"] == 20
+    assert summary["failed"] == 0
+    assert summary["schedule_rps"] == pytest.approx(50.0)
+    assert summary["achieved_send_rps"] == pytest.approx(50.0, rel=0.05)
+    assert summary["percentile_method"] == "linear"
+    assert summary["valid"] is True and summary["invalid_reason"] == ""
+    assert 0 < summary["latency_p50_s"] <= summary["latency_p99_s"] <= summary["latency_max_s"]
+
+    with open(out) as f:
+        written = list(csv.DictReader(f))
+    assert len(written) == 20
+    assert set(ROW_COLUMNS) <= set(written[0])
+    assert {
+        "server_queue_ms",
+        "server_embed_ms",
+        "server_retrieve_ms",
+        "server_generate_ms",
+        "server_total_ms",
+        "server_batch_size",
+        "server_replica",
+    } <= set(written[0])
+    with open(tmp_path / "summary.csv") as f:
+        (summary_row,) = list(csv.DictReader(f))
+    assert summary_row["ok"] == "20" and summary_row["valid"] == "True"
+    with open(tmp_path / "schedule.csv") as f:
+        schedule = list(csv.DictReader(f))
+    assert [float(s["scheduled_s"]) for s in schedule] == pytest.approx(
+        [r["scheduled_s"] for r in rows]
+    )
+    meta = json.loads((tmp_path / "meta.json").read_text())
+    for key in ("hostname", "python", "platform", "cpu_count", "start_time", "git_commit"):
+        assert key in meta
+    assert meta["packages"]["aiohttp"]
+    assert meta["config"]["rps"] == 50.0
+
+
+def test_stem_prefixes_companion_files(tmp_path: Path):
+    with LocalServer() as server:
+        run_load(config(server.url, num_requests=3, out=str(tmp_path / "run1.csv")))
+    names = {p.name for p in tmp_path.iterdir()}
+    assert names == {"run1.csv", "run1.summary.csv", "run1.schedule.csv", "run1.meta.json"}
+
+
+def stalling_server(stall_at: int, stall_s: float = 1.0) -> LocalServer:
+    """Blocks its whole event loop for `stall_s` when the `stall_at`-th request arrives,
+    like a long GC pause: everything sent meanwhile waits in the socket."""
+    server: LocalServer
+
+    async def behaviour(request: web.Request) -> web.StreamResponse:
+        if server.hits["/rag"] == stall_at:
+            time.sleep(stall_s)
+        return await rag_ok(request)
+
+    server = LocalServer(behaviour)
+    return server
+
+
+def test_stall_shows_as_latency_from_the_schedule():
+    with stalling_server(stall_at=11) as server:
+        rows, summary = run_load(config(server.url, num_requests=75))  # 1.5 s at 50/s
+    assert_one_row_each(rows, 75)
+    assert summary["ok"] == 75 and server.hits["/rag"] == 75
+    stall_start = rows[10]["scheduled_s"]
+    stall_end = stall_start + 1.0
+    during = [r for r in rows if stall_start < r["scheduled_s"] < stall_end - 0.2]
+    assert len(during) >= 35
+    for r in during:
+        assert r["send_lag_s"] < 0.1  # the client kept sending on schedule
+        assert r["done_s"] == pytest.approx(stall_end, abs=0.2)  # all answered after it
+    assert during[0]["latency_s"] > 0.8
+    assert summary["latency_max_s"] > 0.8
+    assert summary["valid"] is True
+
+
+def test_slot_wait_counts_as_latency_and_voids_the_run():
+    """With a concurrency cap, requests queue behind the stall: their service latency is
+    small, but latency from the schedule still shows the second they waited."""
+    with stalling_server(stall_at=3) as server:
+        rows, summary = run_load(config(server.url, num_requests=40, max_in_flight=1))
+    assert_one_row_each(rows, 40)
+    assert server.hits["/rag"] == 40
+    queued = [r for r in rows if r["latency_s"] > 0.7 and r["service_latency_s"] < 0.1]
+    assert queued, "some request waited for a slot, not for the server"
+    assert all(r["send_lag_s"] > 0.5 for r in queued)
+    assert summary["valid"] is False
+    assert "late by more than 5 ms" in summary["invalid_reason"]
+
+
+def test_timeouts_are_failures_never_retried():
+    async def hang(request: web.Request) -> web.Response:
+        await asyncio.sleep(30)
+        return web.json_response({"result": "too late"})
+
+    with LocalServer(hang) as server:
+        rows, summary = run_load(config(server.url, num_requests=10, timeout=0.3))
+    assert server.hits["/rag"] == 10
+    assert_one_row_each(rows, 10)
+    for r in rows:
+        assert r["error"] == "timeout" and r["status"] is None
+        assert 0.25 < r["service_latency_s"] < 1.0
+    assert summary["failed_timeout"] == summary["failed"] == 10
+    assert summary["ok"] == 0
+    assert math.isinf(summary["latency_adj_p50_s"])
+    assert math.isnan(summary["latency_p50_s"])
+
+
+def test_connection_refused_is_a_failure_never_dropped():
+    rows, summary = run_load(config(f"http://127.0.0.1:{closed_port()}", num_requests=10))
+    assert_one_row_each(rows, 10)
+    assert all(r["error"] == "connection" for r in rows)
+    assert all("Error" in r["error_detail"] for r in rows)
+    assert summary["failed_connection"] == 10
+    assert summary["sent"] == 10
+
+
+EXPECTED = {
+    "ok": None,
+    "422": "http_4xx",
+    "429": "http_4xx",
+    "503": "http_5xx",
+    "504": "http_5xx",
+    "302": "http_3xx",
+    "notjson": "bad_body",
+    "noresult": "bad_body",
+}
+
+
+async def by_query(request: web.Request) -> web.Response:
+    """Misbehave in the way the query names."""
+    query = (await request.json())["query"]
+    if query == "ok":
+        return await rag_ok(request)
+    if query == "notjson":
+        return web.Response(text="<html>oops</html>", content_type="text/html")
+    if query == "noresult":
+        return web.json_response({"query": query})
+    if query == "302":
+        raise web.HTTPFound("/rag")
+    return web.json_response({"detail": f"failing with {query}"}, status=int(query))
+
+
+def test_http_error_classes(tmp_path: Path):
+    queries = tmp_path / "queries.txt"
+    queries.write_text("# one per outcome\n\n" + "\n".join(EXPECTED) + "\n")
+    with LocalServer(by_query) as server:
+        rows, summary = run_load(
+            config(server.url, num_requests=60, rps=200.0, queries=str(queries))
+        )
+    assert server.hits["/rag"] == 60  # the redirect was not followed
+    assert_one_row_each(rows, 60)
+    assert {r["query"] for r in rows} == set(EXPECTED)
+    for r in rows:
+        assert r["error"] == EXPECTED[r["query"]], r
+        if r["query"].isdigit():
+            assert r["status"] == int(r["query"])
+        if r["query"] in ("422", "503"):
+            assert r["error_detail"] == f"failing with {r['query']}"
+    assert summary["failed"] == sum(1 for r in rows if r["query"] != "ok")
+    assert summary["failed_http_4xx"] == sum(1 for r in rows if r["query"] in ("422", "429"))
+
+
+def test_assign_mode_asks_the_balancer_then_posts_to_the_backend():
+    with LocalServer() as backend:
+
+        async def assign(request: web.Request) -> web.Response:
+            return web.json_response({"backend": backend.url})
+
+        with LocalServer(assign) as balancer:
+            rows, summary = run_load(config(balancer.url, num_requests=10, assign=True))
+    assert balancer.hits == {"/assign": 10}
+    assert backend.hits == {"/rag": 10}
+    assert summary["ok"] == 10
+    assert all(r["backend"] == backend.url for r in rows)
+    assert all(r["server_replica"] == "r0" for r in rows)
+
+
+def test_assign_failure_is_a_failure():
+    async def overloaded(request: web.Request) -> web.Response:
+        return web.json_response({"detail": "no replica"}, status=503)
+
+    with LocalServer(overloaded) as balancer:
+        rows, _ = run_load(config(balancer.url, num_requests=5, assign=True))
+    assert balancer.hits == {"/assign": 5}
+    assert all(r["error"] == "http_5xx" and r["status"] == 503 for r in rows)
+    assert all(r["error_detail"] == "no replica" for r in rows)
+
+
+def test_blocked_client_loop_makes_the_run_invalid():
+    """A client that cannot keep its schedule says so instead of reporting figures."""
+
+    async def scenario():
+        async def block():
+            await asyncio.sleep(0.2)
+            time.sleep(0.3)  # the event loop cannot send anything meanwhile
+
+        blocker = asyncio.ensure_future(block())
+        result = await run_load_async(config(server.url, num_requests=40, rps=100.0))
+        await blocker
+        return result
+
+    with LocalServer() as server:
+        rows, summary = asyncio.run(scenario())
+    assert_one_row_each(rows, 40)
+    assert summary["ok"] == 40
+    assert summary["send_lag_max_s"] > 0.2
+    assert summary["valid"] is False
+    assert "late by more than 5 ms" in summary["invalid_reason"]
+
+
+def test_stop_marks_unsent_and_cancelled_rows():
+    async def every_third_hangs(request: web.Request) -> web.StreamResponse:
+        if server.hits["/rag"] % 3 == 0:
+            await asyncio.sleep(30)
+        return await rag_ok(request)
+
+    async def scenario():
+        stop = asyncio.Event()
+        asyncio.get_running_loop().call_later(0.5, stop.set)
+        return await run_load_async(config(server.url, num_requests=200, stop_grace=0.2), stop)
+
+    server = LocalServer(every_third_hangs)
+    with server:
+        started = time.perf_counter()
+        rows, summary = asyncio.run(scenario())
+        elapsed = time.perf_counter() - started
+    assert elapsed < 2.0
+    assert_one_row_each(rows, 200)
+    errors = {r["error"] for r in rows}
+    assert {None, "cancelled", "not_sent"} <= errors
+    assert summary["sent"] == server.hits["/rag"]
+    assert summary["failed_not_sent"] == 200 - summary["sent"]
+    assert summary["interrupted"] is True and summary["valid"] is False
+    for r in rows:
+        if r["error"] == "cancelled":
+            assert r["sent_s"] is not None and r["done_s"] is None
+        if r["error"] == "not_sent":
+            assert r["sent_s"] is None
