@@ -34,6 +34,7 @@ class ModelConfig:
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16
     torch_threads: int = 0  # 0 = torch's default
     max_new_tokens: int = 32
+    ignore_eos: bool = False  # always generate max_new_tokens (fixed work, for benchmarks)
     temperature: float = 0.0  # 0 = greedy
     top_p: float = 1.0
     seed: int = 0

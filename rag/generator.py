@@ -76,6 +76,7 @@ class Generator:
         output = self.model.generate(
             **batch,
             max_new_tokens=cfg.max_new_tokens,
+            min_new_tokens=cfg.max_new_tokens if cfg.ignore_eos else None,
             eos_token_id=self.eos_token_id,
             pad_token_id=self.tokenizer.pad_token_id,
             **options,
@@ -84,7 +85,7 @@ class Generator:
         prompt_lengths = batch["attention_mask"].sum(dim=1).tolist()
         results = []
         for row, prompt_tokens in zip(new.tolist(), prompt_lengths, strict=True):
-            if self.eos_token_id in row:
+            if self.eos_token_id in row and not cfg.ignore_eos:
                 row = row[: row.index(self.eos_token_id) + 1]
             text = self.tokenizer.decode(row, skip_special_tokens=True).strip()
             results.append(Generation(text, int(prompt_tokens), len(row)))
