@@ -231,6 +231,11 @@ def _tiny_embedder(tokenizer: PreTrainedTokenizerBase, seed: int) -> PreTrainedM
     return BertModel(config)
 
 
+def _check_tiny(source: ResolvedSource, supported: str) -> None:
+    if source.spec != supported:
+        raise ModelNotFoundError(f"unknown tiny model {source.spec!r}; this role has {supported}")
+
+
 def _place(model: PreTrainedModel, device: torch.device, dtype: torch.dtype) -> PreTrainedModel:
     return model.to(device=device, dtype=dtype).eval()
 
@@ -251,6 +256,7 @@ def load_generator(cfg: ModelConfig) -> Generator:
     dtype = pick_dtype(cfg.dtype, device)
     try:
         if source.kind == "tiny":
+            _check_tiny(source, "tiny:llama")
             tokenizer = _load_tokenizer(source)
             model = _tiny_generator(tokenizer, cfg.seed)
         else:
@@ -272,6 +278,7 @@ def load_embedder(cfg: ModelConfig, batch_size: int = 64) -> Embedder:
     try:
         tokenizer = _load_tokenizer(source)
         if source.kind == "tiny":
+            _check_tiny(source, "tiny:bert")
             model = _tiny_embedder(tokenizer, cfg.seed)
         else:
             model = AutoModel.from_pretrained(source.path or source.hub_id, dtype=dtype)

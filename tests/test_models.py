@@ -139,3 +139,9 @@ def test_manifest_lists_every_file(tmp_path):
     (tmp_path / "a.bin").write_bytes(b"abd")
     assert not _cache_is_complete(tmp_path)
     assert not _cache_is_complete(Path(tmp_path / "missing"))
+
+
+def test_unknown_tiny_family_is_refused():
+    cfg = compose(["model=tiny", "model.generator=tiny:gpt2"]).model
+    with pytest.raises(ModelNotFoundError, match="tiny:llama"):
+        load_generator(cfg)
