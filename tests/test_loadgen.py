@@ -300,3 +300,17 @@ def test_stop_marks_unsent_and_cancelled_rows():
             assert r["sent_s"] is not None and r["done_s"] is None
         if r["error"] == "not_sent":
             assert r["sent_s"] is None
+
+
+def test_random_schedule_reports_target_and_own_rate(tmp_path: Path):
+    trace = tmp_path / "trace.txt"
+    trace.write_text("\n".join(str(10 + i * 0.02) for i in range(10)))
+    with LocalServer() as server:
+        _, poisson = run_load(config(server.url, timing_mode="poisson", rps=200.0, seed=3))
+        _, replay = run_load(config(server.url, timing_mode="trace", trace=str(trace)))
+    assert server.hits["/rag"] == 30
+    assert poisson["target_rps"] == 200.0
+    assert poisson["schedule_rps"] != pytest.approx(200.0, rel=1e-3)  # a finite draw
+    assert poisson["achieved_send_rps"] == pytest.approx(poisson["schedule_rps"], rel=0.1)
+    assert replay["scheduled"] == 10
+    assert replay["target_rps"] == replay["schedule_rps"] == pytest.approx(50.0)
