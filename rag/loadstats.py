@@ -126,6 +126,8 @@ def _invalid_reasons(s: dict[str, Any], interrupted: bool) -> list[str]:
         reasons.append("interrupted")
     if s["scheduled"] and not s["sent"]:
         reasons.append("nothing sent")
+    if s["failed_client"]:
+        reasons.append(f"{s['failed_client']} requests failed in the client itself")
     if s["late_fraction"] > MAX_LATE_FRACTION:
         reasons.append(f"{s['late_fraction']:.1%} of sends late by more than {LATE_S * 1e3:.0f} ms")
     achieved, scheduled = s["achieved_send_rps"], s["schedule_rps"]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import functools
 import gc
 import json
@@ -25,6 +26,8 @@ from rag.schedule import Schedule
 
 SPIN_S = 0.0015  # sleep until this long before a send, then yield-spin: timers are 1 ms coarse
 JSON_HEADERS = {"Content-Type": "application/json"}
+# Connect errors that mean this process ran out of files or ports: the client's failure.
+CLIENT_OS_ERRORS = {errno.EMFILE, errno.ENFILE, errno.EADDRNOTAVAIL}
 ROW_COLUMNS = (
     "request_id",
     "query",
@@ -75,6 +78,8 @@ def _parse(status: int, payload: bytes, required: str) -> dict[str, Any]:
 def _error_class(exc: Exception) -> str:
     if isinstance(exc, TimeoutError):
         return "timeout"
+    if isinstance(exc, aiohttp.ClientOSError) and exc.errno in CLIENT_OS_ERRORS:
+        return "client"
     if isinstance(exc, aiohttp.ClientConnectionError):
         return "connection"
     if isinstance(exc, aiohttp.ClientPayloadError | aiohttp.ClientResponseError):

@@ -314,3 +314,29 @@ def test_random_schedule_reports_target_and_own_rate(tmp_path: Path):
     assert poisson["achieved_send_rps"] == pytest.approx(poisson["schedule_rps"], rel=0.1)
     assert replay["scheduled"] == 10
     assert replay["target_rps"] == replay["schedule_rps"] == pytest.approx(50.0)
+
+
+def test_running_out_of_sockets_is_the_clients_failure():
+    """EMFILE at connect is not the server's fault: class `client`, and the run is void."""
+
+    async def hang(request: web.Request) -> web.Response:
+        await asyncio.sleep(30)
+        return web.json_response({"result": "too late"})
+
+    code = (
+        "import resource, sys\n"
+        "_, hard = resource.getrlimit(resource.RLIMIT_NOFILE)\n"
+        "resource.setrlimit(resource.RLIMIT_NOFILE, (80, hard))\n"
+        "from rag.loadgen import LoadConfig, run_load\n"
+        "rows, s = run_load(LoadConfig(target=sys.argv[1], timing_mode='ideal', rps=500.0,"
+        " num_requests=100, timeout=0.5, progress=False))\n"
+        "print(s['failed_client'], s['failed_timeout'], s['valid'], s['invalid_reason'])\n"
+    )
+    with LocalServer(hang) as server:
+        result = subprocess.run(
+            [sys.executable, "-c", code, server.url],
+            capture_output=True, text=True, timeout=60, check=True,
+        )  # fmt: skip
+    failed_client, failed_timeout, valid, reason = result.stdout.split(" ", 3)
+    assert int(failed_client) > 0 and int(failed_client) + int(failed_timeout) == 100
+    assert valid == "False" and "failed in the client itself" in reason

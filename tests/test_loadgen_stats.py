@@ -80,3 +80,9 @@ def test_interrupted_runs_are_not_valid():
     s = summarise([row(0.0), row(0.01)], 100.0, 100.0, interrupted=True)
     assert s["interrupted"] is True and s["valid"] is False
     assert s["invalid_reason"] == "interrupted"
+
+
+def test_client_side_failures_void_the_run():
+    s = summarise([row(0.0), row(0.01, error="client")], 100.0, 100.0)
+    assert s["failed_client"] == 1 and s["valid"] is False
+    assert s["invalid_reason"] == "1 requests failed in the client itself"
