@@ -16,7 +16,7 @@ import math
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from contextlib import suppress
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
@@ -68,7 +68,9 @@ class Batcher(Generic[T, R]):
         max_wait_s: float,
         max_queue: int,
         on_batch: Callable[[BatchRecord], None] | None = None,
+        executor: Executor | None = None,
     ) -> None:
+        """`executor` runs the batches (one at a time); by default a thread of its own."""
         if max_batch_size < 1 or max_queue < 1 or max_wait_s < 0:
             raise ValueError("max_batch_size and max_queue must be >= 1, max_wait_s >= 0")
         self.run_batch = run_batch
@@ -85,7 +87,8 @@ class Batcher(Generic[T, R]):
         self._idle.set()
         self._running = 0  # requests in the batch being computed
         self._draining = False
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="batch")
+        self._owns_executor = executor is None
+        self._executor = executor or ThreadPoolExecutor(max_workers=1, thread_name_prefix="batch")
         self._worker: asyncio.Task[None] | None = None
 
     @property
@@ -110,7 +113,8 @@ class Batcher(Generic[T, R]):
             if not waiting.future.done():
                 waiting.future.set_exception(Draining("server stopped"))
         self._queue.clear()
-        self._executor.shutdown(wait=True)
+        if self._owns_executor:
+            self._executor.shutdown(wait=True)
 
     def begin_drain(self) -> None:
         """Refuse new work; what is queued or running still completes."""
