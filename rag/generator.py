@@ -56,8 +56,9 @@ class Generator:
         return self.tokenizer.decode(ids[:max_tokens], skip_special_tokens=True)
 
     @torch.inference_mode()
-    def generate(self, prompts: list[str]) -> list[Generation]:
+    def generate(self, prompts: list[str], max_new_tokens: int | None = None) -> list[Generation]:
         cfg = self.cfg
+        max_new_tokens = max_new_tokens or cfg.max_new_tokens
         batch = self.tokenizer(
             prompts,
             return_tensors="pt",
@@ -75,8 +76,8 @@ class Generator:
         )
         output = self.model.generate(
             **batch,
-            max_new_tokens=cfg.max_new_tokens,
-            min_new_tokens=cfg.max_new_tokens if cfg.ignore_eos else None,
+            max_new_tokens=max_new_tokens,
+            min_new_tokens=max_new_tokens if cfg.ignore_eos else None,
             eos_token_id=self.eos_token_id,
             pad_token_id=self.tokenizer.pad_token_id,
             **options,

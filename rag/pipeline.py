@@ -12,14 +12,10 @@ from rag.config import Config
 from rag.embedder import Embedder
 from rag.generator import Generator
 from rag.index import DocumentIndex, Hit
-from rag.validation import QueryLimits, find_problems
+from rag.validation import QueryLimits, QueryRejected, find_problems
 
 # Tokens kept for the system prompt, the question and the chat template's markup.
 PROMPT_OVERHEAD_TOKENS = 192
-
-
-class QueryRejected(ValueError):
-    """One query of a batch could not be answered; the others still are."""
 
 
 @dataclass
@@ -73,6 +69,12 @@ class RAGPipeline:
         return self.generator.render(
             self.system_prompt, f"Context:\n{context}\n\nQuestion: {query}"
         )
+
+    def warm_up(self, query: str = "What is a warm-up request?") -> None:
+        """Run every stage once on a batch of two (prefill and a few decode steps), so the
+        first real request does not pay for kernel selection and allocator growth."""
+        hits, _, _ = self.index.retrieve([query, query], [1, 2])
+        self.generator.generate([self.build_prompt(query, h) for h in hits], max_new_tokens=4)
 
     def answer_batch(self, queries: list[str], ks: list[int]) -> list[Answer | QueryRejected]:
         """Answer every valid query with one embedding call, one index search and one

@@ -18,8 +18,9 @@ from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import uvicorn
 from fastapi import FastAPI, Request
@@ -32,12 +33,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from rag.batching import Batcher, BatchRecord, Completed, Draining, Overloaded
 from rag.config import Config, compose_from_argv
 from rag.metrics import ServerMetrics
-from rag.pipeline import Answer, QueryRejected, RAGPipeline
-from rag.validation import find_problems
+from rag.validation import QueryRejected, find_problems
+
+if TYPE_CHECKING:
+    from rag.pipeline import Answer, RAGPipeline
 
 log = logging.getLogger("rag.serve")
 
-WARMUP_QUERY = "What is a warm-up request?"
 CLIENT_GONE = 499  # nginx's code for "client closed request": counted, never sent
 
 
@@ -105,9 +107,7 @@ class ServerState:
         try:
             pipeline = await loop.run_in_executor(self.compute, self.load_pipeline)
             loaded = time.perf_counter()
-            await loop.run_in_executor(
-                self.compute, pipeline.answer_batch, [WARMUP_QUERY] * 2, [1, 1]
-            )
+            await loop.run_in_executor(self.compute, pipeline.warm_up)
         except Exception as exc:
             self.failure = f"{type(exc).__name__}: {exc}"
             log.error("model loading failed: %s", self.failure)
@@ -178,9 +178,17 @@ def _response(answer: Answer, completed: Completed, arrived: float, variant: str
     }
 
 
+def load_default_pipeline(cfg: Config) -> RAGPipeline:
+    """Imported here, on the compute thread, because torch and transformers take seconds
+    to import: the port opens (and /ping answers) before that."""
+    from rag.pipeline import RAGPipeline
+
+    return RAGPipeline.from_config(cfg)
+
+
 def create_app(cfg: Config, load_pipeline: Callable[[], RAGPipeline] | None = None) -> FastAPI:
     """Build the app; `load_pipeline` defaults to loading what `cfg` names."""
-    state = ServerState(cfg, load_pipeline or (lambda: RAGPipeline.from_config(cfg)))
+    state = ServerState(cfg, load_pipeline or partial(load_default_pipeline, cfg))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -14,6 +14,10 @@ CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
 SURROGATE = re.compile("[\ud800-\udfff]")
 
 
+class QueryRejected(ValueError):
+    """One query of a batch could not be answered; the others still are."""
+
+
 @dataclass(frozen=True)
 class QueryLimits:
     max_chars: int
