@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import os
+
+# Tests never reach beyond 127.0.0.1: a hub id must fail at once, not after retries.  Set
+# before anything imports huggingface_hub (it reads these once) and inherited by servers.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+
 from collections.abc import Callable, Iterator
 from pathlib import Path
 

@@ -63,8 +63,7 @@ def test_local_paths_hub_ids_and_tiny(tmp_path):
         resolve_source("not-a-path-nor-an-id")
 
 
-def test_hub_model_offline_gives_one_clear_error(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+def test_hub_model_offline_gives_one_clear_error():
     cfg = compose(["model=tiny", "model.generator=nobody-has/this-model"]).model
     with pytest.raises(ModelNotFoundError, match="model=smollm2-cpu"):
         load_generator(cfg)
