@@ -186,9 +186,9 @@ def load_default_pipeline(cfg: Config) -> RAGPipeline:
     return RAGPipeline.from_config(cfg)
 
 
-def create_app(cfg: Config, load_pipeline: Callable[[], RAGPipeline] | None = None) -> FastAPI:
-    """Build the app; `load_pipeline` defaults to loading what `cfg` names."""
-    state = ServerState(cfg, load_pipeline or partial(load_default_pipeline, cfg))
+def create_app(cfg: Config) -> FastAPI:
+    """Build the app; models load in the background once it starts."""
+    state = ServerState(cfg, partial(load_default_pipeline, cfg))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
