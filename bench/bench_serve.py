@@ -9,7 +9,7 @@ on the default models, measured side by side in one run.
 
 Every request does fixed work (`model.ignore_eos=true`) so offline and served compare.
 
-    python bench/bench_serve.py [--batch 20] [--seconds 30] [--idle-requests 8]
+    python bench/bench_serve.py [--batch 20] [--seconds 30] [--idle-requests 12]
 """
 
 from __future__ import annotations
@@ -89,7 +89,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=20, help="the batched server's max size")
     parser.add_argument("--max-wait-ms", type=float, default=10.0)
     parser.add_argument("--seconds", type=float, default=30.0)
-    parser.add_argument("--idle-requests", type=int, default=8)
+    parser.add_argument("--idle-requests", type=int, default=12)
     args = parser.parse_args()
     batched = [
         "variant=batched",
@@ -100,7 +100,7 @@ def main() -> None:
     base = ["variant=base", *FIXED_WORK]
 
     pipeline = load_pipeline("auto")
-    offline = offline_throughput(pipeline, args.batch)
+    offline = offline_throughput(pipeline, args.batch, repeats=3)
     offline_one = offline_throughput(pipeline, 1)
     del pipeline
     gc.collect()
