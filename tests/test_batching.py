@@ -42,6 +42,17 @@ async def wait_until_entered(recorder: Recorder) -> None:
         await asyncio.sleep(0.005)
 
 
+async def held(**knobs: float) -> tuple[Recorder, Batcher, asyncio.Future]:
+    """A started batcher whose first batch (the one item "blocker") is running and held
+    until the test sets `recorder.gate`."""
+    recorder = Recorder()
+    recorder.gate.clear()
+    batcher = await started(Batcher(recorder, **knobs))
+    blocker = asyncio.ensure_future(batcher.submit("blocker"))
+    await wait_until_entered(recorder)
+    return recorder, batcher, blocker
+
+
 def test_full_batch_does_not_wait():
     async def scenario():
         recorder = Recorder()
@@ -91,11 +102,7 @@ def test_lone_request_waits_at_most_max_wait():
 
 def test_batches_are_capped_at_max_batch_size():
     async def scenario():
-        recorder = Recorder()
-        recorder.gate.clear()
-        batcher = await started(Batcher(recorder, max_batch_size=4, max_wait_s=0, max_queue=64))
-        blocker = asyncio.ensure_future(batcher.submit("x0"))
-        await wait_until_entered(recorder)
+        recorder, batcher, blocker = await held(max_batch_size=4, max_wait_s=0, max_queue=64)
         rest = [asyncio.ensure_future(batcher.submit(f"x{i}")) for i in range(1, 11)]
         await asyncio.sleep(0.05)
         recorder.gate.set()
@@ -106,16 +113,12 @@ def test_batches_are_capped_at_max_batch_size():
     recorder, batcher = run(scenario())
     assert [len(b) for b in recorder.batches] == [1, 4, 4, 2]
     assert batcher.batch_size_counts == {1: 1, 4: 2, 2: 1}
-    assert [x for b in recorder.batches for x in b] == [f"x{i}" for i in range(11)]
+    assert [x for b in recorder.batches for x in b] == ["blocker"] + [f"x{i}" for i in range(1, 11)]
 
 
 def test_cancelled_requests_are_dropped_before_compute():
     async def scenario():
-        recorder = Recorder()
-        recorder.gate.clear()
-        batcher = await started(Batcher(recorder, max_batch_size=8, max_wait_s=0, max_queue=16))
-        blocker = asyncio.ensure_future(batcher.submit("blocker"))
-        await wait_until_entered(recorder)
+        recorder, batcher, blocker = await held(max_batch_size=8, max_wait_s=0, max_queue=16)
         keep = asyncio.ensure_future(batcher.submit("keep"))
         leave = asyncio.ensure_future(batcher.submit("leave"))
         await asyncio.sleep(0.02)
@@ -133,11 +136,7 @@ def test_cancelled_requests_are_dropped_before_compute():
 
 def test_request_past_its_timeout_gets_timeout_and_is_not_computed():
     async def scenario():
-        recorder = Recorder()
-        recorder.gate.clear()
-        batcher = await started(Batcher(recorder, max_batch_size=8, max_wait_s=0, max_queue=16))
-        blocker = asyncio.ensure_future(batcher.submit("blocker"))
-        await wait_until_entered(recorder)
+        recorder, batcher, blocker = await held(max_batch_size=8, max_wait_s=0, max_queue=16)
         with pytest.raises(TimeoutError):
             await batcher.submit("late", timeout_s=0.1)
         recorder.gate.set()
@@ -152,11 +151,7 @@ def test_request_past_its_timeout_gets_timeout_and_is_not_computed():
 
 def test_full_queue_is_refused_with_a_retry_estimate():
     async def scenario():
-        recorder = Recorder()
-        recorder.gate.clear()
-        batcher = await started(Batcher(recorder, max_batch_size=1, max_wait_s=0, max_queue=2))
-        running = asyncio.ensure_future(batcher.submit("running"))
-        await wait_until_entered(recorder)
+        recorder, batcher, running = await held(max_batch_size=1, max_wait_s=0, max_queue=2)
         queued = [asyncio.ensure_future(batcher.submit(f"q{i}")) for i in range(2)]
         await asyncio.sleep(0.01)
         with pytest.raises(Overloaded) as refused:
