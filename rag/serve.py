@@ -178,6 +178,24 @@ def _response(answer: Answer, completed: Completed, arrived: float, variant: str
     }
 
 
+class BodyLimit:
+    """Refuse a request body larger than any valid one could be, from its Content-Length,
+    before it is read: parsing megabytes of JSON would stall every other request."""
+
+    def __init__(self, app: Any, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            length = dict(scope["headers"]).get(b"content-length", b"0")
+            if length.isdigit() and int(length) > self.max_bytes:
+                detail = f"request body is {int(length)} bytes; the limit is {self.max_bytes}"
+                await _error(413, detail)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 def load_default_pipeline(cfg: Config) -> RAGPipeline:
     """Imported here, on the compute thread, because torch and transformers take seconds
     to import: the port opens (and /ping answers) before that."""
@@ -199,6 +217,8 @@ def create_app(cfg: Config) -> FastAPI:
         state.compute.shutdown(wait=True)
 
     app = FastAPI(title="ragbench RAG service", lifespan=lifespan)
+    # A query's characters may each take up to 12 bytes as JSON escapes (surrogate pairs).
+    app.add_middleware(BodyLimit, max_bytes=12 * cfg.server.max_query_chars + 1024)
     app.state.rag = state
 
     @app.exception_handler(StarletteHTTPException)

@@ -107,6 +107,16 @@ def test_bad_input_gets_422_with_a_detail_and_harms_nobody(shared_server, body):
     assert post(url, {"query": HOVER}).status_code == 200
 
 
+def test_oversized_body_is_refused_before_it_is_read(shared_server):
+    body = b'{"query": "' + b"a" * 1_000_000 + b'"}'
+    response = httpx.post(
+        f"{shared_server.url}/rag", content=body, headers={"Content-Type": "application/json"}
+    )
+    assert response.status_code == 413
+    assert "limit" in response.json()["detail"]
+    assert post(shared_server.url, {"query": HOVER}).status_code == 200
+
+
 def test_k_is_capped_by_a_small_corpus(start_server, tmp_path):
     corpus = tmp_path / "three.jsonl"
     corpus.write_text(
