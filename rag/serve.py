@@ -196,6 +196,27 @@ class BodyLimit:
         await self.app(scope, receive, send)
 
 
+class CountResponses:
+    """Count every /rag response by status, including the ones FastAPI or BodyLimit send
+    before the handler runs (422 for unparsable bodies, 413)."""
+
+    def __init__(self, app: Any, metrics: ServerMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["path"] != "/rag":
+            await self.app(scope, receive, send)
+            return
+
+        async def counting_send(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                self.metrics.requests.labels(str(message["status"])).inc()
+            await send(message)
+
+        await self.app(scope, receive, counting_send)
+
+
 def load_default_pipeline(cfg: Config) -> RAGPipeline:
     """Imported here, on the compute thread, because torch and transformers take seconds
     to import: the port opens (and /ping answers) before that."""
@@ -219,6 +240,7 @@ def create_app(cfg: Config) -> FastAPI:
     app = FastAPI(title="ragbench RAG service", lifespan=lifespan)
     # A query's characters may each take up to 12 bytes as JSON escapes (surrogate pairs).
     app.add_middleware(BodyLimit, max_bytes=12 * cfg.server.max_query_chars + 1024)
+    app.add_middleware(CountResponses, metrics=state.metrics)  # outermost: sees every status
     app.state.rag = state
 
     @app.exception_handler(StarletteHTTPException)
@@ -274,8 +296,6 @@ def create_app(cfg: Config) -> FastAPI:
     @app.post("/rag", response_model=RAGResponse)
     async def rag(body: RAGRequest, request: Request) -> Any:
         response = await _answer(body, request, time.perf_counter())
-        status = response.status_code if isinstance(response, Response) else 200
-        state.metrics.requests.labels(str(status)).inc()
         if isinstance(response, dict):
             state.metrics.observe_stages(response["timings"])
         return response

@@ -96,6 +96,8 @@ def shared_server(cache_overrides, tmp_path_factory):
 @pytest.mark.parametrize("body", BAD_BODIES)
 def test_bad_input_gets_422_with_a_detail_and_harms_nobody(shared_server, body):
     url = shared_server.url
+    counted = 'rag_requests_total{status="422"}'
+    before = metric(url, counted)
     if isinstance(body, bytes):
         response = httpx.post(
             f"{url}/rag", content=body, headers={"Content-Type": "application/json"}
@@ -104,6 +106,7 @@ def test_bad_input_gets_422_with_a_detail_and_harms_nobody(shared_server, body):
         response = post(url, body)
     assert response.status_code == 422, response.text
     assert response.json()["detail"]
+    assert metric(url, counted) == before + 1
     assert post(url, {"query": HOVER}).status_code == 200
 
 
@@ -115,6 +118,7 @@ def test_oversized_body_is_refused_before_it_is_read(shared_server):
     assert response.status_code == 413
     assert "limit" in response.json()["detail"]
     assert post(shared_server.url, {"query": HOVER}).status_code == 200
+    assert metric(shared_server.url, 'rag_requests_total{status="413"}') == 1
 
 
 def test_k_is_capped_by_a_small_corpus(start_server, tmp_path):
