@@ -17,7 +17,7 @@ import time
 import torch
 
 from rag.config import compose
-from rag.pipeline import RAGPipeline
+from rag.service.pipeline import RAGPipeline
 
 QUERIES_FILE = "rag/data/queries.txt"
 

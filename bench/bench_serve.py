@@ -23,8 +23,8 @@ import aiohttp
 import psutil
 from bench_pipeline import demo_queries, load_pipeline, offline_throughput
 
+from rag.cluster.process import ServerProcess
 from rag.loadgen import LoadConfig, run_load
-from rag.stack import ServerProcess
 
 FIXED_WORK = ["model.ignore_eos=true"]
 

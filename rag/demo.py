@@ -11,7 +11,7 @@ import sys
 import time
 import urllib.request
 
-from rag.stack import ServerProcess
+from rag.cluster.process import ServerProcess
 
 QUERY = "Which animals can hover in the air?"
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from rag.stack import ServerProcess
+from rag.cluster.process import ServerProcess
 
 
 @pytest.fixture(scope="session")

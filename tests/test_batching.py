@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from rag.batching import Batcher, Draining, Overloaded
+from rag.service.batching import Batcher, Draining, Overloaded
 
 
 class Recorder:

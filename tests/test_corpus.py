@@ -10,7 +10,7 @@ import textwrap
 import pytest
 
 from rag.config import CorpusConfig
-from rag.corpus import Document, corpus_fingerprint, load_corpus
+from rag.service.corpus import Document, corpus_fingerprint, load_corpus
 
 
 def cfg(source: object, min_chars: int = 0, max_docs: int = 0) -> CorpusConfig:
@@ -147,7 +147,7 @@ STDLIB_PROBE = textwrap.dedent(
     """
     import json, sys, time
     from rag.config import CorpusConfig
-    from rag.corpus import load_corpus
+    from rag.service.corpus import load_corpus
     start = time.perf_counter()
     docs = load_corpus(CorpusConfig(name="stdlib", source="stdlib", min_chars=80))
     print(json.dumps({

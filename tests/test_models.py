@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from rag.config import compose
-from rag.models import (
+from rag.service.models import (
     CACHE_MANIFEST,
     ModelNotFoundError,
     cpu_has_native_bf16,
@@ -129,7 +129,7 @@ def test_default_generator_loads_from_the_cache_and_answers(cache_dir):
 
 
 def test_manifest_lists_every_file(tmp_path):
-    from rag.models import _cache_is_complete, _write_manifest
+    from rag.service.models import _cache_is_complete, _write_manifest
 
     (tmp_path / "a.bin").write_bytes(b"abc")
     (tmp_path / "b.json").write_text("{}")

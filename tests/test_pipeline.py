@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from rag.config import compose
-from rag.pipeline import Answer, RAGPipeline
-from rag.validation import QueryRejected
+from rag.service.pipeline import Answer, RAGPipeline
+from rag.service.validation import QueryRejected
 
 HOVER = "Which animals can hover in the air?"
 

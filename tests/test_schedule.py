@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from rag.schedule import (
+from rag.loadgen.schedule import (
     arrival_offsets,
     build_schedule,
     load_queries,

@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from rag.stack import ServerFailed, ServerProcess
+from rag.cluster.process import ServerFailed, ServerProcess
 
 HOVER = "Which animals can hover in the air?"
 

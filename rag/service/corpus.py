@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from rag.config import CorpusConfig
 
-DEMO_PATH = Path(__file__).resolve().parent / "data" / "demo_corpus.jsonl"
+DEMO_PATH = Path(__file__).resolve().parent.parent / "data" / "demo_corpus.jsonl"
 # Folders of the standard library that hold tests or third-party code, not documentation.
 STDLIB_SKIP_DIRS = frozenset(
     {"site-packages", "dist-packages", "__pycache__", "test", "tests", "idle_test"}
@@ -196,7 +196,7 @@ def _check_unique_ids(docs: list[Document], source: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Print a corpus's size: `python -m rag.corpus stdlib --min-chars 80`."""
+    """Print a corpus's size: `python -m rag.service.corpus stdlib --min-chars 80`."""
     from rag.config import CorpusConfig
 
     parser = argparse.ArgumentParser(description=main.__doc__)

@@ -22,7 +22,7 @@ from typing import Any
 import aiohttp
 from yarl import URL
 
-from rag.schedule import Schedule
+from rag.loadgen.schedule import Schedule
 
 SPIN_S = 0.0015  # sleep until this long before a send, then yield-spin: timers are 1 ms coarse
 JSON_HEADERS = {"Content-Type": "application/json"}

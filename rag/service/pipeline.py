@@ -9,10 +9,10 @@ import time
 from dataclasses import dataclass, field
 
 from rag.config import Config
-from rag.embedder import Embedder
-from rag.generator import Generator
-from rag.index import DocumentIndex, Hit
-from rag.validation import QueryLimits, QueryRejected, find_problems
+from rag.service.embedder import Embedder
+from rag.service.generator import Generator
+from rag.service.index import DocumentIndex, Hit
+from rag.service.validation import QueryLimits, QueryRejected, find_problems
 
 # Tokens kept for the system prompt, the question and the chat template's markup.
 PROMPT_OVERHEAD_TOKENS = 192
@@ -48,8 +48,8 @@ class RAGPipeline:
     @classmethod
     def from_config(cls, cfg: Config) -> RAGPipeline:
         """Load both models, the corpus and its index (from the embedding cache if warm)."""
-        from rag.corpus import load_corpus
-        from rag.models import load_embedder, load_generator
+        from rag.service.corpus import load_corpus
+        from rag.service.models import load_embedder, load_generator
 
         embedder = load_embedder(cfg.model, batch_size=cfg.corpus.embed_batch_size)
         index = DocumentIndex(load_corpus(cfg.corpus), embedder, cfg.corpus)

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 TIMING_MODES = ("ideal", "poisson", "gamma", "trace")
-BUILTIN_QUERIES = Path(__file__).resolve().parent / "data" / "queries.txt"
+BUILTIN_QUERIES = Path(__file__).resolve().parent.parent / "data" / "queries.txt"
 
 
 @dataclass(frozen=True)

@@ -35,8 +35,8 @@ from transformers import (
 )
 
 from rag.config import ModelConfig
-from rag.embedder import Embedder
-from rag.generator import Generator
+from rag.service.embedder import Embedder
+from rag.service.generator import Generator
 
 log = logging.getLogger(__name__)
 transformers.utils.logging.disable_progress_bar()  # bars would flood server logs

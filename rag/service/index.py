@@ -22,11 +22,11 @@ import faiss
 import numpy as np
 import platformdirs
 
-from rag.corpus import Document, corpus_fingerprint
+from rag.service.corpus import Document, corpus_fingerprint
 
 if TYPE_CHECKING:
     from rag.config import CorpusConfig
-    from rag.embedder import Embedder
+    from rag.service.embedder import Embedder
 
 log = logging.getLogger(__name__)
 

@@ -3,7 +3,7 @@
 Mean pooling over the attention mask followed by L2 normalisation is what
 all-MiniLM-L6-v2 and the e5 family were trained with, so inner product between two
 outputs is their cosine similarity.  Loading the model and choosing its device and dtype
-happen elsewhere (`rag.models`); this module only turns texts into vectors.
+happen elsewhere (`rag.service.models`); this module only turns texts into vectors.
 """
 
 from __future__ import annotations

@@ -1,0 +1,1 @@
+"""Processes: launching servers and waiting for them to be ready.  Never imports torch."""

@@ -1,0 +1,10 @@
+"""The open-loop load generator: schedules, the sender, statistics, run files, the CLI.
+
+Torch-free by design (a test checks it): the client process must stay light.
+"""
+
+from rag.loadgen.config import LoadConfig
+from rag.loadgen.run import run_load, run_load_async
+from rag.loadgen.sender import ROW_COLUMNS
+
+__all__ = ["ROW_COLUMNS", "LoadConfig", "run_load", "run_load_async"]

@@ -1,0 +1,7 @@
+"""`python -m rag.loadgen --help`."""
+
+import sys
+
+from rag.loadgen.cli import main
+
+sys.exit(main())

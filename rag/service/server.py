@@ -1,0 +1,80 @@
+"""One server process: `python -m rag.serve variant=base|batched port=... model=...`.
+
+The port is bound before uvicorn starts (so port 0 yields a known free port, written to
+`port_file` for a launching parent), and SIGTERM drains before the process exits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+import sys
+from contextlib import suppress
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+
+from rag.config import Config, compose_from_argv
+from rag.service.app import ServerState, create_app
+
+
+class DrainingServer(uvicorn.Server):
+    """Uvicorn, except that SIGTERM drains first: /ready turns 503, queued and running
+    requests finish, then the process exits.  A second signal, or SIGINT, exits at once."""
+
+    def __init__(self, config: uvicorn.Config, state: ServerState) -> None:
+        super().__init__(config)
+        self.state = state
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        if sig != signal.SIGTERM or self.state.draining or self.should_exit:
+            super().handle_exit(sig, frame)
+            return
+        loop = asyncio.get_event_loop()
+        loop.call_soon_threadsafe(
+            self.state.spawn, self.state.drain(lambda: setattr(self, "should_exit", True))
+        )
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """Bind before starting uvicorn so that port 0 yields a known free port."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(2048)
+    return sock
+
+
+def write_port_file(path: str, port: int) -> None:
+    target = Path(path)
+    staging = target.with_name(f".{target.name}.{os.getpid()}")
+    staging.write_text(f"{port}\n")
+    os.replace(staging, target)
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg: Config = compose_from_argv(argv)  # type: ignore[assignment]
+    logging.basicConfig(level=cfg.server.log_level.upper())
+    app = create_app(cfg)
+    state: ServerState = app.state.rag
+    try:
+        sock = bind_socket(cfg.host, cfg.port)
+    except OSError as exc:
+        print(f"ragbench serve: cannot listen on {cfg.host}:{cfg.port}: {exc}", file=sys.stderr)
+        return 2
+    port = sock.getsockname()[1]
+    server = DrainingServer(
+        uvicorn.Config(app, log_level=cfg.server.log_level, access_log=False, lifespan="on"),
+        state,
+    )
+    state.on_fatal = lambda: setattr(server, "should_exit", True)
+    print(f"ragbench serve: {cfg.variant.name} listening on http://{cfg.host}:{port}", flush=True)
+    if cfg.port_file:
+        write_port_file(cfg.port_file, port)
+    with suppress(KeyboardInterrupt):
+        server.run(sockets=[sock])
+    return 1 if state.failure else 0

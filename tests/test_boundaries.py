@@ -1,0 +1,38 @@
+"""The torch line: light processes (load generator, cluster, harness) never import torch.
+
+Each package is imported in a fresh interpreter, since this test process has torch loaded.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+HEAVY = ("torch", "transformers", "faiss")
+
+# package -> the rag packages it may pull in besides itself
+TORCH_FREE = {
+    "rag.loadgen": set(),
+    "rag.cluster": set(),
+    "rag.service.app": {"rag.config", "rag.service"},  # the port opens before torch loads
+}
+
+
+def imported_after(statement: str) -> set[str]:
+    code = f"{statement}\nimport sys\nprint('\\n'.join(sorted(sys.modules)))"
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
+    )
+    return set(result.stdout.split())
+
+
+@pytest.mark.parametrize("package", sorted(TORCH_FREE))
+def test_package_imports_no_model_code(package: str):
+    modules = imported_after(f"import {package}")
+    assert not {m for m in modules if m.split(".")[0] in HEAVY}
+    allowed = {package, *TORCH_FREE[package]}
+    own = {m for m in modules if m.startswith("rag.")}
+    strays = {m for m in own if not any(m == a or m.startswith(a + ".") for a in allowed)}
+    assert not strays, f"{package} pulls in {sorted(strays)}"
