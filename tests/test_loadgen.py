@@ -51,11 +51,12 @@ def test_ok_run_rows_summary_and_files(tmp_path: Path):
     assert [r["scheduled_s"] for r in rows] == pytest.approx([i / 50 for i in range(20)])
 
     assert summary["scheduled"] == summary["sent"] == summary["ok"] == 20
+    assert summary["ok_fraction"] == 1.0
     assert summary["failed"] == 0
     assert summary["schedule_rps"] == pytest.approx(50.0)
     assert summary["achieved_send_rps"] == pytest.approx(50.0, rel=0.05)
     assert summary["percentile_method"] == "linear"
-    assert summary["valid"] is True and summary["invalid_reason"] == ""
+    assert summary["schedule_kept"] is True and summary["schedule_kept_reason"] == ""
     assert 0 < summary["latency_p50_s"] <= summary["latency_p99_s"] <= summary["latency_max_s"]
 
     with open(out) as f:
@@ -73,7 +74,7 @@ def test_ok_run_rows_summary_and_files(tmp_path: Path):
     } <= set(written[0])
     with open(tmp_path / "summary.csv") as f:
         (summary_row,) = list(csv.DictReader(f))
-    assert summary_row["ok"] == "20" and summary_row["valid"] == "True"
+    assert summary_row["ok"] == "20" and summary_row["schedule_kept"] == "True"
     with open(tmp_path / "schedule.csv") as f:
         schedule = list(csv.DictReader(f))
     assert [float(s["scheduled_s"]) for s in schedule] == pytest.approx(
@@ -121,7 +122,7 @@ def test_stall_shows_as_latency_from_the_schedule():
         assert r["done_s"] == pytest.approx(stall_end, abs=0.2)  # all answered after it
     assert during[0]["latency_s"] > 0.8
     assert summary["latency_max_s"] > 0.8
-    assert summary["valid"] is True
+    assert summary["schedule_kept"] is True
 
 
 def test_slot_wait_counts_as_latency_and_voids_the_run():
@@ -134,8 +135,8 @@ def test_slot_wait_counts_as_latency_and_voids_the_run():
     queued = [r for r in rows if r["latency_s"] > 0.7 and r["service_latency_s"] < 0.1]
     assert queued, "some request waited for a slot, not for the server"
     assert all(r["send_lag_s"] > 0.5 for r in queued)
-    assert summary["valid"] is False
-    assert "late by more than 5 ms" in summary["invalid_reason"]
+    assert summary["schedule_kept"] is False
+    assert "late by more than 5 ms" in summary["schedule_kept_reason"]
 
 
 def test_timeouts_are_failures_never_retried():
@@ -152,6 +153,8 @@ def test_timeouts_are_failures_never_retried():
         assert 0.25 < r["service_latency_s"] < 1.0
     assert summary["failed_timeout"] == summary["failed"] == 10
     assert summary["ok"] == 0
+    # The client kept its schedule although nothing succeeded: two separate facts.
+    assert summary["schedule_kept"] is True and summary["ok_fraction"] == 0.0
     assert math.isinf(summary["latency_adj_p50_s"])
     assert math.isnan(summary["latency_p50_s"])
 
@@ -255,8 +258,8 @@ def test_blocked_client_loop_makes_the_run_invalid():
     assert_one_row_each(rows, 40)
     assert summary["ok"] == 40
     assert summary["send_lag_max_s"] > 0.2
-    assert summary["valid"] is False
-    assert "late by more than 5 ms" in summary["invalid_reason"]
+    assert summary["schedule_kept"] is False
+    assert "late by more than 5 ms" in summary["schedule_kept_reason"]
 
 
 def test_stop_marks_unsent_and_cancelled_rows():
@@ -281,7 +284,7 @@ def test_stop_marks_unsent_and_cancelled_rows():
     assert {None, "cancelled", "not_sent"} <= errors
     assert summary["sent"] == server.hits["/rag"]
     assert summary["failed_not_sent"] == 200 - summary["sent"]
-    assert summary["interrupted"] is True and summary["valid"] is False
+    assert summary["interrupted"] is True and summary["schedule_kept"] is False
     for r in rows:
         if r["error"] == "cancelled":
             assert r["sent_s"] is not None and r["done_s"] is None
@@ -317,7 +320,8 @@ def test_running_out_of_sockets_is_the_clients_failure():
         "from rag.loadgen import LoadConfig, run_load\n"
         "rows, s = run_load(LoadConfig(target=sys.argv[1], timing_mode='ideal', rps=500.0,"
         " num_requests=100, timeout=0.5, progress=False))\n"
-        "print(s['failed_client'], s['failed_timeout'], s['valid'], s['invalid_reason'])\n"
+        "print(s['failed_client'], s['failed_timeout'], s['schedule_kept'],"
+        " s['schedule_kept_reason'])\n"
     )
     with LocalServer(hang) as server:
         result = subprocess.run(

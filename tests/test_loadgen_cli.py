@@ -39,7 +39,7 @@ def test_cli_prints_summary_writes_files_and_stays_quiet_off_a_terminal(tmp_path
         stdout, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 0, stderr
     assert "scheduled 20  sent 20  ok 20" in stdout
-    assert "valid      yes" in stdout
+    assert "schedule   kept yes" in stdout
     assert "\r" not in stderr  # no progress line when stderr is not a terminal
     assert len(read_csv(out)) == 20
     assert read_csv(tmp_path / "summary.csv")[0]["ok"] == "20"
@@ -110,5 +110,5 @@ def test_ctrl_c_stops_sending_and_still_writes_every_row(tmp_path: Path):
     assert set(errors) <= {"", "cancelled", "not_sent"}
     assert sum(1 for r in rows if r["sent_s"]) == hits
     (summary,) = read_csv(tmp_path / "summary.csv")
-    assert summary["interrupted"] == "True" and summary["valid"] == "False"
+    assert summary["interrupted"] == "True" and summary["schedule_kept"] == "False"
     assert int(summary["failed_not_sent"]) == errors.count("not_sent")

@@ -55,34 +55,34 @@ def test_counts_rates_and_latencies():
     assert s["latency_adj_p50_s"] == pytest.approx(0.1)
     assert s["latency_adj_p99_s"] == math.inf
     assert s["percentile_method"] == "linear"
-    assert s["valid"] is True and s["invalid_reason"] == ""
+    assert s["schedule_kept"] is True and s["schedule_kept_reason"] == ""
 
 
 def test_late_sends_void_the_run():
     rows = [row(i * 0.01, lag=0.006 if i % 50 == 0 else 0.0) for i in range(100)]
     s = summarise(rows, schedule_rps=100.0, target_rps=100.0)
     assert s["late_fraction"] == pytest.approx(0.02)
-    assert s["valid"] is False
-    assert "2.0% of sends late by more than 5 ms" in s["invalid_reason"]
+    assert s["schedule_kept"] is False
+    assert "2.0% of sends late by more than 5 ms" in s["schedule_kept_reason"]
     just_one = [row(i * 0.01, lag=0.006 if i == 50 else 0.0) for i in range(100)]
-    assert summarise(just_one, schedule_rps=100.0, target_rps=100.0)["valid"] is True
+    assert summarise(just_one, schedule_rps=100.0, target_rps=100.0)["schedule_kept"] is True
 
 
 def test_a_slow_send_rate_voids_the_run():
     rows = [row(i * 0.01, lag=i * 0.0002) for i in range(100)]  # drifts to 2% slow
     s = summarise(rows, schedule_rps=100.0, target_rps=100.0)
     assert s["achieved_send_rps"] == pytest.approx(100 / 1.02, rel=1e-3)
-    assert s["valid"] is False
-    assert "under 99% of the schedule's 100.0/s" in s["invalid_reason"]
+    assert s["schedule_kept"] is False
+    assert "under 99% of the schedule's 100.0/s" in s["schedule_kept_reason"]
 
 
 def test_interrupted_runs_are_not_valid():
     s = summarise([row(0.0), row(0.01)], 100.0, 100.0, interrupted=True)
-    assert s["interrupted"] is True and s["valid"] is False
-    assert s["invalid_reason"] == "interrupted"
+    assert s["interrupted"] is True and s["schedule_kept"] is False
+    assert s["schedule_kept_reason"] == "interrupted"
 
 
 def test_client_side_failures_void_the_run():
     s = summarise([row(0.0), row(0.01, error="client")], 100.0, 100.0)
-    assert s["failed_client"] == 1 and s["valid"] is False
-    assert s["invalid_reason"] == "1 requests failed in the client itself"
+    assert s["failed_client"] == 1 and s["schedule_kept"] is False
+    assert s["schedule_kept_reason"] == "1 requests failed in the client itself"

@@ -28,7 +28,7 @@ def format_summary(s: dict[str, Any]) -> str:
     )
     pct = "  ".join(f"p{p} {ms(f'latency_p{p}_s')}" for p in (50, 90, 95, 99))
     adj = "  ".join(f"p{p} {ms(f'latency_adj_p{p}_s')}" for p in (50, 90, 95, 99))
-    valid = "yes" if s["valid"] else f"NO ({s['invalid_reason']})"
+    kept = "yes" if s["schedule_kept"] else f"NO ({s['schedule_kept_reason']})"
     return "\n".join(
         [
             f"requests   scheduled {s['scheduled']}  sent {s['sent']}  ok {s['ok']}"
@@ -42,7 +42,8 @@ def format_summary(s: dict[str, Any]) -> str:
             f"service ms p50 {ms('service_latency_p50_s')}  p99 {ms('service_latency_p99_s')}",
             f"send lag   p50 {ms('send_lag_p50_s')}  p99 {ms('send_lag_p99_s')}"
             f"  max {ms('send_lag_max_s')} ms  late >5 ms {s['late_fraction']:.2%}",
-            f"valid      {valid}",
+            f"ok         {s['ok_fraction']:.1%} of scheduled requests",
+            f"schedule   kept {kept}",
         ]
     )
 

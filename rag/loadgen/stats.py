@@ -72,7 +72,8 @@ def summarise(
     target_rps: float,
     interrupted: bool = False,
 ) -> dict[str, Any]:
-    """Counts, rates, latency and send-lag distributions, and whether the run is valid.
+    """Counts, rates, latency and send-lag distributions, and whether the client kept its
+    schedule (`schedule_kept`: says nothing of the server; `ok_fraction` does).
 
     Throughput counts successful completions per second between the first scheduled send
     and the last completion.  Latency percentiles are over successful requests; the
@@ -112,14 +113,15 @@ def summarise(
     out["send_lag_max_s"] = float(lag.max()) if len(lag) else math.nan
     out["late_fraction"] = float(np.mean(lag > LATE_S)) if len(lag) else math.nan
 
-    reasons = _invalid_reasons(out, interrupted)
+    reasons = _schedule_broken_reasons(out, interrupted)
+    out["ok_fraction"] = len(ok) / len(rows) if rows else math.nan
     out["interrupted"] = interrupted
-    out["valid"] = not reasons
-    out["invalid_reason"] = "; ".join(reasons)
+    out["schedule_kept"] = not reasons
+    out["schedule_kept_reason"] = "; ".join(reasons)
     return out
 
 
-def _invalid_reasons(s: dict[str, Any], interrupted: bool) -> list[str]:
+def _schedule_broken_reasons(s: dict[str, Any], interrupted: bool) -> list[str]:
     """Why the client failed to keep to its schedule, if it did."""
     reasons = []
     if interrupted:
