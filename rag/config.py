@@ -46,6 +46,20 @@ class ModelConfig:
         "You answer questions using only the given context. Answer in one or two sentences."
     )
     cache_dir: str = ""  # "" = the user's cache dir (platformdirs)
+    simulated: SimulatedCost | None = None  # set by model=simulated (generator: simulated)
+
+
+@dataclass
+class SimulatedCost:
+    """What a simulated model sleeps per batch instead of computing: t(n) = fixed + n x
+    per_query, for the query embedding and for generation (`python -m rag.service.simulated
+    fit <pipeline bench record>` derives these from a measured real model)."""
+
+    embed_fixed_ms: float = 2.0
+    embed_per_query_ms: float = 0.5
+    generate_fixed_ms: float = 200.0
+    generate_per_query_ms: float = 50.0
+    fitted_from: str = ""  # the bench record the numbers were fitted to ("" = set by hand)
 
 
 @dataclass
@@ -75,7 +89,56 @@ class VariantConfig:
     max_wait_ms: float = 10.0
     max_queue: int = 512
     request_timeout_s: float = 60.0
-    replicas: int = 1
+    scaling: ScalingConfig | None = None  # set by variant=scaling
+
+
+@dataclass
+class ScalingConfig:
+    """Replicas of the batched server behind a balancer, sized by an autoscaler.
+
+    The signal is ongoing requests (in flight at a replica, queued or computing) per
+    replica, as Ray Serve's `target_ongoing_requests`.  Scale-up follows the mean over
+    `stable_window_s` once it has asked for more for `upscale_delay_s`, or at once the mean
+    over `panic_window_s` when that is `panic_threshold` x what the ready replicas should
+    carry (Knative's panic mode: no scale-down until `stable_window_s` without panic).
+    Scale-down takes the highest recommendation of the last `downscale_delay_s` (Kubernetes
+    HPA's stabilisation window) and waits that long after any change.  Starting replicas
+    count as capacity, so a burst is not answered twice.
+    """
+
+    min_replicas: int = 1
+    max_replicas: int = 4
+    target_ongoing_requests: float = 8.0
+    target_rps_per_replica: float = 0.0  # > 0: also size by request rate, the larger wins
+    check_interval_s: float = 1.0
+    stable_window_s: float = 20.0
+    panic_window_s: float = 3.0
+    panic_threshold: float = 2.0
+    upscale_delay_s: float = 5.0
+    downscale_delay_s: float = 30.0
+    policy: str = "least_outstanding"  # least_outstanding | round_robin | power_of_two
+    launcher: str = "local"  # local | slurm
+    health_interval_s: float = 0.5
+    replica_start_timeout_s: float = 300.0
+    hop_timeout_s: float = 75.0  # balancer -> replica, per request
+    max_connections: int = 4096  # concurrent client connections at the balancer; 503 beyond
+    gpus: str = ""  # local: GPU ids given round robin ("" = CUDA_VISIBLE_DEVICES, if any)
+    mps_thread_percentage: int = 0  # local: CUDA MPS share per replica (0 = MPS not asked)
+    slurm: SlurmReplicaConfig = field(default_factory=lambda: SlurmReplicaConfig())
+
+
+@dataclass
+class SlurmReplicaConfig:
+    """Where replica jobs go when `launcher=slurm` (each one job with one GPU)."""
+
+    partition: str = ""
+    account: str = ""
+    qos: str = ""
+    gres: str = "gpu:1"
+    cpus_per_task: int = 4
+    mem_gb: int = 16
+    time_min: int = 120
+    setup: list[str] = field(default_factory=list)  # shell lines run before the replica
 
 
 @dataclass
@@ -88,6 +151,7 @@ class ServerConfig:
     drain_timeout_s: float = 30.0
     warmup: bool = True
     log_level: str = "warning"
+    replica_id: str = ""  # set by the scaling variant's launcher; answers then name it
 
 
 @dataclass
@@ -99,6 +163,7 @@ class Config:
     host: str = "127.0.0.1"
     port: int = 8000  # 0 = pick a free port and report it
     port_file: str = ""  # where to write the chosen port, for a parent process
+    run_dir: str = ""  # where a server writes its logs and CSVs ("" = a temporary folder)
     seed: int = 0
 
 

@@ -2,7 +2,8 @@
 
 Modelled on vLLM's benchmark sweep: the server runs in its own process group, readiness
 is polled with a timeout, a crash during start-up is detected at once (with the tail of
-its log in the error), and stopping sends SIGTERM (drain) before SIGKILL.
+its log in the error), and stopping sends SIGTERM (drain) before SIGKILL.  The pieces
+(`spawn`, `read_port`, `stop_group`, `log_tail`) are shared with the replica launchers.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -36,6 +38,69 @@ def http_get(url: str, timeout_s: float = 2.0) -> tuple[int, dict]:
         return exc.code, json.loads(exc.read() or b"{}")
     except (OSError, ValueError):
         return 0, {}
+
+
+def server_command(module: str, overrides: list[str], host: str, port_file: Path) -> list[str]:
+    """`python -m <module> <overrides> host=.. port=0 port_file=..`: a free port, reported."""
+    return [
+        sys.executable, "-m", module, *overrides,
+        f"host={host}", "port=0", f"port_file={port_file}",
+    ]  # fmt: skip
+
+
+def spawn(
+    command: list[str],
+    log_path: Path,
+    env: dict[str, str],
+    before_exec: Callable[[], None] | None = None,
+) -> subprocess.Popen:
+    """Start `command` in a process group of its own (stopping it reaches its children),
+    with stdout and stderr appended to `log_path`; `before_exec` runs in the child."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with log_path.open("ab") as log:
+        return subprocess.Popen(
+            command,
+            cwd=REPO_ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env={**os.environ, **env},
+            start_new_session=True,
+            preexec_fn=before_exec,
+        )
+
+
+def read_port(port_file: Path) -> int | None:
+    """The port a server wrote once it listened (written atomically), or None yet."""
+    try:
+        return int(port_file.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def write_port_file(path: str, port: int) -> None:
+    """Tell a launching parent the port: written under another name, then renamed."""
+    target = Path(path)
+    staging = target.with_name(f".{target.name}.{os.getpid()}")
+    staging.write_text(f"{port}\n")
+    os.replace(staging, target)
+
+
+def stop_group(process: subprocess.Popen, timeout_s: float) -> int:
+    """SIGTERM the process group (a server drains), then SIGKILL it if still there."""
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+    try:
+        return process.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        return process.wait()
+
+
+def log_tail(path: Path | None, lines: int = 30) -> str:
+    if path is None or not path.exists():
+        return ""
+    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
 
 
 @dataclass
@@ -64,21 +129,8 @@ class ServerProcess:
         port_file = Path(self._workdir.name) / "port"
         if self.log_path is None:
             self.log_path = Path(self._workdir.name) / "server.log"
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        command = [
-            sys.executable, "-m", self.module, *self.overrides,
-            f"host={self.host}", "port=0", f"port_file={port_file}",
-        ]  # fmt: skip
-        with self.log_path.open("ab") as log:
-            self.process = subprocess.Popen(
-                command,
-                cwd=REPO_ROOT,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                env={**os.environ, **self.env},
-                start_new_session=True,  # its own process group: stopping reaches children
-            )
+        command = server_command(self.module, self.overrides, self.host, port_file)
+        self.process = spawn(command, self.log_path, self.env)
         self.port = self._wait_for_port(port_file)
         self.wait_ready()
         return self
@@ -87,8 +139,8 @@ class ServerProcess:
         deadline = time.monotonic() + self.ready_timeout_s
         while time.monotonic() < deadline:
             self._check_alive()
-            if port_file.exists():
-                return int(port_file.read_text())
+            if (port := read_port(port_file)) is not None:
+                return port
             time.sleep(0.05)
         raise self._failure(f"did not open a port within {self.ready_timeout_s:g} s")
 
@@ -107,24 +159,14 @@ class ServerProcess:
             raise self._failure(f"exited with code {code} during start-up")
 
     def _failure(self, what: str) -> ServerFailed:
-        tail = ""
-        if self.log_path and self.log_path.exists():
-            tail = "\n".join(self.log_path.read_text(errors="replace").splitlines()[-30:])
+        tail = log_tail(self.log_path)
         self.stop()
         return ServerFailed(f"{self.module} {' '.join(self.overrides)}: {what}\n{tail}")
 
     def stop(self, timeout_s: float = 30.0) -> int | None:
         """SIGTERM (the server drains), then SIGKILL the group if it is still there."""
         process, self.process = self.process, None
-        code = None
-        if process is not None:
-            if process.poll() is None:
-                os.killpg(process.pid, signal.SIGTERM)
-            try:
-                code = process.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                code = process.wait()
+        code = stop_group(process, timeout_s) if process is not None else None
         if self._workdir is not None:
             self._workdir.cleanup()
             self._workdir = None

@@ -66,6 +66,8 @@ class RAGResponse(BaseModel):
     prompt_tokens: int
     new_tokens: int
     variant: str
+    model: str = Field(description="The model preset; `simulated` answers come from no model.")
+    replica: str | None = Field(default=None, description="The replica that answered.")
 
 
 @dataclass
@@ -158,9 +160,12 @@ async def _client_gone(request: Request) -> None:
         pass
 
 
-def _response(answer: Answer, completed: Completed, arrived: float, variant: str) -> dict:
+def _response(answer: Answer, completed: Completed, arrived: float, cfg: Config) -> dict:
     total_ms = (time.perf_counter() - arrived) * 1e3
     timings = {"queue_ms": completed.queue_s * 1e3, **answer.timings_ms, "total_ms": total_ms}
+    labels = {"model": cfg.model.name}
+    if cfg.server.replica_id:
+        labels["replica"] = cfg.server.replica_id
     return {
         "query": answer.query,
         "result": answer.result,
@@ -169,7 +174,8 @@ def _response(answer: Answer, completed: Completed, arrived: float, variant: str
         "batch_size": completed.batch_size,
         "prompt_tokens": answer.prompt_tokens,
         "new_tokens": answer.new_tokens,
-        "variant": variant,
+        "variant": cfg.variant.name,
+        **labels,
     }
 
 
@@ -210,6 +216,15 @@ class CountResponses:
             await send(message)
 
         await self.app(scope, receive, counting_send)
+
+
+def _runtime(pipeline: RAGPipeline) -> dict[str, Any]:
+    """What the models run on; a simulated generator describes its cost model instead."""
+    if hasattr(pipeline.generator, "describe"):
+        return pipeline.generator.describe()
+    from rag.service.models import describe_runtime
+
+    return describe_runtime(pipeline.generator)
 
 
 def load_default_pipeline(cfg: Config) -> RAGPipeline:
@@ -272,11 +287,14 @@ def create_app(cfg: Config) -> FastAPI:
     @app.get("/stats")
     async def stats() -> dict[str, Any]:
         """The batching knobs, the batch-size histogram and what the models run on."""
-        from rag.service.models import describe_runtime
+        from rag.service.simulated import is_simulated
 
         batcher, pipeline = state.batcher, state.pipeline
         return {
             "variant": cfg.variant.name,
+            "model": cfg.model.name,
+            "simulated": is_simulated(cfg.model.generator) or is_simulated(cfg.model.embedder),
+            "replica": cfg.server.replica_id or None,
             "max_batch_size": batcher.max_batch_size if batcher else None,
             "max_wait_ms": batcher.max_wait_s * 1e3 if batcher else None,
             "max_queue": cfg.variant.max_queue,
@@ -285,10 +303,10 @@ def create_app(cfg: Config) -> FastAPI:
             "dropped": batcher.dropped if batcher else 0,
             "batch_size_counts": dict(sorted(batcher.batch_size_counts.items())) if batcher else {},
             "corpus_size": pipeline.index.size if pipeline else None,
-            "runtime": describe_runtime(pipeline.generator) if pipeline else None,
+            "runtime": _runtime(pipeline) if pipeline else None,
         }
 
-    @app.post("/rag", response_model=RAGResponse)
+    @app.post("/rag", response_model=RAGResponse, response_model_exclude_none=True)
     async def rag(body: RAGRequest, request: Request) -> Any:
         response = await _answer(body, request, time.perf_counter())
         if isinstance(response, dict):
@@ -334,6 +352,6 @@ def create_app(cfg: Config) -> FastAPI:
             )
         except QueryRejected as exc:
             return _error(422, str(exc))
-        return _response(completed.value, completed, arrived, cfg.variant.name)
+        return _response(completed.value, completed, arrived, cfg)
 
     return app

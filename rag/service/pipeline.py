@@ -7,12 +7,16 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from rag.config import Config
-from rag.service.embedder import Embedder
-from rag.service.generator import Generator
 from rag.service.index import DocumentIndex, Hit
 from rag.service.validation import QueryLimits, QueryRejected, find_problems
+
+if TYPE_CHECKING:  # the model modules import torch; model=simulated never loads them
+    from rag.service.embedder import Embedder
+    from rag.service.generator import Generator
+    from rag.service.simulated import SimulatedEmbedder, SimulatedGenerator
 
 # Tokens kept for the system prompt, the question and the chat template's markup.
 PROMPT_OVERHEAD_TOKENS = 192
@@ -33,9 +37,9 @@ class Answer:
 class RAGPipeline:
     def __init__(
         self,
-        embedder: Embedder,
+        embedder: Embedder | SimulatedEmbedder,
         index: DocumentIndex,
-        generator: Generator,
+        generator: Generator | SimulatedGenerator,
         limits: QueryLimits,
         system_prompt: str,
     ) -> None:
@@ -48,12 +52,22 @@ class RAGPipeline:
     @classmethod
     def from_config(cls, cfg: Config) -> RAGPipeline:
         """Load both models, the corpus and its index (from the embedding cache if warm)."""
+        from rag.service import simulated
         from rag.service.corpus import load_corpus
-        from rag.service.models import load_embedder, load_generator
 
-        embedder = load_embedder(cfg.model, batch_size=cfg.corpus.embed_batch_size)
+        if simulated.is_simulated(cfg.model.embedder):
+            embedder = simulated.SimulatedEmbedder(cfg.model)
+        else:
+            from rag.service.models import load_embedder
+
+            embedder = load_embedder(cfg.model, batch_size=cfg.corpus.embed_batch_size)
         index = DocumentIndex(load_corpus(cfg.corpus), embedder, cfg.corpus)
-        generator = load_generator(cfg.model)
+        if simulated.is_simulated(cfg.model.generator):
+            generator = simulated.SimulatedGenerator(cfg.model)
+        else:
+            from rag.service.models import load_generator
+
+            generator = load_generator(cfg.model)
         limits = QueryLimits(cfg.server.max_query_chars, cfg.server.k_max, index.size)
         return cls(embedder, index, generator, limits, cfg.model.system_prompt)
 

@@ -8,16 +8,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import signal
 import socket
 import sys
 from contextlib import suppress
-from pathlib import Path
 from typing import Any
 
 import uvicorn
 
+from rag.cluster.process import write_port_file
 from rag.config import Config, compose_from_argv
 from rag.service.app import ServerState, create_app
 
@@ -47,13 +46,6 @@ def bind_socket(host: str, port: int) -> socket.socket:
     sock.bind((host, port))
     sock.listen(2048)
     return sock
-
-
-def write_port_file(path: str, port: int) -> None:
-    target = Path(path)
-    staging = target.with_name(f".{target.name}.{os.getpid()}")
-    staging.write_text(f"{port}\n")
-    os.replace(staging, target)
 
 
 def main(argv: list[str] | None = None) -> int:

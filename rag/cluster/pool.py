@@ -1,0 +1,253 @@
+"""The replicas behind the balancer: their lifecycle, health and load counters.
+
+A replica is `starting` from launch until its own `/ready` answers 200, then `ready` (only
+ready replicas receive traffic), `draining` once chosen for scale-down (no new requests;
+stopped when its last one is answered), and finally `stopped` (an orderly end) or `dead`
+(it exited, its job ended, it refused a connection or failed its health checks).  A dead
+replica is never routed to again; the autoscaler replaces it.
+
+The pool also keeps the autoscaler's signal exactly: the area under the curve of requests
+in flight, so the mean over any interval is known without sampling.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any, Protocol
+
+import aiohttp
+
+log = logging.getLogger("rag.cluster")
+
+HEALTH_STRIKES = 3  # health checks that time out in a row before a replica counts as dead
+
+
+class State(StrEnum):
+    STARTING = "starting"
+    READY = "ready"
+    DRAINING = "draining"
+    STOPPED = "stopped"
+    DEAD = "dead"
+
+
+@dataclass(eq=False)
+class Replica:
+    id: str
+    url: str = ""  # known once the replica listens (local: its port file; SLURM: it registers)
+    state: State = State.STARTING
+    pid: int | None = None  # a local process
+    job_id: str = ""  # a SLURM job
+    in_flight: int = 0
+    requests: int = 0
+    errors: int = 0
+    rps: float = 0.0  # over the autoscaler's last check interval
+    reason: str = ""  # why it stopped or died
+    launched_at: float = field(default_factory=time.monotonic)
+    ready_at: float | None = None
+    handle: Any = field(default=None, repr=False)  # the launcher's own (Popen, submitit job)
+    strikes: int = 0
+    _requests_at_sample: int = 0
+
+    @property
+    def capacity(self) -> bool:
+        """Counts towards the replica count the autoscaler steers (starting ones too)."""
+        return self.state in (State.STARTING, State.READY)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "url": self.url,
+            "pid": self.pid,
+            "job_id": self.job_id or None,
+            "state": self.state.value,
+            "in_flight": self.in_flight,
+            "requests": self.requests,
+            "requests_per_s": round(self.rps, 3),
+            "errors": self.errors,
+            "reason": self.reason,
+            "start_s": round(self.ready_at - self.launched_at, 3) if self.ready_at else None,
+        }
+
+
+class Launcher(Protocol):
+    """Starts and stops replica processes somewhere (this machine, a SLURM job)."""
+
+    def launch(self, replica: Replica) -> None: ...
+
+    def address(self, replica: Replica) -> str | None: ...
+
+    def exited(self, replica: Replica) -> str | None: ...
+
+    async def stop(self, replica: Replica) -> None: ...
+
+
+@dataclass
+class Sample:
+    """The load over one interval: mean requests in flight and requests per second."""
+
+    ongoing: float
+    rps: float
+    seconds: float
+
+
+class ReplicaPool:
+    def __init__(
+        self,
+        launcher: Launcher,
+        health_interval_s: float,
+        start_timeout_s: float,
+        on_dead: Callable[[Replica], None] = lambda replica: None,
+    ) -> None:
+        self.launcher = launcher
+        self.health_interval_s = health_interval_s
+        self.start_timeout_s = start_timeout_s
+        self.on_dead = on_dead
+        self.replicas: dict[str, Replica] = {}
+        self.ready: list[Replica] = []  # the routable ones, kept current on every change
+        self.session: aiohttp.ClientSession | None = None
+        self._next_id = 0
+        self._in_flight = 0
+        self._area = 0.0  # integral of requests in flight over time (request-seconds)
+        self._changed_at = time.monotonic()
+        self._requests = 0
+        self._sampled = (time.monotonic(), 0.0, 0)  # (time, area, requests) at the last sample
+        self._stopping: set[asyncio.Task] = set()
+
+    # --- load accounting (on every proxied request; kept cheap) ---------------------
+
+    def _advance(self) -> None:
+        now = time.monotonic()
+        self._area += self._in_flight * (now - self._changed_at)
+        self._changed_at = now
+
+    def begin(self, replica: Replica) -> None:
+        self._advance()
+        self._in_flight += 1
+        self._requests += 1
+        replica.in_flight += 1
+        replica.requests += 1
+
+    def end(self, replica: Replica) -> None:
+        self._advance()
+        self._in_flight -= 1
+        replica.in_flight -= 1
+        if replica.state is State.DRAINING and replica.in_flight == 0:
+            self._stop(replica, State.STOPPED, "scaled down")
+
+    def sample(self) -> Sample:
+        """Mean requests in flight and the request rate since the previous sample."""
+        self._advance()
+        then, area, requests = self._sampled
+        now = self._changed_at
+        seconds = max(now - then, 1e-9)
+        self._sampled = (now, self._area, self._requests)
+        for replica in self.replicas.values():
+            replica.rps = (replica.requests - replica._requests_at_sample) / seconds
+            replica._requests_at_sample = replica.requests
+        return Sample((self._area - area) / seconds, (self._requests - requests) / seconds, seconds)
+
+    # --- lifecycle --------------------------------------------------------------------
+
+    def count(self, *states: State) -> int:
+        return sum(1 for r in self.replicas.values() if r.state in states)
+
+    def launch(self) -> Replica:
+        replica = Replica(f"r{self._next_id}")
+        self._next_id += 1
+        self.replicas[replica.id] = replica
+        self.launcher.launch(replica)
+        log.info("launched replica %s", replica.id)
+        return replica
+
+    def _set_state(self, replica: Replica, state: State) -> None:
+        replica.state = state
+        self.ready = [r for r in self.replicas.values() if r.state is State.READY]
+
+    def mark_ready(self, replica: Replica) -> None:
+        replica.ready_at = time.monotonic()
+        replica.strikes = 0
+        self._set_state(replica, State.READY)
+        log.info("replica %s ready at %s", replica.id, replica.url)
+
+    def mark_dead(self, replica: Replica, reason: str) -> None:
+        """Take a replica out at once (never routed to again) and stop what is left of it."""
+        if replica.state in (State.DEAD, State.STOPPED):
+            return
+        log.warning("replica %s is dead: %s", replica.id, reason)
+        self._stop(replica, State.DEAD, reason)
+        self.on_dead(replica)
+
+    def drain(self, replica: Replica) -> None:
+        """Scale-down: no new requests; stopped once its in-flight requests are answered."""
+        if replica.state is State.STARTING or replica.in_flight == 0:
+            self._stop(replica, State.STOPPED, "scaled down")
+        elif replica.state is State.READY:
+            self._set_state(replica, State.DRAINING)
+
+    def _stop(self, replica: Replica, state: State, reason: str) -> None:
+        replica.reason = reason
+        self._set_state(replica, state)
+        task = asyncio.get_running_loop().create_task(self.launcher.stop(replica))
+        self._stopping.add(task)
+        task.add_done_callback(self._stopping.discard)
+
+    async def stop_all(self) -> None:
+        for replica in self.replicas.values():
+            if replica.state not in (State.DEAD, State.STOPPED):
+                self._stop(replica, State.STOPPED, "balancer stopped")
+        if self._stopping:
+            await asyncio.gather(*self._stopping, return_exceptions=True)
+
+    # --- health -----------------------------------------------------------------------
+
+    async def check(self, replica: Replica) -> None:
+        """One health check: has it exited, does it listen yet, is it (still) ready?"""
+        if (reason := self.launcher.exited(replica)) is not None:
+            self.mark_dead(replica, reason)
+            return
+        if not replica.url:
+            replica.url = self.launcher.address(replica) or ""
+        if replica.state is State.STARTING and not replica.url:
+            self._check_start_deadline(replica)
+            return
+        assert self.session is not None
+        timeout = aiohttp.ClientTimeout(total=max(1.0, 2 * self.health_interval_s))
+        try:
+            async with self.session.get(f"{replica.url}/ready", timeout=timeout) as response:
+                ready = response.status == 200
+        except aiohttp.ClientConnectorError as exc:
+            if replica.state is State.STARTING:  # not listening yet
+                self._check_start_deadline(replica)
+            else:
+                self.mark_dead(replica, f"refused its health check: {exc.os_error}")
+            return
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            replica.strikes += 1
+            if replica.strikes >= HEALTH_STRIKES and replica.state is not State.STARTING:
+                self.mark_dead(replica, f"{replica.strikes} health checks failed ({exc!r})")
+            return
+        replica.strikes = 0
+        if replica.state is State.STARTING:
+            if ready:
+                self.mark_ready(replica)
+            else:
+                self._check_start_deadline(replica)
+        elif replica.state is State.READY and not ready:
+            self.mark_dead(replica, "its /ready stopped answering 200")
+
+    def _check_start_deadline(self, replica: Replica) -> None:
+        if time.monotonic() - replica.launched_at > self.start_timeout_s:
+            self.mark_dead(replica, f"not ready within {self.start_timeout_s:g} s")
+
+    async def health_loop(self) -> None:
+        while True:
+            watched = [
+                r for r in self.replicas.values() if r.state in (State.STARTING, State.READY)
+            ]
+            await asyncio.gather(*(self.check(r) for r in watched))
+            await asyncio.sleep(self.health_interval_s)

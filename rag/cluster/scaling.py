@@ -1,0 +1,230 @@
+"""`python -m rag.serve variant=scaling ...`: the balancer, the autoscaler and the replicas
+as one command.
+
+The balancer listens on `port` (clients need not know which variant they talk to), the
+pool starts `min_replicas` replicas of the batched server with the same model and corpus
+settings, and every `check_interval_s` the autoscaler sizes the pool, writing one row per
+decision to `<run_dir>/autoscaler.csv`.  Ctrl-C or SIGTERM stops taking requests, lets the
+forwarded ones finish, then drains and stops every replica.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import os
+import secrets
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from collections.abc import Coroutine
+from contextlib import suppress
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from hydra.core.override_parser.overrides_parser import OverridesParser
+
+from rag.cluster.autoscaler import Autoscaler, DecisionLog
+from rag.cluster.balancer import Balancer, BalancerSettings, is_loopback
+from rag.cluster.local import LocalLauncher, default_threads, visible_gpus
+from rag.cluster.policies import make_policy
+from rag.cluster.pool import Launcher, Replica, ReplicaPool, State
+from rag.cluster.process import write_port_file
+from rag.config import Config, ScalingConfig, compose_from_argv
+
+log = logging.getLogger("rag.cluster")
+
+# Keys that configure the scaling process itself; every other override goes to replicas.
+OWN_KEYS = ("variant", "host", "port", "port_file", "run_dir")
+TOKEN_ENV = "RAGBENCH_BALANCER_TOKEN"
+
+
+def is_own_key(key: str) -> bool:
+    return any(key == own or key.startswith(own + ".") for own in OWN_KEYS)
+
+
+def replica_overrides(argv: list[str], cfg: Config, replica: Replica) -> list[str]:
+    """The overrides a replica's `rag.serve` runs with: the user's model, corpus and
+    server settings, the batched variant with this variant's batching settings, its id."""
+    parsed = OverridesParser.create().parse_overrides(argv)
+    shared = [o.input_line for o in parsed if not is_own_key(o.key_or_group)]
+    v = cfg.variant
+    return [
+        *shared,
+        "variant=batched",
+        f"variant.batched={v.batched}",
+        f"variant.max_batch_size={v.max_batch_size}",
+        f"variant.max_wait_ms={v.max_wait_ms}",
+        f"variant.max_queue={v.max_queue}",
+        f"variant.request_timeout_s={v.request_timeout_s}",
+        f"server.replica_id={replica.id}",
+    ]
+
+
+class ScalingService:
+    def __init__(self, cfg: Config, argv: list[str], run_dir: Path) -> None:
+        scaling = cfg.variant.scaling
+        assert scaling is not None
+        self.cfg = cfg
+        self.scaling: ScalingConfig = scaling
+        self.run_dir = run_dir
+        self.autoscaler = Autoscaler(scaling)
+        self.decisions = DecisionLog(run_dir / "autoscaler.csv")
+        self.deaths: list[str] = []  # since the last check, for the decision's reason
+        self.pool = ReplicaPool(
+            self._launcher(argv),
+            scaling.health_interval_s,
+            scaling.replica_start_timeout_s,
+            on_dead=lambda r: self.deaths.append(f"{r.id} died: {r.reason}"),
+        )
+        token = "" if is_loopback(cfg.host) else os.environ.get(TOKEN_ENV) or secrets.token_hex(16)
+        simulated = "simulated" in (cfg.model.generator, cfg.model.embedder)
+        self.balancer = Balancer(
+            self.pool,
+            BalancerSettings(
+                policy=make_policy(scaling.policy),
+                # as the server's limit: a query's characters may take 12 bytes each as JSON
+                max_body_bytes=12 * cfg.server.max_query_chars + 1024,
+                hop_timeout_s=scaling.hop_timeout_s,
+                max_connections=scaling.max_connections,
+                token=token,
+                labels={
+                    "variant": cfg.variant.name,
+                    "model": cfg.model.name,
+                    "simulated": simulated,
+                    "policy": scaling.policy,
+                    "launcher": scaling.launcher,
+                    "min_replicas": scaling.min_replicas,
+                    "max_replicas": scaling.max_replicas,
+                },
+            ),
+        )
+
+    def _launcher(self, argv: list[str]) -> Launcher:
+        scaling, cfg = self.scaling, self.cfg
+
+        def overrides(replica: Replica) -> list[str]:
+            return replica_overrides(argv, cfg, replica)
+
+        if scaling.launcher == "local":
+            threads = cfg.model.torch_threads or default_threads(scaling.max_replicas)
+            return LocalLauncher(
+                overrides,
+                self.run_dir,
+                threads=None if cfg.model.torch_threads else threads,
+                gpus=visible_gpus(scaling.gpus),
+                mps_thread_percentage=scaling.mps_thread_percentage,
+            )
+        raise ValueError(f"unknown launcher {scaling.launcher!r}; choose local or slurm")
+
+    async def autoscale_forever(self) -> None:
+        interval = self.scaling.check_interval_s
+        next_check = time.monotonic() + interval
+        while True:
+            await asyncio.sleep(max(0.0, next_check - time.monotonic()))
+            next_check += interval
+            self.check()
+
+    def check(self) -> None:
+        """One autoscaler decision, applied to the pool and logged."""
+        now = time.monotonic()
+        sample = self.pool.sample()
+        ready, starting = len(self.pool.ready), self.pool.count(State.STARTING)
+        decision = self.autoscaler.decide(
+            now, sample.ongoing, sample.rps, sample.seconds, ready, starting
+        )
+        change = decision.replicas - (ready + starting)
+        for _ in range(change):
+            self.pool.launch()
+        for replica in self._scale_down_order()[: max(0, -change)]:
+            self.pool.drain(replica)
+        reason = "; ".join([decision.reason, *self.deaths])
+        self.deaths.clear()
+        self.decisions.record(
+            dataclasses.replace(decision, reason=reason),
+            sample.ongoing,
+            sample.rps,
+            ready,
+            starting,
+            now,
+        )
+
+    def _scale_down_order(self) -> list[Replica]:
+        """Starting replicas first (nothing to drain), then the least busy, newest first."""
+        capacity = [r for r in self.pool.replicas.values() if r.capacity]
+        return sorted(
+            reversed(capacity), key=lambda r: (r.state is not State.STARTING, r.in_flight)
+        )
+
+    async def run(self) -> int:
+        cfg = self.cfg
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=30)
+        async with aiohttp.ClientSession(connector=connector) as session:
+            self.pool.session = session
+            try:
+                port = await self.balancer.start(cfg.host, cfg.port)
+            except OSError as exc:
+                print(f"ragbench serve: cannot listen on {cfg.host}:{cfg.port}: {exc}",
+                      file=sys.stderr)  # fmt: skip
+                return 2
+            print(
+                f"ragbench serve: scaling balancer listening on http://{cfg.host}:{port}"
+                f" ({self.scaling.min_replicas}-{self.scaling.max_replicas} replicas,"
+                f" {self.scaling.launcher} launcher, run folder {self.run_dir})",
+                flush=True,
+            )
+            if cfg.port_file:
+                write_port_file(cfg.port_file, port)
+            for _ in range(self.scaling.min_replicas):
+                self.pool.launch()
+            tasks = [
+                loop.create_task(self.pool.health_loop()),
+                loop.create_task(self.autoscale_forever()),
+            ]
+            await stop.wait()
+            print("ragbench serve: stopping: finishing forwarded requests", flush=True)
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await self.balancer.stop()
+            await self.pool.stop_all()
+        return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    cfg: Config = compose_from_argv(args)  # type: ignore[assignment]
+    logging.basicConfig(level=cfg.server.log_level.upper())
+    if cfg.variant.scaling is None:
+        sys.exit("config error: variant=scaling needs its variant.scaling settings")
+    temporary = not cfg.run_dir
+    run_dir = Path(cfg.run_dir or tempfile.mkdtemp(prefix="ragbench-scaling-"))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        service = ScalingService(cfg, args, run_dir)
+    except ValueError as exc:
+        sys.exit(f"config error: {exc}")
+    try:
+        with suppress(KeyboardInterrupt):
+            return _run(service.run())
+        return 0
+    finally:
+        if temporary:
+            shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def _run(coroutine: Coroutine[Any, Any, int]) -> int:
+    """uvloop where installed: the proxy's added latency is about a third lower with it."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coroutine)
+    return uvloop.run(coroutine)

@@ -1,0 +1,184 @@
+"""`model=simulated`: an embedder and a generator that sleep instead of computing.
+
+Scaling experiments need replicas whose service time behaves like a model's (a fixed cost
+per batch plus a cost per request) without competing for the machine's cores: N real
+replicas on two cores cannot add throughput, N sleeping ones can.  Retrieval stays real
+(FAISS over hashed bag-of-words vectors, so related words still find related documents),
+and nothing here imports torch.  Answers say `simulated`; they are never a performance
+claim about a model.
+
+    python -m rag.service.simulated fit outputs/bench/<pipeline record>.json
+
+fits the cost model to a recorded pipeline benchmark (batch size -> seconds per batch) and
+prints the overrides that make the simulated model mimic the measured one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import re
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from rag.config import ModelConfig, SimulatedCost
+
+SIMULATED = "simulated"  # the generator/embedder source that selects this module
+DIM = 256
+WORD = re.compile(r"\w+")
+
+
+def is_simulated(source: str) -> bool:
+    return source == SIMULATED
+
+
+def cost_of(cfg: ModelConfig) -> SimulatedCost:
+    if cfg.simulated is None:
+        raise ValueError("a simulated model needs model.simulated costs (see model=simulated)")
+    return cfg.simulated
+
+
+def _sleep_ms(fixed_ms: float, per_query_ms: float, batch: int) -> None:
+    time.sleep(max(0.0, fixed_ms + per_query_ms * batch) / 1e3)
+
+
+@dataclass(frozen=True)
+class SimulatedGeneration:
+    text: str
+    prompt_tokens: int
+    new_tokens: int
+
+
+class SimulatedEmbedder:
+    """Hashed bag-of-words unit vectors.  Queries cost the configured time; documents are
+    embedded for free (indexing happens once at start-up, outside the cost model)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        self.cost = cost_of(cfg)
+        self.identity = f"{SIMULATED}|hashed-bow-{DIM}"  # with the two below: the cache key
+        self.doc_prefix = ""
+        self.max_tokens = 0  # no token limit: every word counts
+
+    @property
+    def dim(self) -> int:
+        return DIM
+
+    def embed_queries(self, texts: Sequence[str]) -> np.ndarray:
+        _sleep_ms(self.cost.embed_fixed_ms, self.cost.embed_per_query_ms, len(texts))
+        return self._vectors(texts)
+
+    def embed_documents(self, texts: Sequence[str]) -> np.ndarray:
+        return self._vectors(texts)
+
+    def _vectors(self, texts: Sequence[str]) -> np.ndarray:
+        out = np.zeros((len(texts), DIM), dtype=np.float32)
+        for row, text in enumerate(texts):
+            for word in WORD.findall(text.lower()):
+                digest = hashlib.blake2b(word.encode(), digest_size=4).digest()
+                out[row, int.from_bytes(digest, "little") % DIM] += 1.0
+        norms = np.linalg.norm(out, axis=1, keepdims=True)
+        out[:, 0] += (norms[:, 0] == 0).astype(np.float32)  # no words: still a unit vector
+        return out / np.linalg.norm(out, axis=1, keepdims=True)
+
+
+class SimulatedGenerator:
+    """Sleeps `generate_fixed_ms + batch x generate_per_query_ms` per batch and answers a
+    labelled placeholder; tokens are counted as words."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        self.cfg = cfg
+        self.cost = cost_of(cfg)
+
+    def render(self, system: str, user: str) -> str:
+        return f"{system}\n\n{user}\n\nAnswer:"
+
+    def truncate(self, text: str, max_tokens: int) -> str:
+        words = text.split()
+        return text if len(words) <= max_tokens else " ".join(words[:max_tokens])
+
+    def generate(
+        self, prompts: list[str], max_new_tokens: int | None = None
+    ) -> list[SimulatedGeneration]:
+        _sleep_ms(self.cost.generate_fixed_ms, self.cost.generate_per_query_ms, len(prompts))
+        new_tokens = max_new_tokens or self.cfg.max_new_tokens
+        return [
+            SimulatedGeneration(
+                f"[simulated answer after {len(prompts)}-request batch]",
+                min(len(p.split()), self.cfg.max_prompt_tokens),
+                new_tokens,
+            )
+            for p in prompts
+        ]
+
+    def describe(self) -> dict[str, str | float]:
+        c = self.cost
+        return {
+            "device": SIMULATED,
+            "dtype": SIMULATED,
+            "cost_model": (
+                f"embed {c.embed_fixed_ms:g} + {c.embed_per_query_ms:g}/query ms, "
+                f"generate {c.generate_fixed_ms:g} + {c.generate_per_query_ms:g}/query ms"
+            ),
+            "fitted_from": c.fitted_from,
+        }
+
+
+def fit_line(batches: Sequence[float], seconds: Sequence[float]) -> tuple[float, float]:
+    """Least-squares `seconds = fixed + per_query x batch`, both clipped at zero (ms)."""
+    if len(set(batches)) < 2:
+        raise ValueError("fitting needs measurements at two batch sizes or more")
+    per_query, fixed = np.polyfit(np.asarray(batches, float), np.asarray(seconds, float), 1)
+    return max(0.0, float(fixed) * 1e3), max(0.0, float(per_query) * 1e3)
+
+
+def measurements(record: object) -> list[dict]:
+    """The rows of a pipeline record that say how long a batch took: dicts with `batch`
+    and `seconds`, wherever they sit in the record (its layout may grow)."""
+    if isinstance(record, dict):
+        if "batch" in record and "seconds" in record:
+            return [record]
+        return [row for value in record.values() for row in measurements(value)]
+    if isinstance(record, list):
+        return [row for value in record for row in measurements(value)]
+    return []
+
+
+def fit_record(path: Path, dtype: str = "") -> list[str]:
+    """Overrides that make model=simulated cost what the recorded pipeline measured.  The
+    whole batch time goes to generation (the embedding share is small and stays as set)."""
+    rows = measurements(json.loads(path.read_text()))
+    if dtype:
+        rows = [r for r in rows if r.get("dtype") in (None, dtype)]
+    if not rows:
+        raise ValueError(f"{path}: no rows with 'batch' and 'seconds'")
+    fixed_ms, per_query_ms = fit_line([r["batch"] for r in rows], [r["seconds"] for r in rows])
+    return [
+        f"model.simulated.generate_fixed_ms={fixed_ms:.1f}",
+        f"model.simulated.generate_per_query_ms={per_query_ms:.2f}",
+        f"model.simulated.fitted_from={path.name}",
+    ]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Fit model=simulated to a pipeline record.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    fit = sub.add_parser("fit", help="print the overrides fitted to a pipeline bench record")
+    fit.add_argument("record", type=Path)
+    fit.add_argument("--dtype", default="", help="use only rows of this dtype (e.g. bfloat16)")
+    args = parser.parse_args(argv)
+    try:
+        print(" ".join(fit_record(args.record, args.dtype)))
+    except (OSError, ValueError) as exc:
+        print(f"cannot fit {args.record}: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
