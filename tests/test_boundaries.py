@@ -16,6 +16,7 @@ HEAVY = ("torch", "transformers", "faiss")
 TORCH_FREE = {
     "rag.loadgen": set(),
     "rag.cluster": set(),
+    "rag.cluster.scaling": {"rag.cluster", "rag.config"},  # balancer, autoscaler, launchers
     "rag.service.app": {"rag.config", "rag.service"},  # the port opens before torch loads
 }
 
@@ -36,3 +37,13 @@ def test_package_imports_no_model_code(package: str):
     own = {m for m in modules if m.startswith("rag.")}
     strays = {m for m in own if not any(m == a or m.startswith(a + ".") for a in allowed)}
     assert not strays, f"{package} pulls in {sorted(strays)}"
+
+
+def test_a_simulated_pipeline_loads_no_model_code(tmp_path):
+    """model=simulated replicas stay light: several fit on a small machine."""
+    modules = imported_after(
+        "from rag.config import compose\n"
+        "from rag.service.pipeline import RAGPipeline\n"
+        f"RAGPipeline.from_config(compose(['model=simulated', 'corpus.cache_dir={tmp_path}']))"
+    )
+    assert not {m for m in modules if m.split(".")[0] in HEAVY[:2]}

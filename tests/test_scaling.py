@@ -1,0 +1,241 @@
+"""The scaling variant started for real: balancer, autoscaler and replica processes on
+loopback, with the simulated model (replicas sleep instead of computing, so several fit
+on two cores)."""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+import pytest
+
+from rag.cluster.process import ServerProcess, read_port, spawn, stop_group
+from rag.loadgen import LoadConfig, run_load
+
+QUERY = {"query": "Which animals can hover in the air?", "k": 1}
+# Fast autoscaler settings for tests: decisions every 0.5 s, short windows.
+FAST = [
+    "variant.scaling.check_interval_s=0.5",
+    "variant.scaling.health_interval_s=0.2",
+    "variant.scaling.stable_window_s=4",
+    "variant.scaling.panic_window_s=1",
+    "variant.scaling.upscale_delay_s=1",
+    "variant.scaling.downscale_delay_s=3",
+]
+
+
+def replicas(url: str) -> list[dict]:
+    return httpx.get(f"{url}/replicas", timeout=10).json()
+
+
+def serving(url: str) -> int:
+    """Replicas that count as capacity: ready or on their way."""
+    return sum(r["state"] in ("starting", "ready") for r in replicas(url))
+
+
+def wait_for(condition: Callable[[], bool], timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"not within {timeout_s} s: {what}")
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie (exited, not yet reaped by its parent) has stopped too.
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.fixture
+def start_scaling(start_server, tmp_path) -> Callable[..., ServerProcess]:
+    def start(*overrides: str) -> ServerProcess:
+        return start_server(
+            "variant=scaling", f"run_dir={tmp_path / 'run'}", *overrides, model="simulated"
+        )
+
+    return start
+
+
+def test_forwards_requests_to_replicas_and_stops_them_all(start_scaling, tmp_path):
+    server = start_scaling("variant.scaling.min_replicas=2", "variant.scaling.max_replicas=2")
+    wait_for(lambda: len([r for r in replicas(server.url) if r["state"] == "ready"]) == 2, 60,
+             "both replicas ready")  # fmt: skip
+    answers = [httpx.post(f"{server.url}/rag", json=QUERY, timeout=30) for _ in range(6)]
+    assert [a.status_code for a in answers] == [200] * 6
+    assert {a.json()["model"] for a in answers} == {"simulated"}
+    assert {a.json()["replica"] for a in answers} == {"r0", "r1"}  # spread while idle
+    assert httpx.get(f"{server.url}/assign").json()["backend"].startswith("http://127.0.0.1:")
+    stats = httpx.get(f"{server.url}/stats").json()
+    assert stats["variant"] == "scaling" and stats["simulated"] is True
+    metrics = httpx.get(f"{server.url}/metrics").text
+    assert 'balancer_requests_total{status="200"} 6.0' in metrics
+    pids = [r["pid"] for r in replicas(server.url)]
+    assert (tmp_path / "run" / "replicas" / "r0.log").exists()
+    assert server.stop() == 0
+    wait_for(lambda: not any(alive(pid) for pid in pids), 30, "replicas stopped")
+    rows = list(csv.DictReader((tmp_path / "run" / "autoscaler.csv").open()))
+    assert rows and rows[0]["replicas_before"] == "2"
+
+
+def test_bad_requests_get_json_errors_without_reaching_a_replica(start_scaling):
+    server = start_scaling()
+    too_big = (b"x" * 1024 for _ in range(100))  # chunked: no Content-Length to trust
+    response = httpx.post(f"{server.url}/rag", content=too_big, timeout=30)
+    assert response.status_code == 413 and "limit" in response.json()["detail"]
+    assert httpx.get(f"{server.url}/nowhere").json()["detail"]
+    bad = httpx.post(f"{server.url}/rag", content=b"{not json", timeout=30)
+    assert bad.status_code == 422 and bad.json()["detail"]  # the replica's own answer
+    assert replicas(server.url)[0]["requests"] == 1
+
+
+def test_a_replica_gets_traffic_only_once_ready(cache_overrides, tmp_path):
+    """Replicas whose warm-up takes 3 s listen before they are ready; the balancer must
+    not route to them until their /ready says so."""
+    port_file = tmp_path / "port"
+    command = [
+        sys.executable, "-m", "rag.serve", "variant=scaling", "model=simulated", *cache_overrides,
+        "model.simulated.generate_fixed_ms=3000", "port=0", f"port_file={port_file}",
+        f"run_dir={tmp_path / 'run'}", "variant.scaling.health_interval_s=0.2",
+    ]  # fmt: skip
+    process = spawn(command, tmp_path / "balancer.log", {})
+    try:
+        wait_for(lambda: read_port(port_file) is not None, 60, "balancer listening")
+        url = f"http://127.0.0.1:{read_port(port_file)}"
+        wait_for(lambda: bool(replicas(url)[0]["url"]), 60, "replica listening")
+        replica_url = replicas(url)[0]["url"]
+        assert httpx.get(f"{replica_url}/ping").status_code == 200  # up, but warming
+        early = httpx.post(f"{url}/rag", json=QUERY, timeout=30)
+        assert httpx.get(f"{url}/ready").status_code == 503
+        assert early.status_code == 503 and early.json()["detail"]
+        assert early.headers["Retry-After"] == "1"
+        assert replicas(url)[0]["requests"] == 0
+        wait_for(lambda: httpx.get(f"{url}/ready").status_code == 200, 60, "ready")
+        assert httpx.post(f"{url}/rag", json=QUERY, timeout=30).status_code == 200
+    finally:
+        stop_group(process, 30)
+
+
+def test_a_killed_replica_costs_only_its_in_flight_requests_and_is_replaced(start_scaling):
+    server = start_scaling(
+        "variant.scaling.min_replicas=2", "variant.scaling.max_replicas=2", *FAST,
+        "model.simulated.generate_fixed_ms=300",
+    )  # fmt: skip
+    wait_for(lambda: sum(r["state"] == "ready" for r in replicas(server.url)) == 2, 60, "ready")
+    victim = replicas(server.url)[0]
+    result: dict = {}
+
+    def load() -> None:
+        config = LoadConfig(target=server.url, timing_mode="ideal", rps=20, num_requests=120,
+                            timeout=30, progress=False)  # fmt: skip
+        result["rows"], result["summary"] = run_load(config)
+
+    sender = threading.Thread(target=load)
+    sender.start()
+    time.sleep(2.0)
+    os.kill(victim["pid"], signal.SIGKILL)
+    sender.join(120)
+    assert not sender.is_alive()
+    rows = result["rows"]
+    assert len(rows) == 120 and all(r["status"] is not None or r["error"] for r in rows)
+    failed = [r for r in rows if r["error"]]
+    assert {r["error"] for r in failed} <= {"http_5xx"}  # 502 from the balancer, no hang
+    after = {r["id"]: r for r in replicas(server.url)}
+    served_by_victim = sum(1 for r in rows if r.get("server_replica") == victim["id"])
+    # Every failure is a request the victim had accepted; none was sent twice.
+    assert len(failed) == after[victim["id"]]["requests"] - served_by_victim
+    assert len(failed) <= 2 * 20  # at most what it held: two batches' worth at 20 req/s
+    assert after[victim["id"]]["state"] == "dead"
+    wait_for(lambda: sum(r["state"] == "ready" for r in replicas(server.url)) == 2, 60,
+             "a replacement ready")  # fmt: skip
+
+
+def test_scales_up_on_a_burst_and_back_down_without_flapping(start_scaling, tmp_path):
+    server = start_scaling(
+        "variant.scaling.max_replicas=3", "variant.scaling.target_ongoing_requests=2", *FAST,
+        "model.simulated.generate_fixed_ms=250", "model.simulated.generate_per_query_ms=0",
+        "variant.max_batch_size=4",
+    )  # fmt: skip
+    steady = LoadConfig(target=server.url, timing_mode="ideal", rps=2, num_requests=12,
+                        timeout=60, progress=False)  # fmt: skip
+    assert run_load(steady)[1]["ok_fraction"] == 1.0  # ~0.5 in flight: one replica holds
+    burst = LoadConfig(target=server.url, timing_mode="poisson", rps=60, num_requests=240,
+                       timeout=60, progress=False)  # fmt: skip
+    assert run_load(burst)[1]["ok_fraction"] == 1.0
+    wait_for(lambda: serving(server.url) == 1, 60, "back to one replica")
+    rows = list(csv.DictReader((tmp_path / "run" / "autoscaler.csv").open()))
+    counts = [int(r["replicas_after"]) for r in rows]
+    assert max(counts) == 3
+    changes = [b - a for a, b in itertools.pairwise(counts) if a != b]
+    ups, downs = [c for c in changes if c > 0], [c for c in changes if c < 0]
+    # Up (in one or two steps) and then down: never down and up again.
+    first_down = changes.index(downs[0])
+    assert ups and all(c < 0 for c in changes[first_down:])
+    steady_rows = rows[: rows.index(next(r for r in rows if int(r["replicas_after"]) > 1))]
+    assert len(steady_rows) >= 8  # the steady phase held one replica for >= 4 s
+
+
+def test_registration_needs_the_token_off_loopback(cache_overrides, tmp_path):
+    server = ServerProcess(
+        ["variant=scaling", "model=simulated", *cache_overrides, f"run_dir={tmp_path / 'run'}"],
+        host="0.0.0.0",  # bound to every interface; the test talks to it on loopback
+        env={"RAGBENCH_BALANCER_TOKEN": "s3cret"},
+        ready_timeout_s=120,
+    )
+    server.start()
+    try:
+        base = f"http://127.0.0.1:{server.port}"
+        body = {"replica": "r0", "url": "http://127.0.0.1:1"}
+        refused = httpx.post(f"{base}/register", json=body)
+        assert refused.status_code == 403 and "token" in refused.json()["detail"]
+        wrong = httpx.post(f"{base}/register", json=body, headers={"X-Ragbench-Token": "no"})
+        assert wrong.status_code == 403
+        assert httpx.post(f"{base}/unregister", json=body).status_code == 403
+        unknown = httpx.post(f"{base}/register", json={"replica": "r9", "url": "http://x:1"},
+                             headers={"X-Ragbench-Token": "s3cret"})  # fmt: skip
+        assert unknown.status_code == 422
+        assert replicas(base)[0]["state"] == "ready"  # untouched by the refused calls
+    finally:
+        server.stop()
+
+
+def test_a_killed_balancer_takes_its_replicas_with_it(start_scaling):
+    server = start_scaling("variant.scaling.min_replicas=2")
+    pids = [r["pid"] for r in replicas(server.url)]
+    assert server.process is not None
+    os.kill(server.process.pid, signal.SIGKILL)
+    wait_for(lambda: not any(alive(pid) for pid in pids), 30, "replicas gone with it")
+
+
+def test_a_client_that_leaves_cancels_its_forwarded_request(start_scaling):
+    server = start_scaling("model.simulated.generate_fixed_ms=1500")
+    replica_url = replicas(server.url)[0]["url"]
+    first = threading.Thread(target=lambda: httpx.post(f"{server.url}/rag", json=QUERY, timeout=30))
+    first.start()
+    time.sleep(0.3)  # the first request is computing; the next one queues behind it
+    with socket.create_connection(("127.0.0.1", server.port)) as client:
+        body = b'{"query": "Which animals can hover in the air?", "k": 1}'
+        client.sendall(
+            b"POST /rag HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+        )
+        time.sleep(0.3)
+    first.join(30)
+    wait_for(lambda: httpx.get(f"{replica_url}/stats").json()["dropped"] == 1, 30,
+             "the replica dropped the abandoned request")  # fmt: skip
