@@ -156,3 +156,14 @@ def test_policies_choose_from_known_in_flight_counts():
     assert [robin.choose(replicas).name for _ in range(5)] == ["a", "b", "c", "d", "a"]
     with pytest.raises(ValueError, match="unknown balancer policy"):
         make_policy("random")
+
+
+def test_requests_in_flight_now_reveal_a_step_before_the_window_mean_does():
+    scaler = Autoscaler(CFG)
+    for second in range(1, 6):
+        scaler.decide(float(second), 2.0, 0.0, 1.0, ready=1, starting=0, in_flight=2)
+    assert scaler.burst_level(1) == CFG.panic_threshold * CFG.target_ongoing_requests
+    # 0.2 s into a step the interval's mean has barely moved, but 12 are in flight.
+    decision = scaler.decide(5.2, 3.0, 0.0, 0.2, ready=1, starting=0, in_flight=12)
+    assert decision.panic and decision.replicas == 3
+    assert scaler.burst_level(CFG.max_replicas) == float("inf")  # nothing left to add

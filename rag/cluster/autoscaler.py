@@ -91,10 +91,24 @@ class Autoscaler:
             want = max(want, math.ceil(rps / (slack * self.cfg.target_rps_per_replica) - 1e-9))
         return want
 
+    def burst_level(self, replicas: int) -> float:
+        """Requests in flight at which `replicas` would panic: worth a check at once."""
+        if replicas >= self.cfg.max_replicas:
+            return math.inf
+        return self.cfg.panic_threshold * self.cfg.target_ongoing_requests * max(replicas, 1)
+
     def decide(
-        self, now: float, ongoing: float, rps: float, seconds: float, ready: int, starting: int
+        self,
+        now: float,
+        ongoing: float,
+        rps: float,
+        seconds: float,
+        ready: int,
+        starting: int,
+        in_flight: int = 0,
     ) -> Decision:
-        """One check: the load over the last `seconds` and the pool as it is now."""
+        """One check: the load over the last `seconds` (mean requests in flight, request
+        rate), the requests in flight now, and the pool as it is now."""
         cfg = self.cfg
         self._first = min(self._first, now)
         self._samples.append((now, seconds, ongoing, rps))
@@ -102,7 +116,9 @@ class Autoscaler:
             self._samples.popleft()
         stable = self._mean(now, cfg.stable_window_s, 2)
         stable_rps = self._mean(now, cfg.stable_window_s, 3)
-        panic_load = self._mean(now, cfg.panic_window_s, 2)
+        # A step in load shows first in the requests in flight now; the window's mean
+        # catches up a window later.
+        panic_load = max(self._mean(now, cfg.panic_window_s, 2), in_flight)
         want_stable = self._want(stable, stable_rps)
         want_panic = self._want(panic_load, self._mean(now, cfg.panic_window_s, 3))
         current = ready + starting

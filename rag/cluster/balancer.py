@@ -19,6 +19,7 @@ token is required.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hmac
 import ipaddress
 import json
@@ -30,6 +31,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from yarl import URL
 
 from rag.cluster.pool import Replica, ReplicaPool, State
 
@@ -45,6 +47,12 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return host == "localhost"
+
+
+@functools.lru_cache(maxsize=1024)
+def rag_url(base: str) -> URL:
+    """A replica's /rag URL, parsed once (parsing on every request costs the hot path)."""
+    return URL(base) / "rag"
 
 
 def error(status: int, detail: str, headers: dict[str, str] | None = None) -> web.Response:
@@ -88,12 +96,13 @@ class Balancer:
         self.pool = pool
         self.settings = settings
         self.metrics = BalancerMetrics(pool)
+        self.hop_timeout = aiohttp.ClientTimeout(total=settings.hop_timeout_s)
         self.runner: web.AppRunner | None = None
 
     def app(self) -> web.Application:
         app = web.Application(
             client_max_size=self.settings.max_body_bytes,
-            middlewares=[self._json_errors, self._connection_cap],
+            middlewares=[self._guard],
         )
         app.router.add_post("/rag", self.rag)
         app.router.add_get("/assign", self.assign)
@@ -126,31 +135,29 @@ class Balancer:
     # --- middlewares --------------------------------------------------------------
 
     @web.middleware
-    async def _json_errors(
+    async def _guard(
         self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
     ) -> web.StreamResponse:
-        """aiohttp's own refusals (404, 405, 413) in the server's JSON error format."""
-        try:
-            response = await handler(request)
-        except web.HTTPException as exc:
-            if exc.status == 413:
-                detail = f"request body exceeds the limit of {self.settings.max_body_bytes} bytes"
-            else:
-                detail = exc.reason
-            response = error(exc.status, detail)
+        """The connection cap, aiohttp's own refusals (404, 405, 413) in the server's JSON
+        error format, and every /rag answer counted by status."""
+        assert self.runner is not None and self.runner.server is not None
+        cap = self.settings.max_connections
+        if len(self.runner.server._connections) > cap:  # a dict; .connections copies it
+            request.protocol.force_close()
+            response: web.StreamResponse = error(503, f"over {cap} connections; retry later")
+        else:
+            try:
+                response = await handler(request)
+            except web.HTTPException as exc:
+                response = error(exc.status, self._refusal(exc))
         if request.path == "/rag":
             self.metrics.requests.labels(str(response.status)).inc()
         return response
 
-    @web.middleware
-    async def _connection_cap(
-        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-    ) -> web.StreamResponse:
-        assert self.runner is not None and self.runner.server is not None
-        if len(self.runner.server.connections) > self.settings.max_connections:
-            request.protocol.force_close()
-            return error(503, f"over {self.settings.max_connections} connections; retry later")
-        return await handler(request)
+    def _refusal(self, exc: web.HTTPException) -> str:
+        if exc.status == 413:
+            return f"request body exceeds the limit of {self.settings.max_body_bytes} bytes"
+        return exc.reason
 
     # --- routes -------------------------------------------------------------------
 
@@ -211,11 +218,10 @@ class Balancer:
         reached it, so it may go to another)."""
         session = self.pool.session
         assert session is not None
-        timeout = aiohttp.ClientTimeout(total=self.settings.hop_timeout_s)
         self.pool.begin(replica)
         try:
             async with session.post(
-                f"{replica.url}/rag", data=body, headers=headers, timeout=timeout
+                rag_url(replica.url), data=body, headers=headers, timeout=self.hop_timeout
             ) as upstream:
                 payload = await upstream.read()
                 if upstream.status >= 500:
@@ -228,7 +234,8 @@ class Balancer:
             return None
         except TimeoutError:
             replica.errors += 1
-            return error(504, f"replica {replica.id} did not answer within {timeout.total:g} s")
+            seconds = self.settings.hop_timeout_s
+            return error(504, f"replica {replica.id} did not answer within {seconds:g} s")
         except aiohttp.ClientError as exc:
             replica.errors += 1
             asyncio.get_running_loop().create_task(self.pool.check(replica))

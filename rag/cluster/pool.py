@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -93,6 +94,7 @@ class Sample:
     ongoing: float
     rps: float
     seconds: float
+    in_flight: int  # at the end of the interval
 
 
 class ReplicaPool:
@@ -117,6 +119,10 @@ class ReplicaPool:
         self._requests = 0
         self._sampled = (time.monotonic(), 0.0, 0)  # (time, area, requests) at the last sample
         self._stopping: set[asyncio.Task] = set()
+        # Requests in flight that count as a burst: reaching it wakes the autoscaler at
+        # once instead of at its next check (set by the autoscaler after each decision).
+        self.burst_level = math.inf
+        self.burst = asyncio.Event()
 
     # --- load accounting (on every proxied request; kept cheap) ---------------------
 
@@ -129,6 +135,8 @@ class ReplicaPool:
         self._advance()
         self._in_flight += 1
         self._requests += 1
+        if self._in_flight >= self.burst_level:
+            self.burst.set()
         replica.in_flight += 1
         replica.requests += 1
 
@@ -149,7 +157,8 @@ class ReplicaPool:
         for replica in self.replicas.values():
             replica.rps = (replica.requests - replica._requests_at_sample) / seconds
             replica._requests_at_sample = replica.requests
-        return Sample((self._area - area) / seconds, (self._requests - requests) / seconds, seconds)
+        rps = (self._requests - requests) / seconds
+        return Sample((self._area - area) / seconds, rps, seconds, self._in_flight)
 
     # --- lifecycle --------------------------------------------------------------------
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import gc
 import logging
 import os
 import secrets
@@ -122,12 +123,18 @@ class ScalingService:
         raise ValueError(f"unknown launcher {scaling.launcher!r}; choose local or slurm")
 
     async def autoscale_forever(self) -> None:
+        """A check every interval, and one at once when a burst fills the replicas (at
+        most every tenth of an interval), so a step in load is answered within one."""
         interval = self.scaling.check_interval_s
         next_check = time.monotonic() + interval
         while True:
-            await asyncio.sleep(max(0.0, next_check - time.monotonic()))
-            next_check += interval
+            with suppress(TimeoutError):
+                await asyncio.wait_for(self.pool.burst.wait(), next_check - time.monotonic())
+            if time.monotonic() >= next_check:
+                next_check += interval
             self.check()
+            self.pool.burst.clear()
+            await asyncio.sleep(interval / 10)
 
     def check(self) -> None:
         """One autoscaler decision, applied to the pool and logged."""
@@ -135,8 +142,9 @@ class ScalingService:
         sample = self.pool.sample()
         ready, starting = len(self.pool.ready), self.pool.count(State.STARTING)
         decision = self.autoscaler.decide(
-            now, sample.ongoing, sample.rps, sample.seconds, ready, starting
+            now, sample.ongoing, sample.rps, sample.seconds, ready, starting, sample.in_flight
         )
+        self.pool.burst_level = self.autoscaler.burst_level(decision.replicas)
         change = decision.replicas - (ready + starting)
         for _ in range(change):
             self.pool.launch()
@@ -185,6 +193,7 @@ class ScalingService:
                 write_port_file(cfg.port_file, port)
             for _ in range(self.scaling.min_replicas):
                 self.pool.launch()
+            gc.freeze()  # start-up objects live on: keep collections from rescanning them
             tasks = [
                 loop.create_task(self.pool.health_loop()),
                 loop.create_task(self.autoscale_forever()),
