@@ -6,19 +6,21 @@ The rules, and where they come from:
   `target_ongoing_requests` (Ray Serve); optionally also requests/s per replica against
   `target_rps_per_replica`; the larger recommendation wins.  The mean is exact over each
   interval (the pool integrates requests in flight over time), not a point sample.
-- Two windows (Knative): the recommendation follows the mean over `stable_window_s`; when
-  the mean over the short `panic_window_s` asks for at least `panic_threshold` x the ready
-  replicas, it follows that at once (panic), and nothing scales down until a whole stable
-  window has passed without panic.
-- Scale-down is stabilised (Kubernetes HPA): the count only falls to the highest
-  recommendation of the last `downscale_delay_s`, and not within `downscale_delay_s` of
-  the previous change.  Scale-up outside panic needs the load above the target by HPA's
-  10 % tolerance at every check of the last `upscale_delay_s` (Ray Serve's delay), and
-  scale-down needs it 10 % below.  A steady load near a boundary stays in the band between
-  the two rules instead of flapping.
+- Scale-up follows the mean over `stable_window_s`, once it has exceeded the target by
+  Kubernetes HPA's 10 % tolerance at every check of the last `upscale_delay_s` (Ray
+  Serve's delay).
+- Panic (Knative): when the mean over the short `panic_window_s`, or the requests in
+  flight right now, reach `panic_threshold` x what the replicas should carry, it scales
+  up to that at once, and nothing scales down until a whole stable window has passed
+  without panic.  A burst also wakes the check early (see `burst_level`), so a step in
+  load is answered within one check interval.
+- Scale-down is stabilised (HPA): the count falls only when the highest recommendation of
+  the last `downscale_delay_s` (10 % below the target) is lower, one replica at a time,
+  and not within `downscale_delay_s` of the previous change.  A steady load near a
+  boundary stays in the band between the up and down rules instead of flapping.
 - Starting replicas count as capacity, so a burst that waits for new replicas does not
   ask for them again at every check (the overshoot Ray Serve and HPA users report).
-- Dead replicas are not capacity: the pool replaces them at the next check.
+- Dead replicas are not capacity: they are replaced at the next check.
 """
 
 from __future__ import annotations
@@ -126,7 +128,8 @@ class Autoscaler:
         # are meant to carry, as Knative does, but counting starting ones: a burst already
         # answered by replicas on their way must not panic again.
         burst = panic_load / cfg.target_ongoing_requests
-        if burst >= cfg.panic_threshold * max(current, 1):
+        bursting = burst >= cfg.panic_threshold * max(current, 1)
+        if bursting:
             self._panic_until = now + cfg.stable_window_s
         panic = now < self._panic_until
         recommended = max(want_stable, want_panic) if panic else want_stable
@@ -138,8 +141,8 @@ class Autoscaler:
             self._ups.popleft()
         held = now - self._first >= cfg.upscale_delay_s - cfg.check_interval_s / 2
         want_up = min(r for _, r in self._ups) if held else 0
-        if panic:
-            want_up = max(want_up, want_panic)
+        if bursting:  # not for the rest of the panic: a backlog that built up while the
+            want_up = max(want_up, want_panic)  # new replicas started is no new burst
         down = self._want(stable, stable_rps, 1 - TOLERANCE)
         self._recommendations.append((now, max(down, want_panic) if panic else down))
         while self._recommendations[0][0] <= now - cfg.downscale_delay_s:
@@ -153,14 +156,17 @@ class Autoscaler:
         if current < cfg.min_replicas:
             return decision(cfg.min_replicas, f"below min_replicas ({current})")
         if want_up > current and current < cfg.max_replicas:
-            mode = "panic" if panic and want_panic > want_stable else "load"
+            mode = "panic" if bursting and want_panic > want_stable else "load"
             return decision(min(want_up, cfg.max_replicas), f"scale up ({mode})")
         if current > cfg.max_replicas:
             return decision(cfg.max_replicas, "above max_replicas")
         lowest_safe = max(max(r for _, r in self._recommendations), cfg.min_replicas)
         settled = now - self._last_change >= cfg.downscale_delay_s
         if lowest_safe < current and settled and not panic:
-            return decision(lowest_safe, "scale down (stabilised)")
+            # One at a time: with batching, requests in flight do not fall in proportion
+            # to the load per replica, so the recommendation made at N replicas
+            # undershoots what N - 2 would see.  The next step waits a whole delay.
+            return decision(current - 1, "scale down (stabilised)")
         return decision(current, "hold")
 
 
