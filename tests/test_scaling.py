@@ -18,7 +18,11 @@ from pathlib import Path
 import httpx
 import pytest
 
+from rag.cluster.local import default_threads, replica_env, visible_gpus
+from rag.cluster.pool import Replica
 from rag.cluster.process import ServerProcess, read_port, spawn, stop_group
+from rag.cluster.scaling import replica_overrides
+from rag.config import compose
 from rag.loadgen import LoadConfig, run_load
 
 QUERY = {"query": "Which animals can hover in the air?", "k": 1}
@@ -239,3 +243,23 @@ def test_a_client_that_leaves_cancels_its_forwarded_request(start_scaling):
     first.join(30)
     wait_for(lambda: httpx.get(f"{replica_url}/stats").json()["dropped"] == 1, 30,
              "the replica dropped the abandoned request")  # fmt: skip
+
+
+def test_replicas_get_the_users_model_settings_and_a_share_of_the_machine(monkeypatch):
+    argv = ["variant=scaling", "model=tiny", "corpus.max_docs=5", "port=0", "run_dir=/x",
+            "variant.max_batch_size=7", "variant.scaling.max_replicas=2", "host=::1"]  # fmt: skip
+    cfg = compose(argv)
+    overrides = replica_overrides(argv, cfg, Replica("r3"))
+    assert overrides[:2] == ["model=tiny", "corpus.max_docs=5"]
+    assert "variant=batched" in overrides and "variant.max_batch_size=7" in overrides
+    assert "server.replica_id=r3" in overrides
+    assert not [o for o in overrides if o.startswith(("port", "run_dir", "host", "variant.s"))]
+    assert compose(overrides).variant.max_batch_size == 7  # what the replica will run
+    assert default_threads(max_replicas=4, cores=2) == 1
+    assert default_threads(max_replicas=2, cores=16) == 8
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    gpus = visible_gpus("")
+    assert [replica_env(i, gpus, 2, 0)["CUDA_VISIBLE_DEVICES"] for i in range(3)] == ["0", "1", "0"]
+    assert replica_env(0, [], 2, 50) == {
+        "OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2", "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE": "50"
+    }  # fmt: skip
