@@ -18,6 +18,7 @@ import os
 import secrets
 import shutil
 import signal
+import socket
 import sys
 import tempfile
 import time
@@ -76,13 +77,16 @@ class ScalingService:
         self.autoscaler = Autoscaler(scaling)
         self.decisions = DecisionLog(run_dir / "autoscaler.csv")
         self.deaths: list[str] = []  # since the last check, for the decision's reason
+        self.url = ""  # where replicas reach the balancer, once it listens
+        self.token = (
+            "" if is_loopback(cfg.host) else os.environ.get(TOKEN_ENV) or secrets.token_hex(16)
+        )
         self.pool = ReplicaPool(
             self._launcher(argv),
             scaling.health_interval_s,
             scaling.replica_start_timeout_s,
             on_dead=lambda r: self.deaths.append(f"{r.id} died: {r.reason}"),
         )
-        token = "" if is_loopback(cfg.host) else os.environ.get(TOKEN_ENV) or secrets.token_hex(16)
         simulated = "simulated" in (cfg.model.generator, cfg.model.embedder)
         self.balancer = Balancer(
             self.pool,
@@ -92,7 +96,7 @@ class ScalingService:
                 max_body_bytes=12 * cfg.server.max_query_chars + 1024,
                 hop_timeout_s=scaling.hop_timeout_s,
                 max_connections=scaling.max_connections,
-                token=token,
+                token=self.token,
                 labels={
                     "variant": cfg.variant.name,
                     "model": cfg.model.name,
@@ -119,6 +123,17 @@ class ScalingService:
                 threads=None if cfg.model.torch_threads else threads,
                 gpus=visible_gpus(scaling.gpus),
                 mps_thread_percentage=scaling.mps_thread_percentage,
+            )
+        if scaling.launcher == "slurm":
+            from rag.cluster.slurm import SlurmLauncher  # imports submitit
+
+            return SlurmLauncher(
+                overrides,
+                self.run_dir,
+                scaling.slurm,
+                balancer=lambda: self.url,
+                token=self.token,
+                start_timeout_s=scaling.replica_start_timeout_s,
             )
         raise ValueError(f"unknown launcher {scaling.launcher!r}; choose local or slurm")
 
@@ -189,6 +204,8 @@ class ScalingService:
                 f" {self.scaling.launcher} launcher, run folder {self.run_dir})",
                 flush=True,
             )
+            wildcard = cfg.host in ("0.0.0.0", "::", "")
+            self.url = f"http://{socket.getfqdn() if wildcard else cfg.host}:{port}"
             if cfg.port_file:
                 write_port_file(cfg.port_file, port)
             for _ in range(self.scaling.min_replicas):

@@ -1,0 +1,188 @@
+"""Replicas as SLURM jobs, submitted with submitit, one GPU each.
+
+A job runs `serve_replica`: it starts `python -m rag.serve <replica overrides>` on its node,
+waits for the port, and registers `http://<node>:<port>` with the balancer (with the
+balancer's token when it is not on loopback); from then on the balancer's health checks
+decide when it is ready.  SIGTERM (scancel, scale-down) is passed to the server, which
+drains.  The launcher watches its jobs with one `sacct` (or, without accounting, `squeue`)
+call every few seconds, so a job that was cancelled or died before it registered is
+noticed too, and never waits on a job without a deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import signal
+import socket
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from rag.cluster.balancer import TOKEN_HEADER, is_loopback
+from rag.cluster.local import die_with_parent
+from rag.cluster.pool import Replica
+from rag.cluster.process import log_tail, read_port, server_command, spawn, stop_group
+from rag.config import SlurmReplicaConfig
+
+log = logging.getLogger("rag.cluster")
+
+POLL_S = 2.0  # how often the jobs' states are read
+ENDED = ("BOOT_FAIL", "CANCELLED", "COMPLETED", "DEADLINE", "FAILED", "NODE_FAIL",
+         "OUT_OF_MEMORY", "PREEMPTED", "TIMEOUT")  # fmt: skip
+STOP_TIMEOUT_S = 30.0
+
+
+def serve_replica(
+    overrides: list[str],
+    balancer: str,
+    replica_id: str,
+    token: str,
+    log_path: str,
+    start_timeout_s: float,
+) -> int:
+    """The job: serve one replica on this node and tell the balancer where it listens."""
+    on_loopback = is_loopback(balancer.split("//", 1)[1].rsplit(":", 1)[0].strip("[]"))
+    host = "127.0.0.1" if on_loopback else "0.0.0.0"
+    with tempfile.TemporaryDirectory(prefix="ragbench-replica-") as folder:
+        port_file = Path(folder) / "port"
+        command = server_command("rag.serve", overrides, host, port_file)
+        process = spawn(command, Path(log_path), {}, before_exec=die_with_parent)
+        signal.signal(signal.SIGTERM, lambda *_: process.send_signal(signal.SIGTERM))
+        deadline = time.monotonic() + start_timeout_s
+        while (port := read_port(port_file)) is None:
+            if process.poll() is not None or time.monotonic() > deadline:
+                stop_group(process, STOP_TIMEOUT_S)
+                print(log_tail(Path(log_path)), file=sys.stderr)
+                return 1
+            time.sleep(0.1)
+        address = "127.0.0.1" if on_loopback else socket.getfqdn()
+        request = urllib.request.Request(
+            f"{balancer}/register",
+            data=json.dumps({"replica": replica_id, "url": f"http://{address}:{port}"}).encode(),
+            headers={"Content-Type": "application/json", TOKEN_HEADER: token},
+        )
+        with urllib.request.urlopen(request, timeout=30) as response:
+            print(f"registered with {balancer}: {response.read().decode()}", flush=True)
+        return process.wait()
+
+
+class SlurmLauncher:
+    def __init__(
+        self,
+        overrides: Callable[[Replica], list[str]],
+        run_dir: Path,
+        cfg: SlurmReplicaConfig,
+        balancer: Callable[[], str],
+        token: str,
+        start_timeout_s: float,
+    ) -> None:
+        """`balancer()`: the URL replicas register with (known once it listens)."""
+        import submitit
+
+        self.overrides = overrides
+        self.folder = run_dir / "replicas"
+        self.balancer = balancer
+        self.token = token
+        self.start_timeout_s = start_timeout_s
+        self.executor = submitit.AutoExecutor(folder=run_dir / "slurm", cluster="slurm")
+        options: dict[str, Any] = {
+            "slurm_gres": cfg.gres,
+            "cpus_per_task": cfg.cpus_per_task,
+            "mem_gb": cfg.mem_gb,
+            "timeout_min": cfg.time_min,
+            "name": "ragbench-replica",
+        }
+        for key in ("partition", "account", "qos"):
+            if value := getattr(cfg, key):
+                options[f"slurm_{key}"] = value
+        if cfg.setup:
+            options["slurm_setup"] = list(cfg.setup)
+        self.executor.update_parameters(**options)
+        self.jobs: set[str] = set()
+        self.states: dict[str, str] = {}  # job id -> SLURM state, read every POLL_S
+        self._watcher: asyncio.Task | None = None
+        self._pending: set[asyncio.Task] = set()
+
+    def launch(self, replica: Replica) -> None:
+        """Submit off the event loop (sbatch takes a while); the job id comes later."""
+        if self._watcher is None:
+            self._watcher = asyncio.get_running_loop().create_task(self._watch())
+        task = asyncio.get_running_loop().create_task(self._submit(replica))
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+
+    async def _submit(self, replica: Replica) -> None:
+        log_path = self.folder / f"{replica.id}.log"
+        self.folder.mkdir(parents=True, exist_ok=True)
+        args = (self.overrides(replica), self.balancer(), replica.id, self.token,
+                str(log_path), self.start_timeout_s)  # fmt: skip
+        try:
+            job = await asyncio.to_thread(self.executor.submit, serve_replica, *args)
+        except Exception as exc:  # sbatch refused: the replica is dead on arrival
+            replica.reason = f"submission failed: {exc}"
+            return
+        replica.handle = job
+        replica.job_id = str(job.job_id)
+        self.jobs.add(replica.job_id)
+        log.info("replica %s is SLURM job %s", replica.id, replica.job_id)
+
+    def address(self, replica: Replica) -> str | None:
+        return None  # the job registers its address itself
+
+    def exited(self, replica: Replica) -> str | None:
+        if replica.handle is None:
+            return replica.reason or None  # a failed submission; else not submitted yet
+        state = self.states.get(replica.job_id, "")
+        return f"SLURM job {replica.job_id} ended: {state}" if _ended(state) else None
+
+    async def stop(self, replica: Replica) -> None:
+        """scancel (SIGTERM: the replica drains), then wait for the job to end, bounded."""
+        if replica.handle is None:
+            return
+        await asyncio.to_thread(replica.handle.cancel, check=False)
+        deadline = time.monotonic() + STOP_TIMEOUT_S
+        while time.monotonic() < deadline and not self.exited(replica):
+            await asyncio.sleep(POLL_S / 2)
+
+    async def _watch(self) -> None:
+        while True:
+            await asyncio.sleep(POLL_S)
+            running = [j for j in self.jobs if not _ended(self.states.get(j, ""))]
+            if running:
+                self.states.update(await read_states(running))
+
+
+def _ended(state: str) -> bool:
+    """sacct says e.g. 'CANCELLED by 0'."""
+    return bool(state) and state.split()[0] in ENDED
+
+
+async def read_states(job_ids: list[str]) -> dict[str, str]:
+    """SLURM states by job id: sacct where accounting runs, else squeue (a job it no
+    longer lists has ended)."""
+    found = await _run("sacct", "-n", "-X", "-P", "-o", "JobID,State", "-j", ",".join(job_ids))
+    if found is not None:
+        return dict(line.split("|", 1) for line in found.splitlines() if "|" in line)
+    listed = await _run("squeue", "-h", "-o", "%i|%T", "-j", ",".join(job_ids))
+    if listed is None:
+        return {}  # nothing known this time; the health checks still watch ready replicas
+    states = dict(line.split("|", 1) for line in listed.splitlines() if "|" in line)
+    return {j: states.get(j, "COMPLETED") for j in job_ids}
+
+
+async def _run(*command: str) -> str | None:
+    """stdout of a SLURM command, or None when it failed; bounded by a timeout."""
+    try:
+        process = await asyncio.create_subprocess_exec(
+            *command, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL
+        )
+        stdout, _ = await asyncio.wait_for(process.communicate(), 30)
+    except (OSError, TimeoutError):
+        return None
+    return stdout.decode() if process.returncode == 0 else None

@@ -1,0 +1,94 @@
+"""Replicas as real SLURM jobs on the local one-node cluster (`slurm/local-cluster.sh up`):
+submitted with submitit, each asking for one GPU (the cluster's one fake A6000, so one job
+runs at a time), registering with the balancer; one cancelled with scancel is noticed and
+replaced.  Deselected unless asked for: `pytest -m slurm` inside
+`flock /tmp/ragbench-slurm.lock` with the cluster up."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import time
+
+import httpx
+import pytest
+
+from rag.cluster.process import ServerProcess
+
+pytestmark = pytest.mark.slurm
+
+
+def slurm_is_up() -> bool:
+    if shutil.which("scontrol") is None:
+        return False
+    try:
+        ping = subprocess.run(["scontrol", "ping"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return "UP" in ping.stdout
+
+
+@pytest.fixture
+def cluster() -> None:
+    if not slurm_is_up():
+        pytest.skip("no SLURM controller answers (start one: slurm/local-cluster.sh up)")
+
+
+def replicas(url: str) -> list[dict]:
+    return httpx.get(f"{url}/replicas", timeout=10).json()
+
+
+def ready(url: str) -> list[dict]:
+    return [r for r in replicas(url) if r["state"] == "ready"]
+
+
+def wait_for(condition, timeout_s: float, what: str) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"not within {timeout_s} s: {what}")
+
+
+def job_state(job_id: str) -> str:
+    out = subprocess.run(["sacct", "-n", "-X", "-P", "-o", "State", "-j", job_id],
+                         capture_output=True, text=True, timeout=30).stdout  # fmt: skip
+    return out.strip()
+
+
+def test_replicas_run_as_slurm_jobs_and_a_cancelled_one_is_replaced(
+    cluster, cache_overrides, tmp_path
+):
+    server = ServerProcess(
+        [
+            "variant=scaling", "model=simulated", *cache_overrides, f"run_dir={tmp_path}",
+            "variant.scaling.launcher=slurm", "variant.scaling.slurm.cpus_per_task=1",
+            "variant.scaling.slurm.mem_gb=1", "variant.scaling.slurm.time_min=10",
+            "variant.scaling.slurm.gres=gpu:a6000:1", "variant.scaling.health_interval_s=0.5",
+        ],
+        ready_timeout_s=180,
+    )  # fmt: skip
+    server.start()  # returns once the first replica job has registered and is ready
+    jobs = []
+    try:
+        (first,) = ready(server.url)
+        jobs.append(first["job_id"])
+        answer = httpx.post(f"{server.url}/rag", json={"query": "hover?"}, timeout=60)
+        assert answer.status_code == 200 and answer.json()["replica"] == first["id"]
+        subprocess.run(["scancel", first["job_id"]], check=True, timeout=30)
+        wait_for(lambda: {r["id"]: r for r in replicas(server.url)}[first["id"]]["state"] == "dead",
+                 60, "the cancelled replica taken out")  # fmt: skip
+        wait_for(lambda: [r["id"] for r in ready(server.url)] not in ([], [first["id"]]), 180,
+                 "a replacement job ready")  # fmt: skip
+        (second,) = ready(server.url)
+        jobs.append(second["job_id"])
+        assert second["job_id"] not in ("", first["job_id"])
+        answer = httpx.post(f"{server.url}/rag", json={"query": "hover?"}, timeout=60)
+        assert answer.status_code == 200 and answer.json()["replica"] == second["id"]
+    finally:
+        server.stop(timeout_s=90)
+    # Stopping the balancer cancels every job it started, within a bound.
+    wait_for(lambda: all(job_state(j) and "RUNNING" not in job_state(j) and
+                         "PENDING" not in job_state(j) for j in jobs),
+             60, "every replica job ended")  # fmt: skip
