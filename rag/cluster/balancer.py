@@ -38,6 +38,7 @@ from rag.cluster.pool import Replica, ReplicaPool, State
 log = logging.getLogger("rag.cluster")
 
 HEAD_TIMEOUT_S = 15.0  # a connection must send a request head within this (then idle limit)
+SHUTDOWN_TIMEOUT_S = 15.0  # on stop, forwarded requests get this long to finish
 FORWARDED_HEADERS = ("Content-Type", "Retry-After")
 TOKEN_HEADER = "X-Ragbench-Token"
 
@@ -122,6 +123,7 @@ class Balancer:
             access_log=None,
             handler_cancellation=True,  # a client that leaves cancels its forwarded request
             keepalive_timeout=HEAD_TIMEOUT_S,  # also closes connections that never send a head
+            shutdown_timeout=SHUTDOWN_TIMEOUT_S,
         )
         await self.runner.setup()
         site = web.TCPSite(self.runner, host, port, backlog=2048)

@@ -4,7 +4,8 @@ A job runs `serve_replica`: it starts `python -m rag.serve <replica overrides>` 
 waits for the port, and registers `http://<node>:<port>` with the balancer (with the
 balancer's token when it is not on loopback); from then on the balancer's health checks
 decide when it is ready.  SIGTERM (scancel, scale-down) is passed to the server, which
-drains.  The launcher watches its jobs with one `sacct` (or, without accounting, `squeue`)
+drains; a job whose balancer has been unreachable for half a minute (killed before it
+could cancel its jobs) stops itself, so no replica outlives its balancer.  The launcher watches its jobs with one `sacct` (or, without accounting, `squeue`)
 call every few seconds, so a job that was cancelled or died before it registered is
 noticed too, and never waits on a job without a deadline.
 """
@@ -16,6 +17,7 @@ import json
 import logging
 import signal
 import socket
+import subprocess
 import sys
 import tempfile
 import time
@@ -27,7 +29,14 @@ from typing import Any
 from rag.cluster.balancer import TOKEN_HEADER, is_loopback
 from rag.cluster.local import die_with_parent
 from rag.cluster.pool import Replica
-from rag.cluster.process import log_tail, read_port, server_command, spawn, stop_group
+from rag.cluster.process import (
+    http_get,
+    log_tail,
+    read_port,
+    server_command,
+    spawn,
+    stop_group,
+)
 from rag.config import SlurmReplicaConfig
 
 log = logging.getLogger("rag.cluster")
@@ -36,6 +45,8 @@ POLL_S = 2.0  # how often the jobs' states are read
 ENDED = ("BOOT_FAIL", "CANCELLED", "COMPLETED", "DEADLINE", "FAILED", "NODE_FAIL",
          "OUT_OF_MEMORY", "PREEMPTED", "TIMEOUT")  # fmt: skip
 STOP_TIMEOUT_S = 30.0
+BALANCER_CHECK_S = 5.0
+ORPHAN_AFTER_S = 30.0
 
 
 def serve_replica(
@@ -69,7 +80,21 @@ def serve_replica(
         )
         with urllib.request.urlopen(request, timeout=30) as response:
             print(f"registered with {balancer}: {response.read().decode()}", flush=True)
-        return process.wait()
+        return _serve_while_balancer_lives(process, balancer)
+
+
+def _serve_while_balancer_lives(process: subprocess.Popen, balancer: str) -> int:
+    """Wait for the server; stop it if the balancer has been gone for ORPHAN_AFTER_S (it
+    was killed before it could cancel this job), so no replica outlives its balancer."""
+    last_seen = time.monotonic()
+    while process.poll() is None:
+        time.sleep(BALANCER_CHECK_S)
+        if http_get(f"{balancer}/ping", timeout_s=5)[0] == 200:
+            last_seen = time.monotonic()
+        elif time.monotonic() - last_seen > ORPHAN_AFTER_S:
+            print(f"balancer {balancer} gone for {ORPHAN_AFTER_S:g} s; stopping", flush=True)
+            return stop_group(process, STOP_TIMEOUT_S)
+    return process.returncode
 
 
 class SlurmLauncher:
@@ -107,15 +132,14 @@ class SlurmLauncher:
         self.jobs: set[str] = set()
         self.states: dict[str, str] = {}  # job id -> SLURM state, read every POLL_S
         self._watcher: asyncio.Task | None = None
-        self._pending: set[asyncio.Task] = set()
+        self._submissions: dict[str, asyncio.Task] = {}  # replica id -> its sbatch call
 
     def launch(self, replica: Replica) -> None:
         """Submit off the event loop (sbatch takes a while); the job id comes later."""
+        loop = asyncio.get_running_loop()
         if self._watcher is None:
-            self._watcher = asyncio.get_running_loop().create_task(self._watch())
-        task = asyncio.get_running_loop().create_task(self._submit(replica))
-        self._pending.add(task)
-        task.add_done_callback(self._pending.discard)
+            self._watcher = loop.create_task(self._watch())
+        self._submissions[replica.id] = loop.create_task(self._submit(replica))
 
     async def _submit(self, replica: Replica) -> None:
         log_path = self.folder / f"{replica.id}.log"
@@ -143,6 +167,7 @@ class SlurmLauncher:
 
     async def stop(self, replica: Replica) -> None:
         """scancel (SIGTERM: the replica drains), then wait for the job to end, bounded."""
+        await self._submissions[replica.id]  # a job being submitted is cancelled once it is
         if replica.handle is None:
             return
         await asyncio.to_thread(replica.handle.cancel, check=False)
