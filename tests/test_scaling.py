@@ -17,6 +17,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from cluster_helpers import replicas, wait_for
 
 from rag.cluster.local import default_threads, replica_env, visible_gpus
 from rag.cluster.pool import Replica
@@ -37,22 +38,9 @@ FAST = [
 ]
 
 
-def replicas(url: str) -> list[dict]:
-    return httpx.get(f"{url}/replicas", timeout=10).json()
-
-
 def serving(url: str) -> int:
     """Replicas that count as capacity: ready or on their way."""
     return sum(r["state"] in ("starting", "ready") for r in replicas(url))
-
-
-def wait_for(condition: Callable[[], bool], timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"not within {timeout_s} s: {what}")
 
 
 def alive(pid: int) -> bool:

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-import time
 
 import httpx
 import pytest
+from cluster_helpers import ready, replicas, wait_for
 
 from rag.cluster.process import ServerProcess
 
@@ -32,23 +32,6 @@ def slurm_is_up() -> bool:
 def cluster() -> None:
     if not slurm_is_up():
         pytest.skip("no SLURM controller answers (start one: slurm/local-cluster.sh up)")
-
-
-def replicas(url: str) -> list[dict]:
-    return httpx.get(f"{url}/replicas", timeout=10).json()
-
-
-def ready(url: str) -> list[dict]:
-    return [r for r in replicas(url) if r["state"] == "ready"]
-
-
-def wait_for(condition, timeout_s: float, what: str) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.5)
-    raise AssertionError(f"not within {timeout_s} s: {what}")
 
 
 def job_state(job_id: str) -> str:
