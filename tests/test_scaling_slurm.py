@@ -1,8 +1,8 @@
 """Replicas as real SLURM jobs on the local one-node cluster (`slurm/local-cluster.sh up`):
 submitted with submitit, each asking for one GPU (the cluster's one fake A6000, so one job
 runs at a time), registering with the balancer; one cancelled with scancel is noticed and
-replaced.  Deselected unless asked for: `pytest -m slurm` inside
-`flock /tmp/ragbench-slurm.lock` with the cluster up."""
+replaced.  Skipped when no cluster is up; run inside `flock /tmp/ragbench-slurm.lock`
+with `slurm/local-cluster.sh up` (as .ci/run does)."""
 
 from __future__ import annotations
 
