@@ -220,7 +220,8 @@ def test_a_client_that_leaves_cancels_its_forwarded_request(start_scaling):
     replica_url = replicas(server.url)[0]["url"]
     first = threading.Thread(target=lambda: httpx.post(f"{server.url}/rag", json=QUERY, timeout=30))
     first.start()
-    time.sleep(0.3)  # the first request is computing; the next one queues behind it
+    wait_for(lambda: replicas(server.url)[0]["in_flight"] == 1, 30, "the first forwarded")
+    time.sleep(0.3)  # past max_wait_ms: its batch is computing; the next one queues behind it
     with socket.create_connection(("127.0.0.1", server.port)) as client:
         body = b'{"query": "Which animals can hover in the air?", "k": 1}'
         client.sendall(
