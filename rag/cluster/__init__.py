@@ -1,1 +1,2 @@
-"""Processes: launching servers and waiting for them to be ready.  Never imports torch."""
+"""Processes: launching servers and replicas (locally or as SLURM jobs), the load balancer
+and the autoscaler of the scaling variant.  Never imports torch."""
