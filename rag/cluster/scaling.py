@@ -116,11 +116,11 @@ class ScalingService:
             return replica_overrides(argv, cfg, replica)
 
         if scaling.launcher == "local":
-            threads = cfg.model.torch_threads or default_threads(scaling.max_replicas)
             return LocalLauncher(
                 overrides,
                 self.run_dir,
-                threads=None if cfg.model.torch_threads else threads,
+                # the user's model.torch_threads reaches replicas with their overrides
+                threads=None if cfg.model.torch_threads else default_threads(scaling.max_replicas),
                 gpus=visible_gpus(scaling.gpus),
                 mps_thread_percentage=scaling.mps_thread_percentage,
             )

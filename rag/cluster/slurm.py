@@ -5,9 +5,10 @@ waits for the port, and registers `http://<node>:<port>` with the balancer (with
 balancer's token when it is not on loopback); from then on the balancer's health checks
 decide when it is ready.  SIGTERM (scancel, scale-down) is passed to the server, which
 drains; a job whose balancer has been unreachable for half a minute (killed before it
-could cancel its jobs) stops itself, so no replica outlives its balancer.  The launcher watches its jobs with one `sacct` (or, without accounting, `squeue`)
-call every few seconds, so a job that was cancelled or died before it registered is
-noticed too, and never waits on a job without a deadline.
+could cancel its jobs) stops itself, so no replica outlives its balancer.  The launcher
+watches its jobs with one `sacct` (or, without accounting, `squeue`) call every few
+seconds, so a job that was cancelled or died before it registered is noticed too, and
+never waits on a job without a deadline.
 """
 
 from __future__ import annotations
