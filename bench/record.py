@@ -1,8 +1,13 @@
 """What every benchmark does with its figures: judge each against its target, print one
 line per target, and write a JSON record of the results and the environment they came from.
 
-    record = BenchRecord("balancer", vars(args))
-    record.target("added p50", 0.3, at_most=0.5, unit=" ms")
+A figure without its machine, its software and the machine's load is not comparable with
+another, so the record carries them: git commit and dirty flag, CPU model, package versions,
+torch's threads, the dtype, the load average before and after, and whatever the benchmark
+adds (a matmul peak measured in the same process, its settings).
+
+    record = BenchRecord("serve", vars(args))
+    record.target("served / offline", 0.97, at_least=0.9)
     sys.exit(record.finish(args.check))
 """
 
@@ -11,14 +16,17 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from rag.loadgen.files import environment
+from rag.loadgen.files import machine
 
 RECORD_DIR = Path(__file__).resolve().parent.parent / "outputs" / "bench"
+PACKAGES = ("torch", "transformers", "numpy", "aiohttp", "uvloop")
 
 
 def add_check_option(parser: argparse.ArgumentParser) -> None:
@@ -27,22 +35,39 @@ def add_check_option(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def matmul_peak_gflops(dtype: str, size: int = 2048, repeats: int = 10) -> float:
+    """The best GFLOP/s of one square matmul in `dtype` (torch's name: float32, bfloat16),
+    in this process with its thread setting: the ceiling a model's FLOP rate is held to."""
+    import torch
+
+    a = torch.randn(size, size, dtype=getattr(torch, dtype))
+    b = torch.randn(size, size, dtype=getattr(torch, dtype))
+    torch.mm(a, b)
+    best = math.inf
+    for _ in range(repeats):
+        started = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - started)
+    return 2 * size**3 / best / 1e9
+
+
 class BenchRecord:
     """The targets and results of one benchmark run, and the environment around it."""
 
     def __init__(self, bench: str, settings: dict[str, Any]) -> None:
         self.bench = bench
         self.started = time.perf_counter()
-        env = environment({}, 0, 0.0)
-        for unused in ("config", "schedule"):
-            env.pop(unused)
-        env["load_average_before"] = env.pop("load_average")
-        self.environment: dict[str, Any] = env
+        env = machine(PACKAGES)
+        self.environment: dict[str, Any] = {
+            **env,
+            "load_average_before": env.pop("load_average"),
+        }
         self.settings = settings
         self.targets: list[dict[str, Any]] = []
         self.results: dict[str, Any] = {}
 
     def note(self, **facts: Any) -> None:
+        """Add to the environment (dtype, matmul peak, ...)."""
         self.environment.update(facts)
 
     def target(
@@ -63,8 +88,11 @@ class BenchRecord:
         criterion = f"{'>=' if at_least is not None else '<='} {bound:{fmt}}{unit}"
         met = bool(figure >= bound if at_least is not None else figure <= bound)
         extra = f"  ({detail})" if detail else ""
-        verdict = "met" if met else "MISSED"
-        print(f"{name}: {figure:{fmt}}{unit}  [target {criterion}]  {verdict}{extra}", flush=True)
+        print(
+            f"{name}: {figure:{fmt}}{unit}  [target {criterion}]  {'met' if met else 'MISSED'}"
+            f"{extra}",
+            flush=True,
+        )
         self.targets.append(
             {"name": name, "figure": figure, "unit": unit, "criterion": criterion,
              "met": met, "detail": detail}
@@ -77,6 +105,9 @@ class BenchRecord:
 
     def finish(self, check: bool = False) -> int:
         """Write the record; the exit status: 1 under `check` when a target was missed."""
+        if "torch" in sys.modules:
+            torch = sys.modules["torch"]
+            self.environment.setdefault("torch_threads", torch.get_num_threads())
         self.environment["load_average_after"] = os.getloadavg()
         self.environment["seconds"] = round(time.perf_counter() - self.started, 1)
         RECORD_DIR.mkdir(parents=True, exist_ok=True)

@@ -71,21 +71,43 @@ def _version(package: str) -> str:
         return ""
 
 
-def environment(config: dict[str, Any], num_requests: int, schedule_rps: float) -> dict[str, Any]:
-    """Machine, software, load and settings at the start of a run."""
+def cpu_model() -> str:
+    """The CPU's model name as the kernel reports it ("" where there is no /proc/cpuinfo)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def machine(packages: Sequence[str] = PACKAGES) -> dict[str, Any]:
+    """Machine, software, checkout and load right now: what a figure depends on."""
     commit = _git("rev-parse", "HEAD")
     return {
-        "start_time": datetime.datetime.now(datetime.UTC).isoformat(timespec="milliseconds"),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="milliseconds"),
         "hostname": socket.gethostname(),
         "platform": platform.platform(),
         "python": sys.version.split()[0],
-        "packages": {name: _version(name) for name in PACKAGES},
+        "packages": {name: _version(name) for name in packages},
+        "cpu_model": cpu_model(),
         "cpu_count": os.cpu_count(),
         "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
         "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
         "git_commit": commit,
         "git_dirty": bool(commit and _git("status", "--porcelain", "--untracked-files=no")),
         "argv": sys.argv,
+    }
+
+
+def environment(config: dict[str, Any], num_requests: int, schedule_rps: float) -> dict[str, Any]:
+    """Machine, software, load and settings at the start of a run."""
+    env = machine()
+    return {
+        "start_time": env.pop("date"),
+        **env,
         "config": config,
         "schedule": {"requests": num_requests, "rate": schedule_rps},
     }
