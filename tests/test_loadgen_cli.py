@@ -65,7 +65,7 @@ def test_cli_shows_progress_on_a_terminal():
             shown += chunk
         os.close(controller)
     assert proc.returncode == 0
-    assert b"\rsent " in shown and b"completed" in shown
+    assert b"\rsent " in shown and b" ok " in shown
     assert "ok 20" in stdout
 
 

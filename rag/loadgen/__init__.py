@@ -4,7 +4,17 @@ Torch-free by design (a test checks it): the client process must stay light.
 """
 
 from rag.loadgen.config import LoadConfig
-from rag.loadgen.run import run_load, run_load_async
+from rag.loadgen.run import Plan, plan, run_load, run_load_async, send, summarise_run, write_run
 from rag.loadgen.sender import ROW_COLUMNS
 
-__all__ = ["ROW_COLUMNS", "LoadConfig", "run_load", "run_load_async"]
+__all__ = [
+    "ROW_COLUMNS",
+    "LoadConfig",
+    "Plan",
+    "plan",
+    "run_load",
+    "run_load_async",
+    "send",
+    "summarise_run",
+    "write_run",
+]

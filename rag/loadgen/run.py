@@ -1,4 +1,6 @@
-"""One load run: build the schedule, send it open-loop, summarise, write the files.
+"""One load run in four steps a sweep can also call one by one: `plan` (check the settings,
+build the schedule, record the environment), `send` (open loop, one row per request),
+`summarise_run` and `write_run`.  `run_load` does all four.
 
 HTTP only: nothing here imports model code, so a client process stays light.
 """
@@ -9,35 +11,28 @@ import asyncio
 import signal
 import sys
 import threading
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
 
 from rag.loadgen.config import LoadConfig
 from rag.loadgen.files import environment, output_paths, write_csv, write_json
-from rag.loadgen.schedule import build_schedule, load_queries, write_schedule
+from rag.loadgen.schedule import Schedule, build_schedule, load_queries, write_schedule
 from rag.loadgen.sender import ROW_COLUMNS, Sender
 from rag.loadgen.stats import summarise
 
-
-async def _show_progress(sender: Sender) -> None:
-    """A live status line for a person watching a terminal."""
-    n = len(sender.rows)
-    while True:
-        await asyncio.sleep(0.5)
-        p50 = f"{np.median(sender.recent) * 1e3:.1f} ms" if sender.recent else "-"
-        sys.stderr.write(
-            f"\rsent {sender.dispatched}/{n}  completed {sender.completed}"
-            f"  failed {sender.failed}  p50 {p50}   "
-        )
-        sys.stderr.flush()
+Rows = list[dict[str, Any]]
 
 
-def _columns(rows: list[dict[str, Any]]) -> list[str]:
-    """The fixed columns, then whatever some rows add (backend, server_*, tag), sorted."""
-    extra = set().union(*rows) - set(ROW_COLUMNS) if rows else set()
-    return [*ROW_COLUMNS, *sorted(extra)]
+@dataclass(frozen=True)
+class Plan:
+    """What is fixed before the first request: the settings, the schedule, and the
+    environment at the start (it becomes meta.json)."""
+
+    config: LoadConfig
+    schedule: Schedule
+    meta: dict[str, Any]
 
 
 def _check(config: LoadConfig) -> None:
@@ -49,11 +44,8 @@ def _check(config: LoadConfig) -> None:
         raise ValueError("stop_grace must be >= 0")
 
 
-async def run_load_async(
-    config: LoadConfig, stop: asyncio.Event | None = None
-) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """`run_load` for callers already inside an event loop; setting `stop` ends the run
-    early the way Ctrl-C does."""
+def plan(config: LoadConfig) -> Plan:
+    """Check the settings and build the schedule (ValueError or OSError when they are bad)."""
     _check(config)
     schedule = build_schedule(
         config.timing_mode,
@@ -65,16 +57,28 @@ async def run_load_async(
         config.trace,
         load_queries(config.queries),
     )
-    paths = output_paths(config.out) if config.out else None
-    if paths:
-        paths["requests"].parent.mkdir(parents=True, exist_ok=True)
-        write_schedule(schedule, paths["schedule"])
-    meta = environment(asdict(config), len(schedule), schedule.rate)
-    if paths:
-        write_json(meta, paths["meta"])
+    return Plan(config, schedule, environment(asdict(config), len(schedule), schedule.rate))
 
+
+async def _show_progress(sender: Sender) -> None:
+    """A live status line for a person watching a terminal."""
+    n = len(sender.rows)
+    while True:
+        await asyncio.sleep(0.5)
+        p50 = f"{np.median(sender.recent) * 1e3:.1f} ms" if sender.recent else "-"
+        sys.stderr.write(
+            f"\rsent {sender.launched}/{n}  ok {sender.succeeded}"
+            f"  failed {sender.failed}  p50 {p50}   "
+        )
+        sys.stderr.flush()
+
+
+async def send(run: Plan, stop: asyncio.Event | None = None) -> tuple[Rows, bool]:
+    """Send the schedule open-loop: (one row per scheduled request, whether `stop` ended
+    the run early, as Ctrl-C does)."""
+    config = run.config
     sender = Sender(
-        schedule,
+        run.schedule,
         config.target,
         path=config.path,
         k=config.k,
@@ -83,23 +87,27 @@ async def run_load_async(
         max_in_flight=config.max_in_flight,
         stop_grace=config.stop_grace,
     )
-    stop = stop or asyncio.Event()
     show = config.progress and sys.stderr.isatty()
     progress = asyncio.ensure_future(_show_progress(sender)) if show else None
     try:
-        interrupted = await sender.run(stop)
+        interrupted = await sender.run(stop or asyncio.Event())
     finally:
         if progress:
             progress.cancel()
             sys.stderr.write("\n")
-    rows = sender.rows
     if config.tag:
-        for row in rows:
+        for row in sender.rows:
             row["tag"] = config.tag
-    target_rps = config.rps if config.timing_mode != "trace" else schedule.rate
-    summary = {
+    return sender.rows, interrupted
+
+
+def summarise_run(run: Plan, rows: Rows, interrupted: bool) -> dict[str, Any]:
+    """The run's settings and statistics as one flat row (summary.csv)."""
+    config = run.config
+    target_rps = config.rps if config.timing_mode != "trace" else run.schedule.rate
+    return {
         "tag": config.tag,
-        "start_time": meta["start_time"],
+        "start_time": run.meta["start_time"],
         "target": config.target,
         "assign": config.assign,
         "timing_mode": config.timing_mode,
@@ -108,21 +116,46 @@ async def run_load_async(
         "k": config.k,
         "max_in_flight": config.max_in_flight,
         "timeout_s": config.timeout,
-        **summarise(rows, schedule.rate, target_rps, interrupted),
+        **summarise(rows, run.schedule.rate, target_rps, interrupted),
     }
-    if paths:
-        write_csv(rows, _columns(rows), paths["requests"])
-        write_csv([summary], list(summary), paths["summary"])
+
+
+def _columns(rows: Rows) -> list[str]:
+    """The fixed columns, then whatever some rows add (backend, server_*, tag), sorted."""
+    extra = set().union(*rows) - set(ROW_COLUMNS) if rows else set()
+    return [*ROW_COLUMNS, *sorted(extra)]
+
+
+def write_run(run: Plan, out: str, rows: Rows, summary: dict[str, Any]) -> None:
+    """requests.csv at `out`, and summary.csv, schedule.csv and meta.json beside it."""
+    paths = output_paths(out)
+    paths["requests"].parent.mkdir(parents=True, exist_ok=True)
+    write_schedule(run.schedule, paths["schedule"])
+    write_json(run.meta, paths["meta"])
+    write_csv(rows, _columns(rows), paths["requests"])
+    write_csv([summary], list(summary), paths["summary"])
+
+
+async def run_load_async(
+    config: LoadConfig, stop: asyncio.Event | None = None
+) -> tuple[Rows, dict[str, Any]]:
+    """`run_load` for callers already inside an event loop (on whatever loop that is);
+    setting `stop` ends the run early the way Ctrl-C does."""
+    run = plan(config)
+    rows, interrupted = await send(run, stop)
+    summary = summarise_run(run, rows, interrupted)
+    if config.out:
+        write_run(run, config.out, rows, summary)
     return rows, summary
 
 
-def run_load(config: LoadConfig) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+def run_load(config: LoadConfig) -> tuple[Rows, dict[str, Any]]:
     """Run one load test: (one dict per scheduled request, a flat summary).  On the main
     thread, SIGINT and SIGTERM stop sending and still return (and write) every row."""
     return asyncio.run(_run_with_signals(config))
 
 
-async def _run_with_signals(config: LoadConfig) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+async def _run_with_signals(config: LoadConfig) -> tuple[Rows, dict[str, Any]]:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     signals = (signal.SIGINT, signal.SIGTERM)

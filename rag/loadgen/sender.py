@@ -134,8 +134,10 @@ class Sender:
             asyncio.Semaphore(max_in_flight) if max_in_flight > 0 else contextlib.nullcontext()
         )
         self.t0 = 0.0
-        self.dispatched = 0
-        self.completed = 0
+        # Progress: launched = started at their scheduled moment (sent, or waiting for a
+        # slot); succeeded and failed = those of them that have ended, by outcome.
+        self.launched = 0
+        self.succeeded = 0
         self.failed = 0
         self.recent: deque[float] = deque(maxlen=1000)  # latest latencies, for progress
         self.session: aiohttp.ClientSession
@@ -178,7 +180,7 @@ class Sender:
                 pending.add(task)
                 task.add_done_callback(pending.discard)
                 i += 1
-            self.dispatched = i
+            self.launched = i
             if i < n:
                 wait = due[i] - clock()
                 await asyncio.sleep(wait - SPIN_S if wait > SPIN_S else 0)
@@ -206,8 +208,8 @@ class Sender:
         except asyncio.CancelledError:
             row["error"] = "cancelled" if row["sent_s"] is not None else "not_sent"
             raise
-        self.completed += 1
         if row["error"] is None:
+            self.succeeded += 1
             self.recent.append(row["done_s"] - row["scheduled_s"])
         else:
             self.failed += 1
