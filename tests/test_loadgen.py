@@ -16,7 +16,16 @@ import pytest
 from aiohttp import web
 from loadgen_server import LocalServer, rag_ok
 
-from rag.loadgen import ROW_COLUMNS, LoadConfig, run_load, run_load_async
+from rag.loadgen import (
+    ROW_COLUMNS,
+    LoadConfig,
+    plan,
+    run_load,
+    run_load_async,
+    send,
+    summarise_run,
+    write_run,
+)
 
 
 def config(target: str, **overrides) -> LoadConfig:
@@ -92,6 +101,49 @@ def test_stem_prefixes_companion_files(tmp_path: Path):
         run_load(config(server.url, num_requests=3, out=str(tmp_path / "run1.csv")))
     names = {p.name for p in tmp_path.iterdir()}
     assert names == {"run1.csv", "run1.summary.csv", "run1.schedule.csv", "run1.meta.json"}
+
+
+def test_the_steps_run_one_by_one(tmp_path: Path):
+    """What a sweep does: plan, send, summarise and write as separate calls."""
+    with LocalServer() as server:
+        run = plan(config(server.url, num_requests=5))
+        assert len(run.schedule) == 5 and server.hits["/rag"] == 0
+        rows, interrupted = asyncio.run(send(run))
+        summary = summarise_run(run, rows, interrupted)
+    assert server.hits["/rag"] == 5 and not interrupted
+    assert summary["ok"] == 5 and summary["start_time"] == run.meta["start_time"]
+    write_run(run, str(tmp_path / "requests.csv"), rows, summary)
+    names = {p.name for p in tmp_path.iterdir()}
+    assert names == {"requests.csv", "summary.csv", "schedule.csv", "meta.json"}
+
+
+def test_a_replayed_schedule_sends_the_saved_queries_in_the_saved_order(tmp_path: Path):
+    """The replay draws nothing: another seed and another query file change no query."""
+    first, other = tmp_path / "first.txt", tmp_path / "other.txt"
+    first.write_text("\n".join(f"first {i}" for i in range(40)))
+    other.write_text("\n".join(f"other {i}" for i in range(40)))
+    received: list[str] = []
+
+    async def remember(request: web.Request) -> web.StreamResponse:
+        received.append((await request.json())["query"])
+        return await rag_ok(request)
+
+    saved_run = tmp_path / "saved" / "requests.csv"
+    with LocalServer(remember) as server:
+        original, _ = run_load(
+            config(server.url, timing_mode="poisson", rps=100.0, num_requests=30, seed=4,
+                   queries=str(first), out=str(saved_run))
+        )  # fmt: skip
+        received.clear()
+        replay, summary = run_load(
+            config(server.url, timing_mode="trace", trace=str(saved_run.parent / "schedule.csv"),
+                   num_requests=0, seed=9, queries=str(other))
+        )  # fmt: skip
+    saved = [r["query"] for r in original]
+    assert len(set(saved)) > 15  # a draw with an order to keep
+    assert [r["query"] for r in replay] == saved
+    assert [r["scheduled_s"] for r in replay] == pytest.approx([r["scheduled_s"] for r in original])
+    assert summary["ok"] == 30 and sorted(received) == sorted(saved)
 
 
 def stalling_server(stall_at: int, stall_s: float = 1.0) -> LocalServer:

@@ -78,9 +78,23 @@ def test_trace_replay_from_text_and_from_a_saved_schedule(tmp_path: Path):
     saved = build_schedule("poisson", rps=20.0, num_requests=30, seed=4)
     path = tmp_path / "schedule.csv"
     write_schedule(saved, path)
-    replay = build_schedule("trace", trace=str(path), seed=4)
+    # Another seed and another query list: the saved times and queries replay all the same.
+    replay = build_schedule("trace", trace=str(path), seed=5, queries=["other", "queries"])
     np.testing.assert_array_equal(replay.offsets, saved.offsets)
     assert replay.queries == saved.queries
+    assert len(set(saved.queries)) > 10  # a draw whose order the replay had to keep
+    shorter = build_schedule("trace", trace=str(path), num_requests=12, seed=5)
+    assert shorter.queries == saved.queries[:12]
+
+
+def test_replay_keeps_each_query_with_its_time_when_rows_are_out_of_order(tmp_path: Path):
+    path = tmp_path / "schedule.csv"
+    path.write_text(
+        'request_id,scheduled_s,query\n0,10.5,"late, with a comma"\n1,10.0,first\n2,10.25,second\n'
+    )
+    replay = build_schedule("trace", trace=str(path))
+    np.testing.assert_allclose(replay.offsets, [0.0, 0.25, 0.5])
+    assert replay.queries == ["first", "second", "late, with a comma"]
 
 
 def test_builtin_queries_and_query_files(tmp_path: Path):

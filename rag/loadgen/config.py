@@ -23,10 +23,14 @@ class LoadConfig:
     num_requests: int = _option(100, "requests in the schedule (0 = as many as fit duration)")
     duration: float = _option(0.0, "seconds of schedule (0 = no limit)")
     burstiness: float = _option(1.0, "gamma shape: 1 = poisson, <1 burstier, >1 more regular")
-    trace: str = _option("", "timestamps file for timing_mode=trace (or a saved schedule.csv)")
+    trace: str = _option(
+        "", "timestamps file for timing_mode=trace, or a saved schedule.csv (times and queries)"
+    )
     seed: int = _option(0, "seed for the schedule and the query draw")
     timeout: float = _option(60.0, "seconds per request from its send, then it fails; no retry")
-    queries: str = _option("", "query file, one per line ('' = built-in list for the demo corpus)")
+    queries: str = _option(
+        "", "query file, one per line ('' = built-in list; a saved schedule brings its own)"
+    )
     k: int = _option(2, "documents to retrieve, sent with every query")
     max_in_flight: int = _option(0, "cap on concurrent requests (0 = none); waiting is latency")
     stop_grace: float = _option(5.0, "seconds to wait for in-flight requests after Ctrl-C")

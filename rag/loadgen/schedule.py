@@ -97,23 +97,36 @@ def _generated(
     return offsets
 
 
-def load_trace(path: str) -> np.ndarray:
+def read_trace(path: str) -> tuple[np.ndarray, list[str] | None]:
     """Timestamps in seconds from a text file (one per line, `#` comments allowed) or from
-    a CSV with a `scheduled_s` column (such as a saved schedule.csv), shifted to start at 0."""
+    a CSV with a `scheduled_s` column (such as a saved schedule.csv), sorted and shifted to
+    start at 0; with the CSV's `query` column in the same order, when it has one."""
     if not path:
         raise ValueError("timing_mode=trace needs a trace file")
+    queries: list[str] | None = None
     with open(path, newline="") as f:
         first = f.readline()
         f.seek(0)
         if "scheduled_s" in first:
-            values = [float(row["scheduled_s"]) for row in csv.DictReader(f)]
+            rows = list(csv.DictReader(f))
+            values = [float(row["scheduled_s"]) for row in rows]
+            if rows and "query" in rows[0]:
+                queries = [row["query"] for row in rows]
         else:
             lines = (line.split("#", 1)[0].strip() for line in f)
             values = [float(line.split(",")[0]) for line in lines if line]
     if not values:
         raise ValueError(f"trace file {path} holds no timestamps")
-    offsets = np.sort(np.asarray(values, dtype=float))
-    return offsets - offsets[0]
+    order = np.argsort(np.asarray(values, dtype=float), kind="stable")
+    offsets = np.asarray(values, dtype=float)[order]
+    if queries is not None:
+        queries = [queries[i] for i in order]
+    return offsets - offsets[0], queries
+
+
+def load_trace(path: str) -> np.ndarray:
+    """The timestamps of `read_trace`."""
+    return read_trace(path)[0]
 
 
 def load_queries(path: str = "") -> list[str]:
@@ -137,11 +150,15 @@ def build_schedule(
     queries: list[str] | None = None,
 ) -> Schedule:
     """Offsets and a seeded draw of queries, from independent streams so that changing the
-    query list never changes the timing."""
+    query list never changes the timing.  A trace that carries its queries (a saved
+    schedule.csv) replays them, in its order, instead of a draw."""
     timing_seed, query_seed = np.random.SeedSequence(seed).spawn(2)
     offsets = arrival_offsets(
         timing_mode, rps, num_requests, duration, timing_seed, burstiness, trace
     )
+    saved = read_trace(trace)[1] if timing_mode == "trace" else None
+    if saved is not None:
+        return Schedule(offsets=offsets, queries=saved[: len(offsets)])
     pool = queries if queries is not None else load_queries()
     picks = np.random.default_rng(query_seed).integers(len(pool), size=len(offsets))
     return Schedule(offsets=offsets, queries=[pool[i] for i in picks])
