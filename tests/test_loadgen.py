@@ -26,6 +26,7 @@ from rag.loadgen import (
     summarise_run,
     write_run,
 )
+from rag.loadgen.stats import LATE_S
 
 
 def config(target: str, **overrides) -> LoadConfig:
@@ -35,6 +36,22 @@ def config(target: str, **overrides) -> LoadConfig:
 
 def assert_one_row_each(rows: list[dict], n: int) -> None:
     assert [r["request_id"] for r in rows] == list(range(n))
+
+
+def assert_verdict_is_the_clients_own_timing(rows: list[dict], summary: dict) -> None:
+    """The schedule verdict speaks of the client's own timing only: kept, or void for late
+    sends or a low send rate that the rows themselves show (a loaded machine can cause
+    either at moments), never for what the server did (stalls, failures, latency)."""
+    sent = [r for r in rows if r["sent_s"] is not None]
+    assert all(r["send_lag_s"] < 0.1 for r in sent)  # never held up by the server
+    late = sum(r["send_lag_s"] > LATE_S for r in sent)
+    assert summary["late_fraction"] == late / len(sent)  # from send lag, not latency
+    span = max(r["sent_s"] for r in sent) - min(r["sent_s"] for r in sent)
+    assert summary["achieved_send_rps"] == pytest.approx((len(sent) - 1) / span)
+    reason = summary["schedule_kept_reason"]
+    assert summary["schedule_kept"] is (reason == "")
+    for part in filter(None, reason.split("; ")):
+        assert part.endswith("late by more than 5 ms") or part.startswith("achieved send rate")
 
 
 def closed_port() -> int:
@@ -63,9 +80,8 @@ def test_ok_run_rows_summary_and_files(tmp_path: Path):
     assert summary["ok_fraction"] == 1.0
     assert summary["failed"] == 0
     assert summary["schedule_rps"] == pytest.approx(50.0)
-    assert summary["achieved_send_rps"] == pytest.approx(50.0, rel=0.05)
     assert summary["percentile_method"] == "linear"
-    assert summary["schedule_kept"] is True and summary["schedule_kept_reason"] == ""
+    assert_verdict_is_the_clients_own_timing(rows, summary)
     assert 0 < summary["latency_p50_s"] <= summary["latency_p99_s"] <= summary["latency_max_s"]
 
     with open(out) as f:
@@ -83,7 +99,8 @@ def test_ok_run_rows_summary_and_files(tmp_path: Path):
     } <= set(written[0])
     with open(tmp_path / "summary.csv") as f:
         (summary_row,) = list(csv.DictReader(f))
-    assert summary_row["ok"] == "20" and summary_row["schedule_kept"] == "True"
+    assert summary_row["ok"] == "20"
+    assert summary_row["schedule_kept"] == str(summary["schedule_kept"])
     with open(tmp_path / "schedule.csv") as f:
         schedule = list(csv.DictReader(f))
     assert [float(s["scheduled_s"]) for s in schedule] == pytest.approx(
@@ -165,16 +182,20 @@ def test_stall_shows_as_latency_from_the_schedule():
         rows, summary = run_load(config(server.url, num_requests=75))  # 1.5 s at 50/s
     assert_one_row_each(rows, 75)
     assert summary["ok"] == 75 and server.hits["/rag"] == 75
-    stall_start = rows[10]["scheduled_s"]
-    stall_end = stall_start + 1.0
-    during = [r for r in rows if stall_start < r["scheduled_s"] < stall_end - 0.2]
-    assert len(during) >= 35
+    # The stall starts when the 11th request reaches the server, at most a moment after it
+    # was sent, and lasts 1 s: whatever is sent from 50 ms after that until 0.8 s after is
+    # stuck behind it, however busy the machine.
+    stall_start = rows[10]["sent_s"]
+    during = [r for r in rows if stall_start + 0.05 < r["sent_s"] < stall_start + 0.8]
+    assert len(during) >= 30
     for r in during:
         assert r["send_lag_s"] < 0.1  # the client kept sending on schedule
-        assert r["done_s"] == pytest.approx(stall_end, abs=0.2)  # all answered after it
+        assert stall_start + 0.95 < r["done_s"] < stall_start + 1.5  # all answered after it
     assert during[0]["latency_s"] > 0.8
     assert summary["latency_max_s"] > 0.8
-    assert summary["schedule_kept"] is True
+    # The stall is the server's latency, not the client's lateness (counted from latency,
+    # every request in it would be late).
+    assert_verdict_is_the_clients_own_timing(rows, summary)
 
 
 def test_slot_wait_counts_as_latency_and_voids_the_run():
@@ -205,8 +226,9 @@ def test_timeouts_are_failures_never_retried():
         assert 0.25 < r["service_latency_s"] < 1.0
     assert summary["failed_timeout"] == summary["failed"] == 10
     assert summary["ok"] == 0
-    # The client kept its schedule although nothing succeeded: two separate facts.
-    assert summary["schedule_kept"] is True and summary["ok_fraction"] == 0.0
+    # Whether the client kept its schedule does not depend on nothing succeeding.
+    assert summary["ok_fraction"] == 0.0
+    assert_verdict_is_the_clients_own_timing(rows, summary)
     assert math.isinf(summary["latency_adj_p50_s"])
     assert math.isnan(summary["latency_p50_s"])
 
@@ -348,9 +370,11 @@ def test_random_schedule_reports_target_and_own_rate(tmp_path: Path):
     trace = tmp_path / "trace.txt"
     trace.write_text("\n".join(str(10 + i * 0.02) for i in range(10)))
     with LocalServer() as server:
-        _, poisson = run_load(config(server.url, timing_mode="poisson", rps=200.0, seed=3))
+        _, poisson = run_load(
+            config(server.url, timing_mode="poisson", rps=200.0, num_requests=100, seed=3)
+        )
         _, replay = run_load(config(server.url, timing_mode="trace", trace=str(trace)))
-    assert server.hits["/rag"] == 30
+    assert server.hits["/rag"] == 110
     assert poisson["target_rps"] == 200.0
     assert poisson["schedule_rps"] != pytest.approx(200.0, rel=1e-3)  # a finite draw
     assert poisson["achieved_send_rps"] == pytest.approx(poisson["schedule_rps"], rel=0.1)

@@ -39,10 +39,12 @@ def test_cli_prints_summary_writes_files_and_stays_quiet_off_a_terminal(tmp_path
         stdout, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 0, stderr
     assert "scheduled 20  sent 20  ok 20" in stdout
-    assert "schedule   kept yes" in stdout
     assert "\r" not in stderr  # no progress line when stderr is not a terminal
     assert len(read_csv(out)) == 20
-    assert read_csv(tmp_path / "summary.csv")[0]["ok"] == "20"
+    summary = read_csv(tmp_path / "summary.csv")[0]
+    assert summary["ok"] == "20"
+    # kept, unless a loaded machine made the client late (the summary's verdict, shown)
+    assert ("schedule   kept yes" in stdout) is (summary["schedule_kept"] == "True")
 
 
 def test_cli_shows_progress_on_a_terminal():
