@@ -4,12 +4,17 @@ on the default models, measured side by side in one run.
 1. served: the batched server saturated by concurrent clients, against the offline
    `answer_batch` rate at the same batch size (target >= 0.9 x offline);
 2. batched / base saturated throughput (target >= 5x);
-3. idle latency at 0.2 req/s: batched p50 <= base p50 + max_wait + 10 ms;
+3. idle latency (requests far enough apart that none waits for another): batched p50 <=
+   base p50 + max_wait + 10 ms;
 4. memory: one batched server <= 1.5 GB RSS; warm start to /ready <= 5 s.
 
-Every request does fixed work (`model.ignore_eos=true`) so offline and served compare.
+Saturated throughput is counted over windows that start and end where a burst of
+completions ends (a batch's answers arrive together, so a window holds whole batches),
+several consecutive windows per server, reported as min/median/max; the ratios use the
+medians.  Every request does fixed work (`model.ignore_eos=true`) so offline and served
+compare.
 
-    python bench/bench_serve.py [--batch 20] [--seconds 30] [--idle-requests 12]
+    python bench/bench_serve.py [--batch 20] [--window 20] [--repeats 3] [--check]
 """
 
 from __future__ import annotations
@@ -17,11 +22,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import itertools
+import statistics
+import sys
 import time
 
 import aiohttp
 import psutil
 from bench_pipeline import demo_queries, load_pipeline, offline_throughput
+from record import BenchRecord, add_check_option
 
 from rag.cluster.process import ServerProcess
 from rag.loadgen import LoadConfig, run_load
@@ -29,14 +38,13 @@ from rag.loadgen import LoadConfig, run_load
 FIXED_WORK = ["model.ignore_eos=true"]
 
 
-async def saturate(url: str, clients: int, seconds: float, warmup_s: float) -> dict[str, float]:
-    """Closed loop: `clients` workers each post, wait, post again.  Throughput counts the
-    completions after `warmup_s` (so the first, partial batches do not count)."""
+async def completion_times(url: str, clients: int, seconds: float) -> tuple[list[float], int]:
+    """Closed loop: `clients` workers each post, wait, post again, for `seconds`.  The
+    instants of the successful completions, and the count of failures."""
     queries = demo_queries(64)
     done: list[float] = []
     failures = 0
-    start = time.perf_counter()
-    stop_at = start + warmup_s + seconds
+    stop_at = time.perf_counter() + seconds
 
     async def worker(n: int, session: aiohttp.ClientSession) -> None:
         nonlocal failures
@@ -55,11 +63,46 @@ async def saturate(url: str, clients: int, seconds: float, warmup_s: float) -> d
     connector = aiohttp.TCPConnector(limit=0)
     async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
         await asyncio.gather(*(worker(n, session) for n in range(clients)))
-    window = [t for t in done if t >= start + warmup_s]
-    span = max(window) - (start + warmup_s) if window else float("nan")
+    return sorted(done), failures
+
+
+def burst_ends(times: list[float]) -> list[float]:
+    """The instants where a burst of completions ends: a gap longer than the mean gap
+    follows.  With batching a burst is one batch; without, every completion is one."""
+    if len(times) < 2:
+        return []
+    mean_gap = (times[-1] - times[0]) / (len(times) - 1)
+    return [a for a, b in itertools.pairwise(times) if b - a > mean_gap]
+
+
+def windowed_rates(times: list[float], start: float, window: float, repeats: int) -> list[float]:
+    """Completions per second over `repeats` consecutive windows of about `window` seconds
+    from `start`, each from one burst end to another: (completions after the first end up to
+    the second) / (time between them)."""
+    ends = [t for t in burst_ends(times) if t >= start]
+    edges = []
+    for k in range(repeats + 1):
+        later = [t for t in ends if t >= start + k * window]
+        if later:
+            edges.append(later[0])
+    if len(edges) < repeats + 1 or len(set(edges)) < len(edges):
+        raise RuntimeError(f"too few bursts for {repeats} windows of {window} s: lengthen them")
+    return [sum(1 for t in times if a < t <= b) / (b - a) for a, b in itertools.pairwise(edges)]
+
+
+def saturate(url: str, clients: int, warmup_s: float, window: float, repeats: int) -> dict:
+    """Saturated throughput: min/median/max over the windows after `warmup_s`."""
+    started = time.perf_counter()
+    times, failures = asyncio.run(
+        completion_times(url, clients, warmup_s + window * repeats + window / 2)
+    )
+    rates = windowed_rates(times, started + warmup_s, window, repeats)
     return {
-        "rps": len(window) / span if window else 0.0,
-        "completed": len(done),
+        "rps": statistics.median(rates),
+        "rps_min": min(rates),
+        "rps_max": max(rates),
+        "windows": rates,
+        "completed": len(times),
         "failed": failures,
     }
 
@@ -75,22 +118,31 @@ def warm_start_seconds(overrides: list[str]) -> float:
         return time.perf_counter() - started
 
 
-def idle_p50(url: str, requests: int) -> float:
+def idle_p50(url: str, requests: int, rps: float) -> float:
     config = LoadConfig(
-        target=url, timing_mode="ideal", rps=0.2, num_requests=requests, progress=False
+        target=url, timing_mode="ideal", rps=rps, num_requests=requests, progress=False
     )
     _, summary = run_load(config)
-    assert summary["failed"] == 0, summary
+    if summary["failed"]:
+        raise RuntimeError(f"idle requests failed: {summary}")
     return summary["latency_p50_s"]
 
 
+def spread(r: dict) -> str:
+    return f"median {r['rps']:.2f}, min {r['rps_min']:.2f}, max {r['rps_max']:.2f} req/s"
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch", type=int, default=20, help="the batched server's max size")
     parser.add_argument("--max-wait-ms", type=float, default=10.0)
-    parser.add_argument("--seconds", type=float, default=30.0)
+    parser.add_argument("--window", type=float, default=20.0, help="seconds per window")
+    parser.add_argument("--repeats", type=int, default=3, help="windows per server")
     parser.add_argument("--idle-requests", type=int, default=12)
+    parser.add_argument("--idle-rps", type=float, default=0.5, help="far below service rate")
+    add_check_option(parser)
     args = parser.parse_args()
+    record = BenchRecord("serve", vars(args))
     batched = [
         "variant=batched",
         f"variant.max_batch_size={args.batch}",
@@ -100,41 +152,60 @@ def main() -> None:
     base = ["variant=base", *FIXED_WORK]
 
     pipeline = load_pipeline("auto")
-    offline = offline_throughput(pipeline, args.batch, repeats=3)
-    offline_one = offline_throughput(pipeline, 1)
+    record.note(dtype=str(pipeline.generator.model.dtype).removeprefix("torch."))
+    offline = offline_throughput(pipeline, args.batch, repeats=args.repeats)
+    offline_one = offline_throughput(pipeline, 1, repeats=args.repeats)
     del pipeline
     gc.collect()
-    print(f"offline answer_batch: batch {args.batch}: {offline['rps']:.2f} req/s; "
-          f"batch 1: {offline_one['rps']:.2f} req/s")  # fmt: skip
+    print(f"offline answer_batch: batch {args.batch}: {spread(offline)}; batch 1: "
+          f"{spread(offline_one)}")  # fmt: skip
 
     warm = warm_start_seconds(batched)
-    print(f"warm start to /ready (batched): {warm:.1f} s  [target <= 5 s]")
-
     with ServerProcess(batched) as server:
-        served = asyncio.run(saturate(server.url, 2 * args.batch, args.seconds, 5.0))
+        served = saturate(server.url, 2 * args.batch, 5.0, args.window, args.repeats)
         memory = rss_mb(server.process.pid)
-        batched_idle = idle_p50(server.url, args.idle_requests)
-    print(
-        f"batched served: {served['rps']:.2f} req/s with {2 * args.batch} clients "
-        f"({served['failed']} failed) = {served['rps'] / offline['rps']:.2f} x offline "
-        f"[target >= 0.9]"
-    )
-    print(f"batched server RSS after load: {memory:.0f} MB  [target <= 1536 MB]")
-
+        batched_idle = idle_p50(server.url, args.idle_requests, args.idle_rps)
+    print(f"batched served with {2 * args.batch} clients: {spread(served)}, "
+          f"{served['failed']} failed")  # fmt: skip
     with ServerProcess(base) as server:
-        base_served = asyncio.run(saturate(server.url, 4, args.seconds, 3.0))
-        base_idle = idle_p50(server.url, args.idle_requests)
-    print(
-        f"base served: {base_served['rps']:.2f} req/s ({base_served['failed']} failed) "
-        f"= {base_served['rps'] / offline_one['rps']:.2f} x offline batch 1"
+        base_served = saturate(server.url, 4, 3.0, args.window, args.repeats)
+        base_idle = idle_p50(server.url, args.idle_requests, args.idle_rps)
+    print(f"base served with 4 clients: {spread(base_served)}, {base_served['failed']} failed")
+    record.results.update(
+        offline_batch=offline, offline_one=offline_one, batched_served=served,
+        base_served=base_served, warm_start_s=warm, batched_rss_mb=memory,
+        batched_idle_p50_s=batched_idle, base_idle_p50_s=base_idle,
+    )  # fmt: skip
+
+    record.target(
+        f"batched served / offline at batch {args.batch}",
+        served["rps"] / offline["rps"],
+        at_least=0.9,
+        detail=f"windows {served['rps_min'] / offline['rps']:.2f}-"
+        f"{served['rps_max'] / offline['rps']:.2f} of the offline median",
     )
-    print(f"batched / base saturated: {served['rps'] / base_served['rps']:.1f} x  [target >= 5]")
-    bound = base_idle + args.max_wait_ms / 1e3 + 0.010
-    print(
-        f"idle p50 at 0.2 req/s: batched {batched_idle * 1e3:.0f} ms, base "
-        f"{base_idle * 1e3:.0f} ms; bound base + max_wait + 10 ms = {bound * 1e3:.0f} ms "
-        f"[{'met' if batched_idle <= bound else 'MISSED'}]"
+    record.target(
+        "batched / base saturated throughput",
+        served["rps"] / base_served["rps"],
+        at_least=5.0,
+        unit="x",
+        fmt=".1f",
+        detail=f"{served['rps']:.2f} vs {base_served['rps']:.2f} req/s",
     )
+    bound = (base_idle + args.max_wait_ms / 1e3 + 0.010) * 1e3
+    record.target(
+        f"idle p50 at {args.idle_rps:g} req/s, batched",
+        batched_idle * 1e3,
+        at_most=bound,
+        unit=" ms",
+        fmt=".0f",
+        detail=f"base {base_idle * 1e3:.0f} ms + max_wait + 10 ms",
+    )
+    record.target("batched server RSS after load", memory, at_most=1536, unit=" MB", fmt=".0f")
+    record.target("warm start to /ready (batched)", warm, at_most=5.0, unit=" s", fmt=".1f")
+    failed = served["failed"] + base_served["failed"]
+    record.target("failed requests under saturation", failed, at_most=0, fmt=".0f")
+    sys.exit(record.finish(args.check))
 
 
 if __name__ == "__main__":
