@@ -36,6 +36,7 @@ from rag.cluster.process import ServerProcess
 from rag.loadgen import LoadConfig, run_load
 
 FIXED_WORK = ["model.ignore_eos=true"]
+BURST_GAP_S = 0.1
 
 
 async def completion_times(url: str, clients: int, seconds: float) -> tuple[list[float], int]:
@@ -67,12 +68,10 @@ async def completion_times(url: str, clients: int, seconds: float) -> tuple[list
 
 
 def burst_ends(times: list[float]) -> list[float]:
-    """The instants where a burst of completions ends: a gap longer than the mean gap
-    follows.  With batching a burst is one batch; without, every completion is one."""
-    if len(times) < 2:
-        return []
-    mean_gap = (times[-1] - times[0]) / (len(times) - 1)
-    return [a for a, b in itertools.pairwise(times) if b - a > mean_gap]
+    """The instants where a burst of completions ends: no other completion follows within
+    BURST_GAP_S.  A batch's answers are written together and arrive within milliseconds;
+    batches (and, unbatched, single answers) are a good part of a second apart or more."""
+    return [a for a, b in itertools.pairwise(times) if b - a > BURST_GAP_S]
 
 
 def windowed_rates(times: list[float], start: float, window: float, repeats: int) -> list[float]:
@@ -86,7 +85,10 @@ def windowed_rates(times: list[float], start: float, window: float, repeats: int
         if later:
             edges.append(later[0])
     if len(edges) < repeats + 1 or len(set(edges)) < len(edges):
-        raise RuntimeError(f"too few bursts for {repeats} windows of {window} s: lengthen them")
+        raise RuntimeError(
+            f"{len(ends)} bursts in {len(times)} completions are too few for {repeats}"
+            f" windows of {window} s"
+        )
     return [sum(1 for t in times if a < t <= b) / (b - a) for a, b in itertools.pairwise(edges)]
 
 
