@@ -44,22 +44,23 @@ def demo_queries(n: int, start: int = 0) -> list[str]:
     return [base[(start + i) % len(base)] for i in range(n)]
 
 
+def time_batch(pipeline: RAGPipeline, batch: int, run: int) -> float:
+    """Requests per second of one `answer_batch` call on the `run`-th `batch` queries of the
+    built-in list (so runs see a mix, as a server under load does)."""
+    queries = demo_queries(batch, start=run * batch)
+    started = time.perf_counter()
+    pipeline.answer_batch(queries, [2] * batch)
+    return batch / (time.perf_counter() - started)
+
+
 def offline_throughput(pipeline: RAGPipeline, batch: int, repeats: int = 2) -> dict[str, Any]:
     """Requests per second of `answer_batch` at one batch size (min/median/max of
-    `repeats` runs, after one warm-up run), with the tokens per request, and the FLOPs per
-    request counted afterwards over the warm-up's batch (counting slows a run, so it is not
-    a timed one).  Each run takes the next `batch` queries of the built-in list, as a server
-    under load sees a mix."""
-    ks = [2] * batch
-    pipeline.answer_batch(demo_queries(batch), ks)
-    rates = []
-    for run in range(1, repeats + 1):
-        queries = demo_queries(batch, start=run * batch)
-        started = time.perf_counter()
-        answers = pipeline.answer_batch(queries, ks)
-        rates.append(batch / (time.perf_counter() - started))
+    `repeats` runs, after one warm-up run), with the tokens and FLOPs per request, counted
+    afterwards over the warm-up's batch (counting slows a run, so it is not a timed one)."""
+    pipeline.answer_batch(demo_queries(batch), [2] * batch)
+    rates = [time_batch(pipeline, batch, run) for run in range(1, repeats + 1)]
     with FlopCounterMode(display=False) as flops:
-        pipeline.answer_batch(demo_queries(batch), ks)
+        answers = pipeline.answer_batch(demo_queries(batch), [2] * batch)
     return {
         "batch": batch,
         "rps": statistics.median(rates),

@@ -8,20 +8,21 @@ on the default models, measured side by side in one run.
    base p50 + max_wait + 10 ms;
 4. memory: one batched server <= 1.5 GB RSS; warm start to /ready <= 5 s.
 
-Saturated throughput is counted over windows that start and end where a burst of
-completions ends (a batch's answers arrive together, so a window holds whole batches),
-several consecutive windows per server, reported as min/median/max; the ratios use the
-medians.  Every request does fixed work (`model.ignore_eos=true`) so offline and served
-compare.
+Both servers run at once; each round times one offline batch at the batch size and one
+at batch 1 (in this process), then one saturated window of the batched server and one of
+the base server, so every ratio compares figures taken within the same minute.  A window
+starts and ends where a burst of completions ends (a batch's answers arrive together, so
+it holds whole batches).  Figures are min/median/max over the rounds; ratios use the
+medians.  Idle latency alternates single requests between the two servers.  Every request
+does fixed work (`model.ignore_eos=true`) so offline and served compare.
 
-    python bench/bench_serve.py [--batch 20] [--window 20] [--repeats 3] [--check]
+    python bench/bench_serve.py [--batch 20] [--window 20] [--rounds 3] [--check]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
 import itertools
 import statistics
 import sys
@@ -29,11 +30,11 @@ import time
 
 import aiohttp
 import psutil
-from bench_pipeline import demo_queries, load_pipeline, offline_throughput
+from bench_pipeline import demo_queries, load_pipeline, time_batch
 from record import BenchRecord, add_check_option
 
 from rag.cluster.process import ServerProcess
-from rag.loadgen import LoadConfig, run_load
+from rag.loadgen import LoadConfig, run_load_async
 
 FIXED_WORK = ["model.ignore_eos=true"]
 BURST_GAP_S = 0.1
@@ -74,39 +75,23 @@ def burst_ends(times: list[float]) -> list[float]:
     return [a for a, b in itertools.pairwise(times) if b - a > BURST_GAP_S]
 
 
-def windowed_rates(times: list[float], start: float, window: float, repeats: int) -> list[float]:
-    """Completions per second over `repeats` consecutive windows of about `window` seconds
-    from `start`, each from one burst end to another: (completions after the first end up to
-    the second) / (time between them)."""
+def window_rate(times: list[float], start: float, window: float) -> float:
+    """Completions per second from the first burst end after `start` to the first burst
+    end `window` seconds later: (completions after the one, up to the other) / (time
+    between them)."""
     ends = [t for t in burst_ends(times) if t >= start]
-    edges = []
-    for k in range(repeats + 1):
-        later = [t for t in ends if t >= start + k * window]
-        if later:
-            edges.append(later[0])
-    if len(edges) < repeats + 1 or len(set(edges)) < len(edges):
-        raise RuntimeError(
-            f"{len(ends)} bursts in {len(times)} completions are too few for {repeats}"
-            f" windows of {window} s"
-        )
-    return [sum(1 for t in times if a < t <= b) / (b - a) for a, b in itertools.pairwise(edges)]
+    if not ends or ends[-1] < ends[0] + window:
+        raise RuntimeError(f"{len(ends)} bursts in {len(times)} completions: too few for a window")
+    a = ends[0]
+    b = next(t for t in ends if t >= a + window)
+    return sum(1 for t in times if a < t <= b) / (b - a)
 
 
-def saturate(url: str, clients: int, warmup_s: float, window: float, repeats: int) -> dict:
-    """Saturated throughput: min/median/max over the windows after `warmup_s`."""
+def saturated_rps(url: str, clients: int, warmup_s: float, window: float) -> tuple[float, int]:
+    """Saturated throughput over one window after `warmup_s`; and the failures."""
     started = time.perf_counter()
-    times, failures = asyncio.run(
-        completion_times(url, clients, warmup_s + window * repeats + window / 2)
-    )
-    rates = windowed_rates(times, started + warmup_s, window, repeats)
-    return {
-        "rps": statistics.median(rates),
-        "rps_min": min(rates),
-        "rps_max": max(rates),
-        "windows": rates,
-        "completed": len(times),
-        "failed": failures,
-    }
+    times, failures = asyncio.run(completion_times(url, clients, warmup_s + 1.3 * window))
+    return window_rate(times, started + warmup_s, window), failures
 
 
 def rss_mb(pid: int) -> float:
@@ -120,18 +105,29 @@ def warm_start_seconds(overrides: list[str]) -> float:
         return time.perf_counter() - started
 
 
-def idle_p50(url: str, requests: int, rps: float) -> float:
-    config = LoadConfig(
-        target=url, timing_mode="ideal", rps=rps, num_requests=requests, progress=False
-    )
-    _, summary = run_load(config)
-    if summary["failed"]:
-        raise RuntimeError(f"idle requests failed: {summary}")
-    return summary["latency_p50_s"]
+async def idle_latencies(batched: str, base: str, requests: int, gap_s: float) -> list[dict]:
+    """Single requests `gap_s` apart, alternating between the two servers (one at a time:
+    the service takes well under `gap_s`); each server's summary."""
+
+    async def one(url: str, delay_s: float) -> dict:
+        await asyncio.sleep(delay_s)
+        config = LoadConfig(target=url, timing_mode="ideal", rps=1 / (2 * gap_s),
+                            num_requests=requests, progress=False)  # fmt: skip
+        _, summary = await run_load_async(config)
+        if summary["failed"]:
+            raise RuntimeError(f"idle requests failed: {summary}")
+        return summary
+
+    return await asyncio.gather(one(batched, 0.0), one(base, gap_s))
 
 
-def spread(r: dict) -> str:
-    return f"median {r['rps']:.2f}, min {r['rps_min']:.2f}, max {r['rps_max']:.2f} req/s"
+def spread(values: list[float]) -> dict[str, float]:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def show(name: str, values: list[float]) -> None:
+    v = spread(values)
+    print(f"{name}: median {v['median']:.2f}, min {v['min']:.2f}, max {v['max']:.2f}", flush=True)
 
 
 def main() -> None:
@@ -139,73 +135,83 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=20, help="the batched server's max size")
     parser.add_argument("--max-wait-ms", type=float, default=10.0)
     parser.add_argument("--window", type=float, default=20.0, help="seconds per window")
-    parser.add_argument("--repeats", type=int, default=3, help="windows per server")
-    parser.add_argument("--idle-requests", type=int, default=12)
-    parser.add_argument("--idle-rps", type=float, default=0.5, help="far below service rate")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--idle-requests", type=int, default=10, help="per server")
+    parser.add_argument("--idle-gap", type=float, default=2.0, help="seconds between requests")
     add_check_option(parser)
     args = parser.parse_args()
     record = BenchRecord("serve", vars(args))
-    batched = [
+    batched_overrides = [
         "variant=batched",
         f"variant.max_batch_size={args.batch}",
         f"variant.max_wait_ms={args.max_wait_ms}",
         *FIXED_WORK,
     ]
-    base = ["variant=base", *FIXED_WORK]
+    warm = warm_start_seconds(batched_overrides)
 
     pipeline = load_pipeline("auto")
     record.note(dtype=str(pipeline.generator.model.dtype).removeprefix("torch."))
-    offline = offline_throughput(pipeline, args.batch, repeats=args.repeats)
-    offline_one = offline_throughput(pipeline, 1, repeats=args.repeats)
-    del pipeline
-    gc.collect()
-    print(f"offline answer_batch: batch {args.batch}: {spread(offline)}; batch 1: "
-          f"{spread(offline_one)}")  # fmt: skip
-
-    warm = warm_start_seconds(batched)
-    with ServerProcess(batched) as server:
-        served = saturate(server.url, 2 * args.batch, 5.0, args.window, args.repeats)
-        memory = rss_mb(server.process.pid)
-        batched_idle = idle_p50(server.url, args.idle_requests, args.idle_rps)
-    print(f"batched served with {2 * args.batch} clients: {spread(served)}, "
-          f"{served['failed']} failed")  # fmt: skip
-    with ServerProcess(base) as server:
-        base_served = saturate(server.url, 4, 3.0, args.window, args.repeats)
-        base_idle = idle_p50(server.url, args.idle_requests, args.idle_rps)
-    print(f"base served with 4 clients: {spread(base_served)}, {base_served['failed']} failed")
+    for batch in (args.batch, 1):  # warm-up
+        time_batch(pipeline, batch, 0)
+    figures: dict[str, list[float]] = {k: [] for k in ("offline", "offline_one", "batched", "base")}
+    failed = 0
+    with (
+        ServerProcess(batched_overrides) as batched,
+        ServerProcess(["variant=base", *FIXED_WORK]) as base,
+    ):
+        for run in range(1, args.rounds + 1):
+            figures["offline"].append(time_batch(pipeline, args.batch, run))
+            figures["offline_one"].append(time_batch(pipeline, 1, run))
+            rps, failures = saturated_rps(batched.url, 2 * args.batch, 5.0, args.window)
+            figures["batched"].append(rps)
+            rps, more_failures = saturated_rps(base.url, 4, 3.0, args.window)
+            figures["base"].append(rps)
+            failed += failures + more_failures
+            print(f"round {run}: " + ", ".join(f"{k} {v[-1]:.2f}" for k, v in figures.items())
+                  + " req/s", flush=True)  # fmt: skip
+        memory = rss_mb(batched.process.pid)
+        batched_idle, base_idle = asyncio.run(
+            idle_latencies(batched.url, base.url, args.idle_requests, args.idle_gap)
+        )
+    for name, values in figures.items():
+        show(f"{name} req/s", values)
     record.results.update(
-        offline_batch=offline, offline_one=offline_one, batched_served=served,
-        base_served=base_served, warm_start_s=warm, batched_rss_mb=memory,
-        batched_idle_p50_s=batched_idle, base_idle_p50_s=base_idle,
+        {f"{k}_rps": spread(v) | {"rounds": v} for k, v in figures.items()},
+        warm_start_s=warm, batched_rss_mb=memory,
+        batched_idle=batched_idle, base_idle=base_idle,
     )  # fmt: skip
 
+    served, offline = spread(figures["batched"]), spread(figures["offline"])
+    per_round = [s / o for s, o in zip(figures["batched"], figures["offline"], strict=True)]
     record.target(
         f"batched served / offline at batch {args.batch}",
-        served["rps"] / offline["rps"],
+        served["median"] / offline["median"],
         at_least=0.9,
-        detail=f"windows {served['rps_min'] / offline['rps']:.2f}-"
-        f"{served['rps_max'] / offline['rps']:.2f} of the offline median",
+        detail=f"{served['median']:.2f} vs {offline['median']:.2f} req/s; per round "
+        f"{min(per_round):.2f}-{max(per_round):.2f}",
     )
+    base_rps = spread(figures["base"])["median"]
+    per_round = [s / b for s, b in zip(figures["batched"], figures["base"], strict=True)]
     record.target(
         "batched / base saturated throughput",
-        served["rps"] / base_served["rps"],
+        served["median"] / base_rps,
         at_least=5.0,
         unit="x",
         fmt=".1f",
-        detail=f"{served['rps']:.2f} vs {base_served['rps']:.2f} req/s",
+        detail=f"{served['median']:.2f} vs {base_rps:.2f} req/s; per round "
+        f"{min(per_round):.1f}-{max(per_round):.1f}",
     )
-    bound = (base_idle + args.max_wait_ms / 1e3 + 0.010) * 1e3
+    batched_p50, base_p50 = batched_idle["latency_p50_s"] * 1e3, base_idle["latency_p50_s"] * 1e3
     record.target(
-        f"idle p50 at {args.idle_rps:g} req/s, batched",
-        batched_idle * 1e3,
-        at_most=bound,
+        f"idle p50 (one request every {args.idle_gap:g} s), batched",
+        batched_p50,
+        at_most=base_p50 + args.max_wait_ms + 10,
         unit=" ms",
         fmt=".0f",
-        detail=f"base {base_idle * 1e3:.0f} ms + max_wait + 10 ms",
+        detail=f"base {base_p50:.0f} ms + max_wait + 10 ms",
     )
     record.target("batched server RSS after load", memory, at_most=1536, unit=" MB", fmt=".0f")
     record.target("warm start to /ready (batched)", warm, at_most=5.0, unit=" s", fmt=".1f")
-    failed = served["failed"] + base_served["failed"]
     record.target("failed requests under saturation", failed, at_most=0, fmt=".0f")
     sys.exit(record.finish(args.check))
 
