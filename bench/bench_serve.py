@@ -30,11 +30,12 @@ import time
 
 import aiohttp
 import psutil
-from bench_pipeline import demo_queries, load_pipeline, time_batch
+from bench_pipeline import demo_queries, load_pipeline
 from record import BenchRecord, add_check_option
 
 from rag.cluster.process import ServerProcess
 from rag.loadgen import LoadConfig, run_load_async
+from rag.service.pipeline import RAGPipeline
 
 FIXED_WORK = ["model.ignore_eos=true"]
 BURST_GAP_S = 0.1
@@ -73,6 +74,18 @@ def burst_ends(times: list[float]) -> list[float]:
     BURST_GAP_S.  A batch's answers are written together and arrive within milliseconds;
     batches (and, unbatched, single answers) are a good part of a second apart or more."""
     return [a for a, b in itertools.pairwise(times) if b - a > BURST_GAP_S]
+
+
+def offline_rps(pipeline: RAGPipeline, batch: int, seconds: float, round_: int) -> float:
+    """`answer_batch` requests per second over whole batches (one at least) for at least
+    `seconds`, each round on its own stretch of the built-in queries."""
+    done = 0
+    started = time.perf_counter()
+    while not done or time.perf_counter() - started < seconds:
+        queries = demo_queries(batch, start=(round_ * 100 + done // batch) * batch)
+        pipeline.answer_batch(queries, [2] * batch)
+        done += batch
+    return done / (time.perf_counter() - started)
 
 
 def window_rate(times: list[float], start: float, window: float) -> float:
@@ -152,7 +165,7 @@ def main() -> None:
     pipeline = load_pipeline("auto")
     record.note(dtype=str(pipeline.generator.model.dtype).removeprefix("torch."))
     for batch in (args.batch, 1):  # warm-up
-        time_batch(pipeline, batch, 0)
+        offline_rps(pipeline, batch, 0, 0)
     figures: dict[str, list[float]] = {k: [] for k in ("offline", "offline_one", "batched", "base")}
     failed = 0
     with (
@@ -160,8 +173,8 @@ def main() -> None:
         ServerProcess(["variant=base", *FIXED_WORK]) as base,
     ):
         for run in range(1, args.rounds + 1):
-            figures["offline"].append(time_batch(pipeline, args.batch, run))
-            figures["offline_one"].append(time_batch(pipeline, 1, run))
+            figures["offline"].append(offline_rps(pipeline, args.batch, args.window / 2, run))
+            figures["offline_one"].append(offline_rps(pipeline, 1, args.window / 8, run))
             rps, failures = saturated_rps(batched.url, 2 * args.batch, 5.0, args.window)
             figures["batched"].append(rps)
             rps, more_failures = saturated_rps(base.url, 4, 3.0, args.window)
