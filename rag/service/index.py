@@ -8,10 +8,9 @@ content, the embedder's identity, its document prefix and its token limit.
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 import math
-import os
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -20,9 +19,9 @@ from typing import TYPE_CHECKING
 
 import faiss
 import numpy as np
-import platformdirs
 
 from rag.service.corpus import Document, corpus_fingerprint
+from rag.storage import cache_dir, write_atomically
 
 if TYPE_CHECKING:
     from rag.config import CorpusConfig
@@ -54,7 +53,7 @@ class DocumentIndex:
             faiss.omp_set_num_threads(faiss_threads)
         self.docs = list(docs)
         self.embedder = embedder
-        vectors = self._load_or_embed(_cache_dir(cfg))
+        vectors = self._load_or_embed(cache_dir(cfg.cache_dir) / "embeddings")
         self._index = _build_index(vectors, cfg)
 
     @property
@@ -100,11 +99,11 @@ class DocumentIndex:
             if not isinstance(k, int | np.integer) or not 1 <= k <= self.size:
                 raise ValueError(f"k must be an integer from 1 to {self.size}, got {k!r}")
 
-    def _load_or_embed(self, cache_dir: Path) -> np.ndarray:
+    def _load_or_embed(self, folder: Path) -> np.ndarray:
         embedder = self.embedder
         parts = [embedder.identity, embedder.doc_prefix, str(embedder.max_tokens)]
         key = "\0".join([corpus_fingerprint(self.docs), *parts])  # all that shapes a vector
-        path = cache_dir / "embeddings" / f"{hashlib.sha256(key.encode()).hexdigest()}.npy"
+        path = folder / f"{hashlib.sha256(key.encode()).hexdigest()}.npy"
         cached = _read_vectors(path, (self.size, embedder.dim))
         if cached is not None:
             log.info("loaded %d document embeddings from %s", self.size, path)
@@ -114,10 +113,6 @@ class DocumentIndex:
         log.info("embedded %d documents in %.1f s", self.size, time.perf_counter() - start)
         _write_vectors(path, vectors)
         return vectors
-
-
-def _cache_dir(cfg: CorpusConfig) -> Path:
-    return Path(cfg.cache_dir or platformdirs.user_cache_dir("ragbench")).expanduser()
 
 
 def _read_vectors(path: Path, shape: tuple[int, int]) -> np.ndarray | None:
@@ -139,19 +134,14 @@ def _read_vectors(path: Path, shape: tuple[int, int]) -> np.ndarray | None:
 
 
 def _write_vectors(path: Path, vectors: np.ndarray) -> None:
-    """Write atomically (temp file + rename) so a crash or a concurrent reader never sees a
-    half-written file; a cache that cannot be written is only a warning."""
-    tmp = None
+    """Write atomically, so a crash or a concurrent reader never sees a half-written file; a
+    cache that cannot be written is only a warning."""
+    buffer = io.BytesIO()
+    np.save(buffer, vectors)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as f:
-            tmp = Path(f.name)
-            np.save(f, vectors)
-        os.replace(tmp, path)
+        write_atomically(path, buffer.getvalue())
     except OSError as exc:
         log.warning("could not write embedding cache %s: %s", path, exc)
-        if tmp is not None:
-            tmp.unlink(missing_ok=True)
 
 
 def _build_index(vectors: np.ndarray, cfg: CorpusConfig) -> faiss.Index:

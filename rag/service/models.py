@@ -13,13 +13,11 @@ import importlib.metadata
 import importlib.util
 import json
 import logging
-import os
 import platform
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-import platformdirs
 import torch
 import transformers
 from transformers import (
@@ -37,6 +35,7 @@ from transformers import (
 from rag.config import ModelConfig
 from rag.service.embedder import Embedder
 from rag.service.generator import Generator
+from rag.storage import cache_dir, publishing
 
 log = logging.getLogger(__name__)
 transformers.utils.logging.disable_progress_bar()  # bars would flood server logs
@@ -136,7 +135,7 @@ def pick_dtype(requested: str, device: torch.device) -> torch.dtype:
 
 
 def cache_root(cfg: ModelConfig) -> Path:
-    return Path(cfg.cache_dir or platformdirs.user_cache_dir("ragbench")) / "models"
+    return cache_dir(cfg.cache_dir) / "models"
 
 
 def _file_digest(path: Path) -> str:
@@ -163,8 +162,8 @@ def _write_manifest(folder: Path) -> None:
 def dequantized_cache(source: ResolvedSource, cfg: ModelConfig) -> Path:
     """Return a folder holding the GGUF model as plain safetensors, building it if needed.
 
-    The folder is written under a temporary name and renamed into place, so a crash leaves
-    no half-written cache; a cache that fails its digests is removed and rebuilt.
+    The folder is published whole (written under a temporary name, then renamed), so a crash
+    leaves no half-written cache; a cache that fails its digests is removed and rebuilt.
     """
     assert source.path is not None and source.gguf_file is not None
     gguf = source.path / source.gguf_file
@@ -176,8 +175,6 @@ def dequantized_cache(source: ResolvedSource, cfg: ModelConfig) -> Path:
         log.warning("model cache %s is corrupt or incomplete; rebuilding it", folder)
         shutil.rmtree(folder)
     log.warning("dequantising %s once (about 15 s); later starts load the cache", gguf.name)
-    staging = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
     tokenizer = AutoTokenizer.from_pretrained(source.path, gguf_file=source.gguf_file)
     model = AutoModelForCausalLM.from_pretrained(
         source.path, gguf_file=source.gguf_file, dtype=torch.float32
@@ -187,11 +184,10 @@ def dequantized_cache(source: ResolvedSource, cfg: ModelConfig) -> Path:
     model.config.quantization_config = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    model.save_pretrained(staging, safe_serialization=True)
-    tokenizer.save_pretrained(staging)
-    _write_manifest(staging)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(staging, folder)
+    with publishing(folder) as staging:
+        model.save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
+        _write_manifest(staging)
     return folder
 
 

@@ -19,6 +19,7 @@ import uvicorn
 from rag.cluster.process import write_port_file
 from rag.config import Config, compose_from_argv
 from rag.service.app import ServerState, create_app
+from rag.storage import write_atomically
 
 
 class DrainingServer(uvicorn.Server):
@@ -66,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     state.on_fatal = lambda: setattr(server, "should_exit", True)
     print(f"ragbench serve: {cfg.variant.name} listening on http://{cfg.host}:{port}", flush=True)
     if cfg.port_file:
-        write_port_file(cfg.port_file, port)
+        write_atomically(Path(cfg.port_file), f"{port}\n")  # a parent polls for it
     with suppress(KeyboardInterrupt):
         server.run(sockets=[sock])
     return 1 if state.failure else 0
