@@ -88,7 +88,7 @@ class VariantConfig:
     max_batch_size: int = 20
     max_wait_ms: float = 10.0
     max_queue: int = 512
-    request_timeout_s: float = 60.0
+    request_timeout_s: float = 60.0  # each request's deadline from its arrival
     scaling: ScalingConfig | None = None  # set by variant=scaling
 
 
@@ -148,6 +148,8 @@ class ServerConfig:
     max_query_chars: int = 2000
     k_default: int = 2
     k_max: int = 10
+    max_connections: int = 1024  # concurrent connections; beyond it a request gets 503
+    head_timeout_s: float = 10.0  # a connection must send a full request head within this
     drain_timeout_s: float = 30.0
     warmup: bool = True
     log_level: str = "warning"

@@ -66,7 +66,7 @@ def test_full_batch_does_not_wait():
     recorder, results, elapsed = run(scenario())
     assert [r.value for r in results] == ["A", "B", "C", "D"]
     assert recorder.batches == [["a", "b", "c", "d"]]
-    assert all(r.batch_size == 4 for r in results)
+    assert all(r.requests_in_batch == 4 for r in results)
     assert elapsed < 1.0  # far below max_wait_s = 5
 
 
@@ -96,7 +96,7 @@ def test_lone_request_waits_at_most_max_wait():
         return result
 
     result = run(scenario())
-    assert result.batch_size == 1
+    assert result.requests_in_batch == 1
     assert 0.08 <= result.queue_s < 0.4
 
 

@@ -17,7 +17,10 @@ TORCH_FREE = {
     "rag.loadgen": set(),
     "rag.cluster": set(),
     "rag.cluster.scaling": {"rag.cluster", "rag.config"},  # balancer, autoscaler, launchers
-    "rag.service.app": {"rag.config", "rag.service"},  # the port opens before torch loads
+    "rag.web": set(),  # the HTTP guards, shared by the server and the balancer
+    "rag.storage": set(),
+    # the port opens before torch loads
+    "rag.service.app": {"rag.config", "rag.service", "rag.web"},
 }
 
 

@@ -24,7 +24,7 @@ def test_a_batch_answers_every_query_with_its_own_k(tiny_pipeline):
     assert [len(a.docs) for a in answers] == [1, 3, 2]
     for answer in answers:
         assert isinstance(answer, Answer)
-        assert answer.batch_size == 3
+        assert answer.answers_in_batch == 3
         assert set(answer.timings_ms) == {"embed_ms", "retrieve_ms", "generate_ms"}
         assert answer.timings_ms["generate_ms"] > 0
         assert 0 < answer.new_tokens <= 8 and answer.prompt_tokens > 0
@@ -33,7 +33,7 @@ def test_a_batch_answers_every_query_with_its_own_k(tiny_pipeline):
 def test_a_bad_query_fails_alone(tiny_pipeline):
     outcomes = tiny_pipeline.answer_batch(["", HOVER, "x" * 5000, HOVER], [2, 2, 2, 99])
     assert isinstance(outcomes[0], QueryRejected)
-    assert isinstance(outcomes[1], Answer) and outcomes[1].batch_size == 1
+    assert isinstance(outcomes[1], Answer) and outcomes[1].answers_in_batch == 1
     assert isinstance(outcomes[2], QueryRejected) and "limit" in str(outcomes[2])
     assert isinstance(outcomes[3], QueryRejected) and "k must be" in str(outcomes[3])
 

@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
+from rag.storage import write_atomically
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -79,11 +81,8 @@ def read_port(port_file: Path) -> int | None:
 
 
 def write_port_file(path: str, port: int) -> None:
-    """Tell a launching parent the port: written under another name, then renamed."""
-    target = Path(path)
-    staging = target.with_name(f".{target.name}.{os.getpid()}")
-    staging.write_text(f"{port}\n")
-    os.replace(staging, target)
+    """Tell a launching parent the port, atomically (it polls for the file)."""
+    write_atomically(Path(path), f"{port}\n")
 
 
 def stop_group(process: subprocess.Popen, timeout_s: float) -> int:

@@ -7,6 +7,13 @@ first, so a full queue never waits and a lone request waits at most `max_wait_s`
 whose caller has gone (cancelled future: client disconnected or timed out) are dropped
 before they are computed.  The batch function runs in one worker thread, off the event
 loop, one batch at a time.  It knows nothing of models or HTTP.
+
+Admission is by deadline: each request has one (`timeout_s` after it arrives).  From the
+batch durations measured so far, a request that could not be served before its deadline
+behind the queue ahead of it is refused at once (Overloaded, with the seconds after which
+it would fit), and a batch never starts with a request whose deadline falls before the
+batch is predicted to end (DeadlineExceeded): under overload the server keeps computing
+answers that are still wanted, and a refused client learns it in milliseconds.
 """
 
 from __future__ import annotations
@@ -24,27 +31,58 @@ from typing import Generic, TypeVar
 T = TypeVar("T")
 R = TypeVar("R")
 
-# Weight of the newest batch in the running estimate of the service rate.
-RATE_SMOOTHING = 0.3
+# Weight of the newest batch in the running estimates of batch durations and service rate.
+SMOOTHING = 0.3
 
 
 class Overloaded(Exception):
-    """The queue is full; the caller should come back after `retry_after_s`."""
+    """Refused at the door: the caller should come back after `retry_after_s` (>= 1)."""
 
-    def __init__(self, retry_after_s: int) -> None:
-        super().__init__(f"queue full; retry after {retry_after_s} s")
-        self.retry_after_s = retry_after_s
+    def __init__(self, reason: str, retry_after_s: float) -> None:
+        self.retry_after_s = max(1, math.ceil(retry_after_s))
+        super().__init__(f"{reason}; retry after {self.retry_after_s} s")
 
 
 class Draining(Exception):
     """The batcher is shutting down and takes no new work."""
 
 
+class DeadlineExceeded(TimeoutError):
+    """The request could not be served before its deadline; it was not computed."""
+
+
 @dataclass(frozen=True)
 class Completed(Generic[R]):
     value: R
     queue_s: float  # from arrival to the start of the batch that computed it
-    batch_size: int
+    requests_in_batch: int  # computed together, this one included, whatever their outcome
+
+
+class BatchTimes:
+    """How long a batch of n takes, learned from the batches computed: a smoothed duration
+    per batch size.  A size not seen yet takes the nearest larger size's duration (or the
+    largest one's, scaled linearly), so the estimate errs long rather than short."""
+
+    def __init__(self) -> None:
+        self._seconds: dict[int, float] = {}
+
+    def record(self, size: int, seconds: float) -> None:
+        previous = self._seconds.get(size)
+        self._seconds[size] = (
+            seconds if previous is None else SMOOTHING * seconds + (1 - SMOOTHING) * previous
+        )
+
+    def predict(self, size: int) -> float | None:
+        """Seconds for a batch of `size`, or None before any batch was measured."""
+        if not self._seconds:
+            return None
+        if size in self._seconds:
+            return self._seconds[size]
+        larger = [s for s in self._seconds if s > size]
+        if larger:
+            return self._seconds[min(larger)]
+        largest = max(self._seconds)
+        return self._seconds[largest] * size / largest
 
 
 @dataclass(frozen=True)
@@ -57,6 +95,7 @@ class BatchRecord:
 class _Waiting(Generic[T]):
     item: T
     arrival: float
+    deadline: float
     future: asyncio.Future = field(repr=False)
 
 
@@ -79,8 +118,11 @@ class Batcher(Generic[T, R]):
         self.max_queue = max_queue
         self.on_batch = on_batch
         self.batch_size_counts: Counter[int] = Counter()
+        self.batch_times = BatchTimes()
         self.service_rate: float | None = None  # requests per second, smoothed
         self.dropped = 0  # requests whose caller left (or timed out) before compute
+        self.expired = 0  # requests not computed because their batch would end too late
+        self._busy_until = 0.0  # when the running batch is predicted to end
         self._queue: deque[_Waiting[T]] = deque()
         self._arrived = asyncio.Event()
         self._idle = asyncio.Event()
@@ -128,30 +170,56 @@ class Batcher(Generic[T, R]):
             return False
         return True
 
-    def retry_after_s(self) -> int:
-        """Seconds until the queue has likely drained, from the measured service rate."""
-        rate = self.service_rate or 1.0
-        return max(1, math.ceil(self.in_flight / rate))
+    def predicted_finish(self, now: float, ahead: int) -> float | None:
+        """When a request arriving `now` behind `ahead` queued requests would be answered:
+        the running batch's rest, the full batches ahead, then its own; None before any
+        batch was measured."""
+        full = self.batch_times.predict(self.max_batch_size)
+        own = self.batch_times.predict(ahead % self.max_batch_size + 1)
+        if full is None or own is None:
+            return None
+        batches_ahead = ahead // self.max_batch_size
+        return now + self._running_rest(now) + self.max_wait_s + batches_ahead * full + own
 
-    async def submit(self, item: T, timeout_s: float | None = None) -> Completed[R]:
-        """Queue one item and wait for its result.
+    def _running_rest(self, now: float) -> float:
+        return max(0.0, self._busy_until - now) if self._running else 0.0
 
-        Raises Overloaded (queue full), Draining, TimeoutError (waited longer than
-        `timeout_s`; the item is then not computed), or what the batch function raised.
+    async def submit(self, item: T, timeout_s: float = math.inf) -> Completed[R]:
+        """Queue one item and wait for its result, for at most `timeout_s`.
+
+        Raises Overloaded (queue full, or the queue ahead cannot be served within
+        `timeout_s`), Draining, DeadlineExceeded (not served in time; then not computed),
+        or what the batch function raised.
         """
         if self._draining:
-            raise Draining("server is draining")
+            raise Draining("the server is draining")
         if len(self._queue) >= self.max_queue:
             self._drop_abandoned()
-            if len(self._queue) >= self.max_queue:
-                raise Overloaded(self.retry_after_s())
-        waiting = _Waiting(item, time.monotonic(), asyncio.get_running_loop().create_future())
+        now = time.monotonic()
+        ahead = self.depth
+        if ahead >= self.max_queue:  # room comes when the running batch ends
+            raise Overloaded(f"the queue is full ({ahead} waiting)", self._running_rest(now))
+        finish = self.predicted_finish(now, ahead)
+        if finish is not None and finish > now + timeout_s:
+            raise Overloaded(
+                f"{ahead} requests queued ahead; this one would be answered in about "
+                f"{finish - now:.1f} s, past its {timeout_s:g} s deadline",
+                finish - (now + timeout_s),
+            )
+        waiting = _Waiting(item, now, now + timeout_s, asyncio.get_running_loop().create_future())
         self._queue.append(waiting)
         self._idle.clear()
         self._arrived.set()
         # Cancelling the future (timeout, or this coroutine cancelled because the client
         # left) is what tells the worker to skip the item.
-        return await asyncio.wait_for(waiting.future, timeout_s)
+        try:
+            return await asyncio.wait_for(
+                waiting.future, None if math.isinf(timeout_s) else timeout_s
+            )
+        except DeadlineExceeded:
+            raise
+        except TimeoutError:
+            raise DeadlineExceeded(f"not answered within its {timeout_s:g} s deadline") from None
 
     def _drop_abandoned(self) -> None:
         before = len(self._queue)
@@ -159,7 +227,8 @@ class Batcher(Generic[T, R]):
         self.dropped += before - len(self._queue)
 
     async def _next_batch(self) -> list[_Waiting[T]]:
-        """Wait for the batch to close and return its live requests."""
+        """Wait for the batch to close and return its live requests that it can answer in
+        time."""
         while True:
             self._drop_abandoned()
             if not self._queue:
@@ -175,15 +244,35 @@ class Batcher(Generic[T, R]):
             self._arrived.clear()
             with suppress(TimeoutError):
                 await asyncio.wait_for(self._arrived.wait(), remaining)
-        count = min(self.max_batch_size, len(self._queue))
-        return [self._queue.popleft() for _ in range(count)]
+        return self._take_in_time(time.monotonic())
+
+    def _take_in_time(self, now: float) -> list[_Waiting[T]]:
+        """The largest batch from the front of the queue that is predicted to end before
+        the deadline of its first (oldest) request; a request that cannot make its deadline
+        even alone is answered DeadlineExceeded and never computed."""
+        while self._queue:
+            first = self._queue[0]
+            size = min(self.max_batch_size, len(self._queue))
+            while size > 0 and now + (self.batch_times.predict(size) or 0.0) > first.deadline:
+                size -= 1
+            if size > 0:
+                return [self._queue.popleft() for _ in range(size)]
+            self._queue.popleft()
+            self.expired += 1
+            first.future.set_exception(
+                DeadlineExceeded("not answered: its deadline falls before a batch could end")
+            )
+        return []
 
     async def _serve_forever(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
             batch = await self._next_batch()
+            if not batch:
+                continue
             started = time.monotonic()
             self._running = len(batch)
+            self._busy_until = started + (self.batch_times.predict(len(batch)) or 0.0)
             try:
                 results = await loop.run_in_executor(
                     self._executor, self.run_batch, [w.item for w in batch]
@@ -207,10 +296,11 @@ class Batcher(Generic[T, R]):
 
     def _record(self, record: BatchRecord) -> None:
         self.batch_size_counts[record.size] += 1
+        self.batch_times.record(record.size, record.duration_s)
         rate = record.size / max(record.duration_s, 1e-6)
         previous = self.service_rate
         self.service_rate = (
-            rate if previous is None else RATE_SMOOTHING * rate + (1 - RATE_SMOOTHING) * previous
+            rate if previous is None else SMOOTHING * rate + (1 - SMOOTHING) * previous
         )
         if self.on_batch is not None:
             self.on_batch(record)

@@ -9,6 +9,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
 
+from rag.web import ConnectionGuard
+
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 12, 16, 20, 24, 32, 48, 64, 96, 128, 256)
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120)
 STAGES = ("queue", "embed", "retrieve", "generate", "total")
@@ -26,7 +28,12 @@ class _CounterReading(Collector):
 
 
 class ServerMetrics:
-    def __init__(self, queue_depth: Callable[[], float], dropped: Callable[[], float]) -> None:
+    def __init__(
+        self,
+        queue_depth: Callable[[], float],
+        dropped: Callable[[], float],
+        connections: ConnectionGuard,
+    ) -> None:
         self.registry = CollectorRegistry()
         self.requests = Counter(
             "rag_requests", "Requests to /rag by HTTP status", ["status"], registry=self.registry
@@ -43,7 +50,23 @@ class ServerMetrics:
         )
         self.registry.register(
             _CounterReading(
-                "rag_dropped", "Requests dropped before compute (client gone or timed out)", dropped
+                "rag_dropped",
+                "Requests dropped before compute (client gone, or past their deadline)",
+                dropped,
+            )
+        )
+        self.registry.register(
+            _CounterReading(
+                "rag_connections_refused",
+                "Connections answered 503 for being over the connection cap",
+                lambda: connections.refused,
+            )
+        )
+        self.registry.register(
+            _CounterReading(
+                "rag_head_timeouts",
+                "Connections closed for not sending a request head in time",
+                lambda: connections.timed_out,
             )
         )
         self.stage_seconds = Histogram(

@@ -29,7 +29,7 @@ class Answer:
     docs: list[Hit]
     prompt_tokens: int
     new_tokens: int
-    batch_size: int
+    answers_in_batch: int  # valid queries generated together with this one (itself included)
     # Each stage's time for the whole batch this query ran in (the time it waited on).
     timings_ms: dict[str, float] = field(default_factory=dict)
 

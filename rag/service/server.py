@@ -19,7 +19,6 @@ import uvicorn
 from rag.cluster.process import write_port_file
 from rag.config import Config, compose_from_argv
 from rag.service.app import ServerState, create_app
-from rag.storage import write_atomically
 
 
 class DrainingServer(uvicorn.Server):
@@ -61,13 +60,19 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     port = sock.getsockname()[1]
     server = DrainingServer(
-        uvicorn.Config(app, log_level=cfg.server.log_level, access_log=False, lifespan="on"),
+        uvicorn.Config(
+            app,
+            http=state.connections.protocol(),
+            log_level=cfg.server.log_level,
+            access_log=False,
+            lifespan="on",
+        ),
         state,
     )
     state.on_fatal = lambda: setattr(server, "should_exit", True)
     print(f"ragbench serve: {cfg.variant.name} listening on http://{cfg.host}:{port}", flush=True)
     if cfg.port_file:
-        write_atomically(Path(cfg.port_file), f"{port}\n")  # a parent polls for it
+        write_port_file(cfg.port_file, port)
     with suppress(KeyboardInterrupt):
         server.run(sockets=[sock])
     return 1 if state.failure else 0
