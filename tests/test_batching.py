@@ -1,5 +1,5 @@
 """Batch formation: sizes, the wait counted from the oldest request, no wait when full,
-dropped cancelled requests, deadlines, overload and draining."""
+dropped cancelled requests, deadlines, admission by deadline, overload and draining."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from rag.service.batching import Batcher, Draining, Overloaded
+from rag.service.batching import Batcher, BatchTimes, DeadlineExceeded, Draining, Overloaded
 
 
 class Recorder:
@@ -225,3 +225,111 @@ def test_drain_refuses_new_work_and_finishes_queued_work():
 def test_invalid_knobs_are_rejected():
     with pytest.raises(ValueError):
         Batcher(Recorder(), max_batch_size=0, max_wait_s=0, max_queue=1)
+
+
+def test_batch_times_err_long_for_sizes_not_seen():
+    times = BatchTimes()
+    assert times.predict(4) is None
+    times.record(1, 2.0)
+    times.record(8, 6.0)
+    assert times.predict(1) == 2.0
+    assert times.predict(3) == 6.0  # the nearest larger size seen
+    assert times.predict(16) == 12.0  # beyond the largest: scaled linearly
+    times.record(8, 16.0)
+    assert times.predict(8) == pytest.approx(0.3 * 16 + 0.7 * 6)
+
+
+async def queue_until_refused(batcher: Batcher, timeout_s: float) -> tuple[int, Overloaded]:
+    """Submit until one is refused (the batcher is not started, so nothing is computed and
+    admission is pure arithmetic over the measured batch times); (admitted, refusal)."""
+    admitted = []
+    while True:
+        task = asyncio.ensure_future(batcher.submit("q", timeout_s))
+        await asyncio.sleep(0)
+        if task.done():
+            with pytest.raises(Overloaded) as refused:
+                task.result()
+            for waiting in admitted:
+                waiting.cancel()
+            return len(admitted), refused.value
+        admitted.append(task)
+
+
+def test_one_at_a_time_admits_what_fits_before_the_deadline():
+    async def scenario():
+        batcher = Batcher(Recorder(), max_batch_size=1, max_wait_s=0, max_queue=64)
+        batcher.batch_times.record(1, 10.0)
+        # positions 0, 1, 2 finish 10, 20, 30 s from now; the fourth would take 40 s
+        return await queue_until_refused(batcher, timeout_s=35)
+
+    admitted, refusal = run(scenario())
+    assert admitted == 3
+    assert refusal.retry_after_s == 5  # 40 s of work ahead against a 35 s deadline
+    assert "past its 35 s deadline" in str(refusal)
+
+
+def test_batches_admit_by_full_batches_ahead_plus_their_own():
+    async def scenario():
+        batcher = Batcher(Recorder(), max_batch_size=4, max_wait_s=0, max_queue=64)
+        batcher.batch_times.record(1, 2.0)
+        batcher.batch_times.record(4, 8.0)
+        # positions 0..3 end at 2, 8, 8, 8 s; 4..7 at 10, 16, 16, 16; position 8 at 18
+        return await queue_until_refused(batcher, timeout_s=17)
+
+    admitted, refusal = run(scenario())
+    assert admitted == 8
+    assert refusal.retry_after_s == 1
+
+
+def test_nothing_is_refused_for_its_deadline_before_a_batch_was_measured():
+    async def scenario():
+        batcher = Batcher(Recorder(), max_batch_size=1, max_wait_s=0, max_queue=5)
+        return await queue_until_refused(batcher, timeout_s=0.001)
+
+    admitted, refusal = run(scenario())
+    assert admitted == 5
+    assert "queue is full" in str(refusal) and refusal.retry_after_s == 1
+
+
+def test_a_request_whose_deadline_falls_before_its_batch_ends_is_not_computed():
+    async def scenario():
+        recorder = Recorder()
+        recorder.gate.clear()
+        batcher = await started(Batcher(recorder, max_batch_size=1, max_wait_s=0, max_queue=8))
+        batcher.batch_times.record(1, 1.0)
+        blocker = asyncio.ensure_future(batcher.submit("blocker"))
+        await wait_until_entered(recorder)
+        late = asyncio.ensure_future(batcher.submit("late", timeout_s=2.2))  # fits: 1 + 1 s
+        await asyncio.sleep(0.05)
+        assert not late.done()
+        # The running batch overruns to 1.5 s; then a batch of one (now predicted at
+        # 0.3 x 1.5 + 0.7 x 1 = 1.15 s) would end 2.65 s after "late" arrived: too late.
+        await asyncio.sleep(1.5)
+        recorder.gate.set()
+        with pytest.raises(DeadlineExceeded, match="before a batch could end") as expired:
+            await late
+        await blocker
+        await batcher.stop()
+        return recorder, batcher, expired
+
+    recorder, batcher, _ = run(scenario())
+    assert recorder.batches == [["blocker"]]
+    assert batcher.expired == 1
+
+
+def test_a_batch_shrinks_to_meet_its_oldest_deadline_rather_than_drop_it():
+    async def scenario():
+        recorder = Recorder()
+        batcher = Batcher(recorder, max_batch_size=4, max_wait_s=0, max_queue=8)
+        batcher.batch_times.record(1, 0.1)
+        results = [asyncio.ensure_future(batcher.submit(x, timeout_s=2.0)) for x in "abcd"]
+        await asyncio.sleep(0)
+        batcher.batch_times.record(4, 5.0)  # learned while they waited: 4 together is too slow
+        batcher.start()
+        done = await asyncio.gather(*results)
+        await batcher.stop()
+        return recorder, done
+
+    recorder, done = run(scenario())
+    assert [r.value for r in done] == ["A", "B", "C", "D"]
+    assert recorder.batches == [["a"], ["b"], ["c"], ["d"]]

@@ -1,0 +1,238 @@
+"""The server against clients it does not control, started for real on loopback with tiny
+models: bodies counted as they arrive, short errors, the content type, HEAD, the connection
+cap, half-sent heads, and admission by deadline."""
+
+from __future__ import annotations
+
+import selectors
+import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import psutil
+import pytest
+
+from rag.cluster.process import ServerProcess
+
+HOVER = "Which animals can hover in the air?"
+JSON = {"Content-Type": "application/json"}
+
+
+def metric(url: str, sample: str) -> float:
+    for line in httpx.get(f"{url}/metrics").text.splitlines():
+        name, _, value = line.rpartition(" ")
+        if name == sample:
+            return float(value)
+    return 0.0
+
+
+@pytest.fixture(scope="module")
+def server(cache_overrides, tmp_path_factory):
+    log = tmp_path_factory.mktemp("hardening") / "server.log"
+    with ServerProcess(["model=tiny", *cache_overrides], log_path=log) as running:
+        yield running
+
+
+def test_a_chunked_body_past_the_limit_is_refused_as_it_arrives(server):
+    """200 MB sent with Transfer-Encoding: chunked: 413 once the limit is passed, the rest
+    never read, the server's memory flat."""
+    process = psutil.Process(server.process.pid)
+    rss_before = process.memory_info().rss
+    sent = 0
+
+    def body():
+        nonlocal sent
+        yield b'{"query": "'
+        for _ in range(3200):
+            sent += 65536
+            yield b"a" * 65536
+        yield b'"}'
+
+    response = httpx.post(f"{server.url}/rag", content=body(), headers=JSON, timeout=60)
+    assert response.status_code == 413
+    assert "limit is" in response.json()["detail"]
+    assert sent < 64 * 2**20  # the server stopped reading long before 200 MB
+    assert process.memory_info().rss - rss_before < 32 * 2**20
+    assert metric(server.url, 'rag_requests_total{status="413"}') >= 1
+    assert httpx.post(f"{server.url}/rag", json={"query": HOVER}).status_code == 200
+
+
+def test_one_chunk_past_the_limit_on_a_raw_connection_gets_413(server):
+    """No Content-Length to refuse by: the chunk's bytes are counted as they arrive."""
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        head = b"POST /rag HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        sock.sendall(head + b"Transfer-Encoding: chunked\r\n\r\n")
+        chunk = b"f" * 30_000
+        sock.sendall(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+        reply = sock.recv(4096)
+    assert reply.startswith(b"HTTP/1.1 413")
+
+
+BIG_BUT_BAD = [
+    pytest.param({"query": "ok", "k": "7" * 20_000}, id="huge-string-k"),
+    pytest.param({"query": ["x" * 100] * 200}, id="query-a-big-array"),
+    pytest.param({"query": "ok", "k": int("9" * 4000)}, id="4000-digit-k"),
+    pytest.param({"query": "z" * 2001 + "\x07" * 100}, id="long-query-with-controls"),
+    pytest.param([{"query": "x" * 20_000}], id="body-an-array"),
+]
+
+
+@pytest.mark.parametrize("body", BIG_BUT_BAD)
+def test_an_error_quotes_only_a_short_excerpt_of_the_input(server, body):
+    response = httpx.post(f"{server.url}/rag", json=body)
+    assert response.status_code == 422
+    assert len(response.content) < 300, response.text
+    assert response.json()["detail"]
+
+
+def test_a_body_not_declared_as_json_gets_415(server):
+    counted = 'rag_requests_total{status="415"}'
+    before = metric(server.url, counted)
+    for headers in ({"Content-Type": "text/plain"}, {}):
+        response = httpx.post(f"{server.url}/rag", content=b'{"query": "hi"}', headers=headers)
+        assert response.status_code == 415
+        assert "application/json" in response.json()["detail"]
+    assert metric(server.url, counted) == before + 2
+    merge = {"Content-Type": "application/merge-patch+json"}
+    assert httpx.post(f"{server.url}/rag", json={"query": HOVER}, headers=merge).status_code == 200
+
+
+def test_head_works_on_the_health_routes(server):
+    for path in ("/ping", "/ready"):
+        response = httpx.head(f"{server.url}{path}")
+        assert response.status_code == 200
+        assert response.content == b""
+
+
+def test_a_wrong_method_gets_405_in_the_one_error_format(server):
+    response = httpx.put(f"{server.url}/rag", json={"query": HOVER})
+    assert response.status_code == 405
+    assert response.json() == {"detail": "Method Not Allowed"}
+    assert "POST" in response.headers["Allow"]
+
+
+def test_no_traceback_is_logged_for_bad_input(server):
+    for body in (b'{"query": "hi", "k": 1e309}', b'{"query": NaN}', b"[" * 20_000):
+        assert httpx.post(f"{server.url}/rag", content=body, headers=JSON).status_code == 422
+    assert "Traceback" not in server.log_path.read_text()
+
+
+def test_the_openapi_document_states_the_real_contract(start_server, tmp_path):
+    corpus = tmp_path / "three.jsonl"
+    corpus.write_text("\n".join(f'{{"text": "document {i} on hovering birds"}}' for i in range(3)))
+    running = start_server("corpus=file", f"corpus.source={corpus}", "server.max_query_chars=300")
+    document = httpx.get(f"{running.url}/openapi.json").json()
+    request = document["components"]["schemas"]["RAGRequest"]
+    assert request["required"] == ["query"]
+    assert request["properties"]["query"]["maxLength"] == 300
+    assert request["properties"]["k"]["maximum"] == 3  # capped by the corpus, not k_max
+    rag = document["paths"]["/rag"]["post"]
+    assert set(rag["responses"]) == {"200", "413", "415", "422", "429", "503", "504"}
+    for status in ("413", "415", "422", "429", "503", "504"):
+        schema = rag["responses"][status]["content"]["application/json"]["schema"]
+        assert schema == {"$ref": "#/components/schemas/Error"}
+    assert rag["responses"]["429"]["headers"]["Retry-After"]["required"] is True
+    assert set(document["paths"]["/metrics"]["get"]["responses"]["200"]["content"]) == {
+        "text/plain"
+    }
+    assert "head" in document["paths"]["/ping"] and "head" in document["paths"]["/ready"]
+
+
+def test_connections_over_the_cap_get_503_and_the_rest_are_served(start_server):
+    running = start_server("server.max_connections=4")
+    idle = [socket.create_connection(("127.0.0.1", running.port)) for _ in range(4)]
+    try:
+        time.sleep(0.2)  # let the server accept them
+        response = httpx.post(f"{running.url}/rag", json={"query": HOVER})
+        assert response.status_code == 503
+        assert "too many open connections" in response.json()["detail"]
+        assert response.headers["Retry-After"] == "1"
+    finally:
+        for sock in idle:
+            sock.close()
+    deadline = time.monotonic() + 30
+    while (status := httpx.post(f"{running.url}/rag", json={"query": HOVER}).status_code) == 503:
+        assert time.monotonic() < deadline, "the server never noticed the closed connections"
+        time.sleep(0.1)
+    assert status == 200
+    assert metric(running.url, "rag_connections_refused_total") >= 1
+
+
+def wait_until_closed(socks: list[socket.socket], within_s: float) -> int:
+    """How many of `socks` the server closed within `within_s`."""
+    selector = selectors.DefaultSelector()
+    for sock in socks:
+        sock.setblocking(False)
+        selector.register(sock, selectors.EVENT_READ)
+    closed, deadline = 0, time.monotonic() + within_s
+    while closed < len(socks) and time.monotonic() < deadline:
+        for key, _ in selector.select(timeout=0.5):
+            try:
+                data = key.fileobj.recv(4096)
+            except ConnectionResetError:
+                data = b""
+            if not data:
+                selector.unregister(key.fileobj)
+                closed += 1
+    selector.close()
+    return closed
+
+
+def test_half_sent_request_heads_are_dropped_in_bounded_time(start_server):
+    running = start_server("server.head_timeout_s=2", "server.max_connections=512")
+    socks = []
+    try:
+        for _ in range(1500):
+            sock = socket.create_connection(("127.0.0.1", running.port), timeout=10)
+            sock.sendall(b"POST /rag HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Ty")
+            socks.append(sock)
+        during = httpx.post(f"{running.url}/rag", json={"query": HOVER}, timeout=30)
+        assert during.status_code in (200, 503) and during.json()
+        # Every half head is closed by the server: 2 s after its connection opened, plus
+        # slack for a busy machine; none stays open until the client gives up.
+        assert wait_until_closed(socks, within_s=30) == 1500
+    finally:
+        for sock in socks:
+            sock.close()
+    assert httpx.post(f"{running.url}/rag", json={"query": HOVER}).status_code == 200
+    assert metric(running.url, "rag_head_timeouts_total") == 1500
+
+
+SLOW = ["model.max_new_tokens=300", "model.ignore_eos=true", "variant=base"]
+
+
+def timed_post(url: str) -> tuple[httpx.Response, float]:
+    started = time.perf_counter()
+    response = httpx.post(f"{url}/rag", json={"query": HOVER}, timeout=60)
+    return response, time.perf_counter() - started
+
+
+def test_requests_that_cannot_meet_their_deadline_are_refused_at_the_door(start_server):
+    deadline_s = 4.0
+    running = start_server(*SLOW, f"variant.request_timeout_s={deadline_s}")
+    assert timed_post(running.url)[0].status_code == 200  # the server measures a batch
+    with ThreadPoolExecutor(40) as pool:
+        outcomes = list(pool.map(lambda _: timed_post(running.url), range(40)))
+    served = [(r, s) for r, s in outcomes if r.status_code == 200]
+    refused = [(r, s) for r, s in outcomes if r.status_code == 429]
+    assert served and refused
+    assert {r.status_code for r, _ in outcomes} <= {200, 429, 504}
+    for response, _ in served:
+        assert response.json()["timings"]["total_ms"] <= deadline_s * 1e3
+    for response, seconds in refused:
+        assert seconds < deadline_s / 2  # told at the door, not when the deadline passes
+        assert "deadline" in response.json()["detail"]
+        assert 1 <= int(response.headers["Retry-After"]) <= 40 * deadline_s
+
+
+def test_retry_after_reflects_the_measured_rate_after_a_burst(start_server):
+    """200 requests at once against a queue of 8 on a fast model: all are answered within
+    seconds, so nobody is told to come back in more than a second."""
+    running = start_server("variant.max_queue=8")
+    with ThreadPoolExecutor(200) as pool:
+        responses = list(pool.map(lambda _: timed_post(running.url)[0], range(200)))
+    refused = [r for r in responses if r.status_code == 429]
+    assert {r.status_code for r in responses} <= {200, 429}
+    assert refused and len(refused) < 200
+    assert {r.headers["Retry-After"] for r in refused} == {"1"}
