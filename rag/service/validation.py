@@ -52,6 +52,8 @@ def read_request(body: object, k_default: int, limits: QueryLimits) -> tuple[str
             f"not {JSON_TYPES.get(type(body), 'that')}"
         )
     query, k = body.get("query"), body.get("k", k_default)
+    if isinstance(k, float) and k.is_integer():  # JSON has one number type: 4.0 is 4
+        k = int(k)
     if problems := find_problems(query, k, limits):
         raise QueryRejected("; ".join(p.message for p in problems))
     return query, k  # type: ignore[return-value]
