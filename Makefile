@@ -1,5 +1,7 @@
 # Two entry points a fresh machine needs: `make demo` (the main job on the embedded
 # default models) and `make test`.  Both create .venv and install into it first.
+# `make bench` runs every benchmark one after another (each loads both cores) and fails if
+# one misses a target; `make clean-cache` removes the dequantised models and embeddings.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -26,3 +28,12 @@ test: install
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+
+bench: install
+	@status=0; for script in bench/bench_*.py; do \
+		echo "== $$script"; $(BIN)/python $$script --check || status=1; \
+	done; exit $$status
+
+clean-cache: install
+	$(BIN)/python -c "import shutil; from rag.storage import cache_dir; \
+		print('removing', cache_dir()); shutil.rmtree(cache_dir(), ignore_errors=True)"

@@ -227,16 +227,31 @@ def test_invalid_knobs_are_rejected():
         Batcher(Recorder(), max_batch_size=0, max_wait_s=0, max_queue=1)
 
 
-def test_batch_times_err_long_for_sizes_not_seen():
+def settled(times: BatchTimes, size: int, seconds: float) -> None:
+    """Record enough equal batches that the deviation has died away."""
+    for _ in range(80):
+        times.record(size, seconds)
+
+
+def test_batch_times_start_wary_settle_on_steady_batches_and_widen_with_jitter():
     times = BatchTimes()
     assert times.predict(4) is None
-    times.record(1, 2.0)
-    times.record(8, 6.0)
-    assert times.predict(1) == 2.0
-    assert times.predict(3) == 6.0  # the nearest larger size seen
-    assert times.predict(16) == 12.0  # beyond the largest: scaled linearly
-    times.record(8, 16.0)
-    assert times.predict(8) == pytest.approx(0.3 * 16 + 0.7 * 6)
+    times.record(4, 2.0)
+    assert times.predict(4) == pytest.approx(6.0)  # one sample: 2 + 4 x 1
+    settled(times, 4, 2.0)
+    assert times.predict(4) == pytest.approx(2.0)
+    for seconds in (1.5, 2.5) * 20:
+        times.record(4, seconds)
+    assert 3.0 < times.predict(4) < 5.0  # jitter of 0.5 s: room for it
+
+
+def test_batch_times_err_long_for_sizes_not_seen():
+    times = BatchTimes()
+    settled(times, 1, 2.0)
+    settled(times, 8, 6.0)
+    assert times.predict(1) == pytest.approx(2.0)
+    assert times.predict(3) == pytest.approx(6.0)  # the nearest larger size seen
+    assert times.predict(16) == pytest.approx(12.0)  # beyond the largest: scaled linearly
 
 
 async def queue_until_refused(batcher: Batcher, timeout_s: float) -> tuple[int, Overloaded]:
@@ -258,7 +273,7 @@ async def queue_until_refused(batcher: Batcher, timeout_s: float) -> tuple[int, 
 def test_one_at_a_time_admits_what_fits_before_the_deadline():
     async def scenario():
         batcher = Batcher(Recorder(), max_batch_size=1, max_wait_s=0, max_queue=64)
-        batcher.batch_times.record(1, 10.0)
+        settled(batcher.batch_times, 1, 10.0)
         # positions 0, 1, 2 finish 10, 20, 30 s from now; the fourth would take 40 s
         return await queue_until_refused(batcher, timeout_s=35)
 
@@ -271,8 +286,8 @@ def test_one_at_a_time_admits_what_fits_before_the_deadline():
 def test_batches_admit_by_full_batches_ahead_plus_their_own():
     async def scenario():
         batcher = Batcher(Recorder(), max_batch_size=4, max_wait_s=0, max_queue=64)
-        batcher.batch_times.record(1, 2.0)
-        batcher.batch_times.record(4, 8.0)
+        settled(batcher.batch_times, 1, 2.0)
+        settled(batcher.batch_times, 4, 8.0)
         # positions 0..3 end at 2, 8, 8, 8 s; 4..7 at 10, 16, 16, 16; position 8 at 18
         return await queue_until_refused(batcher, timeout_s=17)
 
@@ -296,14 +311,14 @@ def test_a_request_whose_deadline_falls_before_its_batch_ends_is_not_computed():
         recorder = Recorder()
         recorder.gate.clear()
         batcher = await started(Batcher(recorder, max_batch_size=1, max_wait_s=0, max_queue=8))
-        batcher.batch_times.record(1, 1.0)
+        settled(batcher.batch_times, 1, 1.0)
         blocker = asyncio.ensure_future(batcher.submit("blocker"))
         await wait_until_entered(recorder)
         late = asyncio.ensure_future(batcher.submit("late", timeout_s=2.2))  # fits: 1 + 1 s
         await asyncio.sleep(0.05)
         assert not late.done()
         # The running batch overruns to 1.5 s; then a batch of one (now predicted at
-        # 0.3 x 1.5 + 0.7 x 1 = 1.15 s) would end 2.65 s after "late" arrived: too late.
+        # 1.07 + 4 x 0.14 = 1.6 s) would end about 3.1 s after "late" arrived: too late.
         await asyncio.sleep(1.5)
         recorder.gate.set()
         with pytest.raises(DeadlineExceeded, match="before a batch could end") as expired:
@@ -321,10 +336,10 @@ def test_a_batch_shrinks_to_meet_its_oldest_deadline_rather_than_drop_it():
     async def scenario():
         recorder = Recorder()
         batcher = Batcher(recorder, max_batch_size=4, max_wait_s=0, max_queue=8)
-        batcher.batch_times.record(1, 0.1)
+        settled(batcher.batch_times, 1, 0.1)
         results = [asyncio.ensure_future(batcher.submit(x, timeout_s=2.0)) for x in "abcd"]
         await asyncio.sleep(0)
-        batcher.batch_times.record(4, 5.0)  # learned while they waited: 4 together is too slow
+        settled(batcher.batch_times, 4, 5.0)  # learned while they waited: 4 together is slow
         batcher.start()
         done = await asyncio.gather(*results)
         await batcher.stop()

@@ -106,8 +106,9 @@ def test_batch_shapes_are_validated(tmp_path):
         index.retrieve(["text 0"], [1, 1])
 
 
-# ivf's default nprobe (8 of ~4*sqrt(600) = 98 lists) finds ~76 % here: recall is the
-# price of probing few lists, so this checks the index at a setting meant to recall well.
+# With few probes (8 of ~4*sqrt(600) = 98 lists) ivf finds ~76 % here: recall is the price
+# of probing few lists, so this checks the index at a setting meant to recall well (24;
+# the configured default, `corpus.ivf_nprobe`, is 32).
 @pytest.mark.parametrize(("kind", "overrides"), [("hnsw", {}), ("ivf", {"ivf_nprobe": 24})])
 def test_approximate_indexes_recall_what_flat_finds(tmp_path, kind, overrides):
     vectors = clustered(600, 32, seed=6)
@@ -187,7 +188,7 @@ def cache_files(tmp_path: Path) -> list[Path]:
 
 def test_second_build_reads_the_cache(tmp_path, counted_embedder):
     first = demo_index(tmp_path, counted_embedder)
-    assert counted_embedder.forward_calls == 4  # 58 documents in chunks of 16
+    assert counted_embedder.forward_calls == 4  # 62 documents in chunks of 16
     [path] = cache_files(tmp_path)
     assert path.suffix == ".npy"
     counted_embedder.forward_calls = 0
@@ -249,7 +250,7 @@ def test_unwritable_cache_only_warns(tmp_path, counted_embedder, caplog):
     blocker.write_text("a file where the cache folder would go")
     cfg = corpus_cfg(blocker)
     index = DocumentIndex(load_corpus(cfg), counted_embedder, cfg)
-    assert index.size == 58
+    assert index.size == 62
     assert "could not write embedding cache" in caplog.text
 
 
@@ -287,3 +288,22 @@ def test_demo_questions_retrieve_their_documents(minilm_index):
     }
     hits, _, _ = minilm_index.retrieve(list(expected), [1] * len(expected))
     assert [h[0].doc.id for h in hits] == list(expected.values())
+
+
+@pytest.mark.packaged
+@pytest.mark.parametrize(
+    ("question", "expected"),
+    [
+        (
+            "Which animals are commonly kept as pets?",
+            {"animals-common-pets", "animals-domestic-cats", "animals-dogs-domestication"},
+        ),
+        (
+            "What animal is usually domesticated?",
+            {"history-animal-domestication", "animals-dogs-domestication", "animals-domestic-cats"},
+        ),
+    ],
+)
+def test_pet_and_domestication_questions_retrieve_such_documents(minilm_index, question, expected):
+    [hits], _, _ = minilm_index.retrieve([question], [2])
+    assert {h.doc.id for h in hits} <= expected, [h.doc.id for h in hits]

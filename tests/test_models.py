@@ -69,10 +69,37 @@ def test_hub_model_offline_gives_one_clear_error():
         load_generator(cfg)
 
 
-def test_dtype_auto_follows_the_hardware():
+CPUINFO_FLAGS = "flags\t\t: fpu vme de pse tsc msr pae mce cx8 apic sep mtrr sse sse2 avx avx2"
+CPUINFO = {
+    "zen4-avx512-bf16": (f"processor\t: 0\n{CPUINFO_FLAGS} avx512f avx512_bf16\n", True),
+    "sapphire-rapids-amx": (f"processor\t: 0\n{CPUINFO_FLAGS} amx_bf16 amx_tile\n", True),
+    "avx2-only": (
+        f"processor\t: 0\n{CPUINFO_FLAGS} fma\n\nprocessor\t: 1\n{CPUINFO_FLAGS}\n",
+        False,
+    ),
+    "avx512-without-bf16": (f"processor\t: 0\n{CPUINFO_FLAGS} avx512f avx512bw\n", False),
+    "arm-neoverse-v1": ("processor\t: 0\nFeatures\t: fp asimd sve bf16 i8mm\n", True),
+    "arm-cortex-a72": ("processor\t: 0\nFeatures\t: fp asimd evtstrm crc32 cpuid\n", False),
+    "bf16-only-in-a-model-name": ("model name\t: Imaginary bf16 CPU\nflags\t: sse2\n", False),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CPUINFO))
+def test_dtype_auto_picks_bf16_only_where_the_cpu_computes_it(tmp_path, name):
+    text, native = CPUINFO[name]
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(text)
+    assert cpu_has_native_bf16(cpuinfo) is native
+    expected = torch.bfloat16 if native else torch.float32
+    assert pick_dtype("auto", torch.device("cpu"), cpuinfo) == expected
+
+
+def test_dtype_auto_without_cpuinfo_is_float32(tmp_path):
+    assert pick_dtype("auto", torch.device("cpu"), tmp_path / "absent") == torch.float32
+
+
+def test_explicit_dtype_and_device():
     cpu = torch.device("cpu")
-    expected = torch.bfloat16 if cpu_has_native_bf16() else torch.float32
-    assert pick_dtype("auto", cpu) == expected
     assert pick_dtype("float32", cpu) == torch.float32
     assert pick_dtype("bfloat16", cpu) == torch.bfloat16
     assert pick_device("cpu").type == "cpu"

