@@ -40,9 +40,8 @@ def rate_between_bursts(times: list[float], start: float, end: float) -> float:
     """Answers per second from the end of the first burst of completions in [start, end] to
     the end of the last one, counting the bursts after the first: whole batches only."""
     inside = sorted(t for t in times if start <= t <= end)
-    ends = [
-        t for t, later in zip(inside, [*inside[1:], np.inf], strict=True) if later - t > BURST_GAP_S
-    ]
+    gaps = np.diff(inside, append=np.inf)
+    ends = [t for t, gap in zip(inside, gaps, strict=True) if gap > BURST_GAP_S]
     if len(ends) < 2:
         return float("nan")
     counted = sum(1 for t in inside if ends[0] < t <= ends[-1])

@@ -227,31 +227,23 @@ def test_invalid_knobs_are_rejected():
         Batcher(Recorder(), max_batch_size=0, max_wait_s=0, max_queue=1)
 
 
-def settled(times: BatchTimes, size: int, seconds: float) -> None:
-    """Record enough equal batches that the deviation has died away."""
-    for _ in range(80):
-        times.record(size, seconds)
-
-
-def test_batch_times_start_wary_settle_on_steady_batches_and_widen_with_jitter():
+def test_batch_times_learn_the_likely_maximum_and_the_fastest():
     times = BatchTimes()
-    assert times.predict(4) is None
+    assert times.likely_max(4) is None and times.fastest(4) is None
     times.record(4, 2.0)
-    assert times.predict(4) == pytest.approx(6.0)  # one sample: 2 + 4 x 1
-    settled(times, 4, 2.0)
-    assert times.predict(4) == pytest.approx(2.0)
+    assert times.likely_max(4) == times.fastest(4) == 2.0
     for seconds in (1.5, 2.5) * 20:
         times.record(4, seconds)
-    assert 3.0 < times.predict(4) < 5.0  # jitter of 0.5 s: room for it
+    assert 3.0 < times.likely_max(4) < 5.0  # jitter of 0.5 s: room for it
+    assert times.fastest(4) == 1.5
 
 
-def test_batch_times_err_long_for_sizes_not_seen():
+def test_batch_times_borrow_for_sizes_not_seen():
     times = BatchTimes()
-    settled(times, 1, 2.0)
-    settled(times, 8, 6.0)
-    assert times.predict(1) == pytest.approx(2.0)
-    assert times.predict(3) == pytest.approx(6.0)  # the nearest larger size seen
-    assert times.predict(16) == pytest.approx(12.0)  # beyond the largest: scaled linearly
+    times.record(1, 2.0)
+    times.record(8, 6.0)
+    assert times.likely_max(3) == 6.0  # the nearest larger size seen
+    assert times.likely_max(16) == times.fastest(16) == 6.0  # the largest, until measured
 
 
 async def queue_until_refused(batcher: Batcher, timeout_s: float) -> tuple[int, Overloaded]:
@@ -273,7 +265,7 @@ async def queue_until_refused(batcher: Batcher, timeout_s: float) -> tuple[int, 
 def test_one_at_a_time_admits_what_fits_before_the_deadline():
     async def scenario():
         batcher = Batcher(Recorder(), max_batch_size=1, max_wait_s=0, max_queue=64)
-        settled(batcher.batch_times, 1, 10.0)
+        batcher.batch_times.record(1, 10.0)
         # positions 0, 1, 2 finish 10, 20, 30 s from now; the fourth would take 40 s
         return await queue_until_refused(batcher, timeout_s=35)
 
@@ -286,14 +278,39 @@ def test_one_at_a_time_admits_what_fits_before_the_deadline():
 def test_batches_admit_by_full_batches_ahead_plus_their_own():
     async def scenario():
         batcher = Batcher(Recorder(), max_batch_size=4, max_wait_s=0, max_queue=64)
-        settled(batcher.batch_times, 1, 2.0)
-        settled(batcher.batch_times, 4, 8.0)
+        batcher.batch_times.record(1, 2.0)
+        batcher.batch_times.record(4, 8.0)
         # positions 0..3 end at 2, 8, 8, 8 s; 4..7 at 10, 16, 16, 16; position 8 at 18
         return await queue_until_refused(batcher, timeout_s=17)
 
     admitted, refusal = run(scenario())
     assert admitted == 8
     assert refusal.retry_after_s == 1
+
+
+def test_an_idle_batcher_admits_whatever_its_estimates_say():
+    async def scenario():
+        batcher = Batcher(Recorder(), max_batch_size=1, max_wait_s=0, max_queue=8)
+        batcher.batch_times.record(1, 100.0)  # one pathological batch
+        return await queue_until_refused(batcher, timeout_s=5)
+
+    admitted, refusal = run(scenario())
+    assert admitted == 1
+    assert refusal.retry_after_s == 195
+
+
+def test_one_slow_batch_does_not_stop_the_batcher_for_good():
+    async def scenario():
+        recorder = Recorder()
+        batcher = await started(Batcher(recorder, max_batch_size=1, max_wait_s=0, max_queue=8))
+        batcher.batch_times.record(1, 100.0)  # one pathological batch
+        result = await batcher.submit("next", timeout_s=5)  # idle: admitted; alone: computed
+        await batcher.stop()
+        return result, batcher
+
+    result, batcher = run(scenario())
+    assert result.value == "NEXT"
+    assert batcher.batch_times.fastest(1) < 1  # measured afresh
 
 
 def test_nothing_is_refused_for_its_deadline_before_a_batch_was_measured():
@@ -311,24 +328,25 @@ def test_a_request_whose_deadline_falls_before_its_batch_ends_is_not_computed():
         recorder = Recorder()
         recorder.gate.clear()
         batcher = await started(Batcher(recorder, max_batch_size=1, max_wait_s=0, max_queue=8))
-        settled(batcher.batch_times, 1, 1.0)
+        batcher.batch_times.record(1, 1.0)
         blocker = asyncio.ensure_future(batcher.submit("blocker"))
         await wait_until_entered(recorder)
         late = asyncio.ensure_future(batcher.submit("late", timeout_s=2.2))  # fits: 1 + 1 s
+        later = asyncio.ensure_future(batcher.submit("later", timeout_s=10))
         await asyncio.sleep(0.05)
-        assert not late.done()
-        # The running batch overruns to 1.5 s; then a batch of one (now predicted at
-        # 1.07 + 4 x 0.14 = 1.6 s) would end about 3.1 s after "late" arrived: too late.
+        assert not late.done() and not later.done()
+        # The running batch overruns to 1.5 s; then even at its fastest (1 s) a batch of
+        # one would end 2.5 s after "late" arrived, past its 2.2 s deadline.
         await asyncio.sleep(1.5)
         recorder.gate.set()
         with pytest.raises(DeadlineExceeded, match="before a batch could end") as expired:
             await late
-        await blocker
+        await asyncio.gather(blocker, later)
         await batcher.stop()
         return recorder, batcher, expired
 
     recorder, batcher, _ = run(scenario())
-    assert recorder.batches == [["blocker"]]
+    assert recorder.batches == [["blocker"], ["later"]]
     assert batcher.expired == 1
 
 
@@ -336,10 +354,10 @@ def test_a_batch_shrinks_to_meet_its_oldest_deadline_rather_than_drop_it():
     async def scenario():
         recorder = Recorder()
         batcher = Batcher(recorder, max_batch_size=4, max_wait_s=0, max_queue=8)
-        settled(batcher.batch_times, 1, 0.1)
+        batcher.batch_times.record(1, 0.1)
         results = [asyncio.ensure_future(batcher.submit(x, timeout_s=2.0)) for x in "abcd"]
         await asyncio.sleep(0)
-        settled(batcher.batch_times, 4, 5.0)  # learned while they waited: 4 together is slow
+        batcher.batch_times.record(4, 5.0)  # learned while they waited: 4 together is slow
         batcher.start()
         done = await asyncio.gather(*results)
         await batcher.stop()

@@ -12,8 +12,13 @@ Admission is by deadline: each request has one (`timeout_s` after it arrives).  
 batch durations measured so far, a request that could not be served before its deadline
 behind the queue ahead of it is refused at once (Overloaded, with the seconds after which
 it would fit), and a batch never starts with a request whose deadline falls before the
-batch is predicted to end (DeadlineExceeded): under overload the server keeps computing
-answers that are still wanted, and a refused client learns it in milliseconds.
+batch could end (DeadlineExceeded): under overload the server keeps computing answers that
+are still wanted, and a refused client learns it in milliseconds.  The door is wary (a
+duration that ordinary jitter rarely exceeds), the batch start is not (the fastest such a
+batch has run), so what was admitted is rarely dropped.  Every estimate comes from batches
+that ran, so none may stop batches from running: an idle batcher admits a request whatever
+its estimates say, and a request alone in the queue is computed (it delays no one, and its
+batch is measured afresh).
 """
 
 from __future__ import annotations
@@ -59,38 +64,44 @@ class Completed(Generic[R]):
 
 
 class BatchTimes:
-    """How long a batch of n may take, learned from the batches computed.
+    """How long a batch of n takes, learned from the batches computed.
 
-    Per batch size, a smoothed duration and a smoothed deviation, combined as TCP combines
-    round-trip samples into its retransmission timeout (RFC 6298: mean + 4 x deviation):
-    an estimate that ordinary jitter rarely exceeds, so a request admitted on it is rarely
-    cut off at its deadline after its batch was computed.  A size not seen yet takes the
-    nearest larger size's estimate (or the largest one's, scaled linearly): it errs long.
+    Per batch size: a smoothed duration and a smoothed deviation, combined as TCP combines
+    round-trip samples into its retransmission timeout (RFC 6298: mean + 4 x deviation),
+    for a `likely_max` that ordinary jitter rarely exceeds; and the `fastest` such a batch
+    has run.  A size not seen yet borrows from the nearest larger size seen, or else from
+    the largest (until a batch of that size runs and is measured).
     """
 
     def __init__(self) -> None:
         self._mean: dict[int, float] = {}
         self._deviation: dict[int, float] = {}
+        self._fastest: dict[int, float] = {}
 
     def record(self, size: int, seconds: float) -> None:
         mean = self._mean.get(size)
         if mean is None:
-            self._mean[size], self._deviation[size] = seconds, seconds / 2
+            self._mean[size], self._deviation[size], self._fastest[size] = seconds, 0.0, seconds
             return
         self._deviation[size] = 0.75 * self._deviation[size] + 0.25 * abs(mean - seconds)
         self._mean[size] = 0.875 * mean + 0.125 * seconds
+        self._fastest[size] = min(self._fastest[size], seconds)
 
-    def predict(self, size: int) -> float | None:
-        """Seconds a batch of `size` may take, or None before any batch was measured."""
-        if not self._mean:
-            return None
-        if size not in self._mean:
-            larger = [s for s in self._mean if s > size]
-            if larger:
-                return self.predict(min(larger))
-            largest = max(self._mean)
-            return self.predict(largest) * size / largest  # type: ignore[operator]
-        return self._mean[size] + 4 * self._deviation[size]
+    def _seen(self, size: int) -> int | None:
+        if not self._mean or size in self._mean:
+            return size if self._mean else None
+        larger = [s for s in self._mean if s > size]
+        return min(larger) if larger else max(self._mean)
+
+    def likely_max(self, size: int) -> float | None:
+        """Seconds a batch of `size` rarely exceeds; None before any batch was measured."""
+        seen = self._seen(size)
+        return None if seen is None else self._mean[seen] + 4 * self._deviation[seen]
+
+    def fastest(self, size: int) -> float | None:
+        """The shortest a batch of `size` has taken; None before any batch was measured."""
+        seen = self._seen(size)
+        return None if seen is None else self._fastest[seen]
 
 
 @dataclass(frozen=True)
@@ -130,7 +141,7 @@ class Batcher(Generic[T, R]):
         self.service_rate: float | None = None  # requests per second, smoothed
         self.dropped = 0  # requests whose caller left (or timed out) before compute
         self.expired = 0  # requests not computed because their batch would end too late
-        self._busy_until = 0.0  # when the running batch is predicted to end
+        self._busy_until = 0.0  # when the running batch will likely have ended
         self._queue: deque[_Waiting[T]] = deque()
         self._arrived = asyncio.Event()
         self._idle = asyncio.Event()
@@ -178,12 +189,12 @@ class Batcher(Generic[T, R]):
             return False
         return True
 
-    def predicted_finish(self, now: float, ahead: int) -> float | None:
-        """When a request arriving `now` behind `ahead` queued requests would be answered:
-        the running batch's rest, the full batches ahead, then its own; None before any
-        batch was measured."""
-        full = self.batch_times.predict(self.max_batch_size)
-        own = self.batch_times.predict(ahead % self.max_batch_size + 1)
+    def likely_finish(self, now: float, ahead: int) -> float | None:
+        """When a request arriving `now` behind `ahead` queued requests will likely have
+        been answered: the running batch's rest, the full batches ahead, then its own; None
+        before any batch was measured."""
+        full = self.batch_times.likely_max(self.max_batch_size)
+        own = self.batch_times.likely_max(ahead % self.max_batch_size + 1)
         if full is None or own is None:
             return None
         batches_ahead = ahead // self.max_batch_size
@@ -207,7 +218,8 @@ class Batcher(Generic[T, R]):
         ahead = self.depth
         if ahead >= self.max_queue:  # room comes when the running batch ends
             raise Overloaded(f"the queue is full ({ahead} waiting)", self._running_rest(now))
-        finish = self.predicted_finish(now, ahead)
+        idle = ahead == 0 and not self._running
+        finish = None if idle else self.likely_finish(now, ahead)
         if finish is not None and finish > now + timeout_s:
             raise Overloaded(
                 f"{ahead} requests queued ahead; this one would be answered in about "
@@ -255,16 +267,17 @@ class Batcher(Generic[T, R]):
         return self._take_in_time(time.monotonic())
 
     def _take_in_time(self, now: float) -> list[_Waiting[T]]:
-        """The largest batch from the front of the queue that is predicted to end before
-        the deadline of its first (oldest) request; a request that cannot make its deadline
-        even alone is answered DeadlineExceeded and never computed."""
+        """The largest batch from the front of the queue that could end before the deadline
+        of its first (oldest) request, at the fastest such a batch has run.  A request that
+        cannot make its deadline even alone is answered DeadlineExceeded and never computed,
+        unless no other request waits (then it costs no one and refreshes the estimates)."""
         while self._queue:
             first = self._queue[0]
             size = min(self.max_batch_size, len(self._queue))
-            while size > 0 and now + (self.batch_times.predict(size) or 0.0) > first.deadline:
+            while size > 0 and now + (self.batch_times.fastest(size) or 0.0) > first.deadline:
                 size -= 1
-            if size > 0:
-                return [self._queue.popleft() for _ in range(size)]
+            if size > 0 or len(self._queue) == 1:
+                return [self._queue.popleft() for _ in range(max(size, 1))]
             self._queue.popleft()
             self.expired += 1
             first.future.set_exception(
@@ -280,7 +293,7 @@ class Batcher(Generic[T, R]):
                 continue
             started = time.monotonic()
             self._running = len(batch)
-            self._busy_until = started + (self.batch_times.predict(len(batch)) or 0.0)
+            self._busy_until = started + (self.batch_times.likely_max(len(batch)) or 0.0)
             try:
                 results = await loop.run_in_executor(
                     self._executor, self.run_batch, [w.item for w in batch]
