@@ -238,12 +238,13 @@ def test_batch_times_learn_the_likely_maximum_and_the_fastest():
     assert times.fastest(4) == 1.5
 
 
-def test_batch_times_borrow_for_sizes_not_seen():
+def test_batch_times_interpolate_sizes_not_seen():
     times = BatchTimes()
-    times.record(1, 2.0)
-    times.record(8, 6.0)
-    assert times.likely_max(3) == 6.0  # the nearest larger size seen
-    assert times.likely_max(16) == times.fastest(16) == 6.0  # the largest, until measured
+    times.record(2, 2.0)
+    times.record(10, 6.0)
+    assert times.likely_max(4) == pytest.approx(3.0)  # between the sizes seen
+    assert times.likely_max(1) == times.fastest(1) == 2.0  # beyond them: the nearest
+    assert times.likely_max(16) == times.fastest(16) == 6.0
 
 
 async def queue_until_refused(batcher: Batcher, timeout_s: float) -> tuple[int, Overloaded]:
@@ -280,7 +281,7 @@ def test_batches_admit_by_full_batches_ahead_plus_their_own():
         batcher = Batcher(Recorder(), max_batch_size=4, max_wait_s=0, max_queue=64)
         batcher.batch_times.record(1, 2.0)
         batcher.batch_times.record(4, 8.0)
-        # positions 0..3 end at 2, 8, 8, 8 s; 4..7 at 10, 16, 16, 16; position 8 at 18
+        # positions 0..3 end at 2, 4, 6, 8 s; 4..7 at 10, 12, 14, 16; position 8 at 18
         return await queue_until_refused(batcher, timeout_s=17)
 
     admitted, refusal = run(scenario())
@@ -355,7 +356,7 @@ def test_a_batch_shrinks_to_meet_its_oldest_deadline_rather_than_drop_it():
         recorder = Recorder()
         batcher = Batcher(recorder, max_batch_size=4, max_wait_s=0, max_queue=8)
         batcher.batch_times.record(1, 0.1)
-        results = [asyncio.ensure_future(batcher.submit(x, timeout_s=2.0)) for x in "abcd"]
+        results = [asyncio.ensure_future(batcher.submit(x, timeout_s=1.0)) for x in "abcd"]
         await asyncio.sleep(0)
         batcher.batch_times.record(4, 5.0)  # learned while they waited: 4 together is slow
         batcher.start()

@@ -24,6 +24,7 @@ batch is measured afresh).
 from __future__ import annotations
 
 import asyncio
+import bisect
 import math
 import time
 from collections import Counter, deque
@@ -69,8 +70,8 @@ class BatchTimes:
     Per batch size: a smoothed duration and a smoothed deviation, combined as TCP combines
     round-trip samples into its retransmission timeout (RFC 6298: mean + 4 x deviation),
     for a `likely_max` that ordinary jitter rarely exceeds; and the `fastest` such a batch
-    has run.  A size not seen yet borrows from the nearest larger size seen, or else from
-    the largest (until a batch of that size runs and is measured).
+    has run.  A size not seen yet is interpolated linearly between the sizes seen around
+    it (beyond them, the nearest one), until a batch of that size runs and is measured.
     """
 
     def __init__(self) -> None:
@@ -87,21 +88,26 @@ class BatchTimes:
         self._mean[size] = 0.875 * mean + 0.125 * seconds
         self._fastest[size] = min(self._fastest[size], seconds)
 
-    def _seen(self, size: int) -> int | None:
-        if not self._mean or size in self._mean:
-            return size if self._mean else None
-        larger = [s for s in self._mean if s > size]
-        return min(larger) if larger else max(self._mean)
-
     def likely_max(self, size: int) -> float | None:
         """Seconds a batch of `size` rarely exceeds; None before any batch was measured."""
-        seen = self._seen(size)
-        return None if seen is None else self._mean[seen] + 4 * self._deviation[seen]
+        likely = {n: self._mean[n] + 4 * self._deviation[n] for n in self._mean}
+        return _interpolate(likely, size)
 
     def fastest(self, size: int) -> float | None:
         """The shortest a batch of `size` has taken; None before any batch was measured."""
-        seen = self._seen(size)
-        return None if seen is None else self._fastest[seen]
+        return _interpolate(self._fastest, size)
+
+
+def _interpolate(by_size: dict[int, float], size: int) -> float | None:
+    if not by_size:
+        return None
+    sizes = sorted(by_size)
+    above = bisect.bisect_left(sizes, size)
+    if above == 0 or above == len(sizes):
+        return by_size[sizes[min(above, len(sizes) - 1)]]
+    low, high = sizes[above - 1], sizes[above]
+    share = (size - low) / (high - low)
+    return by_size[low] + share * (by_size[high] - by_size[low])
 
 
 @dataclass(frozen=True)
