@@ -276,17 +276,17 @@ def test_one_at_a_time_admits_what_fits_before_the_deadline():
     assert "past its 35 s deadline" in str(refusal)
 
 
-def test_batches_admit_by_full_batches_ahead_plus_their_own():
+def test_batches_admit_by_full_batches_ahead_and_their_own_filling_up():
     async def scenario():
         batcher = Batcher(Recorder(), max_batch_size=4, max_wait_s=0, max_queue=64)
-        batcher.batch_times.record(1, 2.0)
         batcher.batch_times.record(4, 8.0)
-        # positions 0..3 end at 2, 4, 6, 8 s; 4..7 at 10, 12, 14, 16; position 8 at 18
+        # positions 1..3 are served by one full batch (8 s), 4..7 by two (16 s); position
+        # 8 would need three (24 s)
         return await queue_until_refused(batcher, timeout_s=17)
 
     admitted, refusal = run(scenario())
     assert admitted == 8
-    assert refusal.retry_after_s == 1
+    assert refusal.retry_after_s == 7
 
 
 def test_an_idle_batcher_admits_whatever_its_estimates_say():
@@ -351,19 +351,22 @@ def test_a_request_whose_deadline_falls_before_its_batch_ends_is_not_computed():
     assert batcher.expired == 1
 
 
-def test_a_batch_shrinks_to_meet_its_oldest_deadline_rather_than_drop_it():
+def test_an_oldest_request_that_its_batch_cannot_serve_in_time_gives_way():
     async def scenario():
         recorder = Recorder()
         batcher = Batcher(recorder, max_batch_size=4, max_wait_s=0, max_queue=8)
-        batcher.batch_times.record(1, 0.1)
-        results = [asyncio.ensure_future(batcher.submit(x, timeout_s=1.0)) for x in "abcd"]
+        batcher.batch_times.record(4, 1.0)
+        tight = asyncio.ensure_future(batcher.submit("tight", timeout_s=0.5))
+        rest = [asyncio.ensure_future(batcher.submit(x, timeout_s=10)) for x in "bcde"]
         await asyncio.sleep(0)
-        batcher.batch_times.record(4, 5.0)  # learned while they waited: 4 together is slow
-        batcher.start()
-        done = await asyncio.gather(*results)
+        batcher.start()  # a batch of 4 takes 1 s at its fastest: too late for "tight"
+        with pytest.raises(DeadlineExceeded, match="before a batch could end"):
+            await tight
+        done = await asyncio.gather(*rest)
         await batcher.stop()
-        return recorder, done
+        return recorder, batcher, done
 
-    recorder, done = run(scenario())
-    assert [r.value for r in done] == ["A", "B", "C", "D"]
-    assert recorder.batches == [["a"], ["b"], ["c"], ["d"]]
+    recorder, batcher, done = run(scenario())
+    assert [r.value for r in done] == ["B", "C", "D", "E"]
+    assert recorder.batches == [["b", "c", "d", "e"]]  # full, filled from behind
+    assert batcher.expired == 1

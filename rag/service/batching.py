@@ -12,13 +12,13 @@ Admission is by deadline: each request has one (`timeout_s` after it arrives).  
 batch durations measured so far, a request that could not be served before its deadline
 behind the queue ahead of it is refused at once (Overloaded, with the seconds after which
 it would fit), and a batch never starts with a request whose deadline falls before the
-batch could end (DeadlineExceeded): under overload the server keeps computing answers that
-are still wanted, and a refused client learns it in milliseconds.  The door is wary (a
-duration that ordinary jitter rarely exceeds), the batch start is not (the fastest such a
-batch has run), so what was admitted is rarely dropped.  Every estimate comes from batches
-that ran, so none may stop batches from running: an idle batcher admits a request whatever
-its estimates say, and a request alone in the queue is computed (it delays no one, and its
-batch is measured afresh).
+batch could end (DeadlineExceeded): under overload the server keeps computing full batches
+of answers that are still wanted, and a refused client learns it in milliseconds.  The door
+is wary (full batches, each as long as ordinary jitter rarely exceeds), the batch start is
+not (the fastest such a batch has run), so what was admitted is rarely dropped.  Every
+estimate comes from batches that ran, so none may stop batches from running: an idle
+batcher admits a request whatever its estimates say, and a request alone in the queue is
+computed (it delays no one, and its batch is measured afresh).
 """
 
 from __future__ import annotations
@@ -197,14 +197,13 @@ class Batcher(Generic[T, R]):
 
     def likely_finish(self, now: float, ahead: int) -> float | None:
         """When a request arriving `now` behind `ahead` queued requests will likely have
-        been answered: the running batch's rest, the full batches ahead, then its own; None
-        before any batch was measured."""
+        been answered: the running batch's rest, the full batches ahead, then its own, which
+        may fill up while it waits; None before any batch was measured."""
         full = self.batch_times.likely_max(self.max_batch_size)
-        own = self.batch_times.likely_max(ahead % self.max_batch_size + 1)
-        if full is None or own is None:
+        if full is None:
             return None
-        batches_ahead = ahead // self.max_batch_size
-        return now + self._running_rest(now) + self.max_wait_s + batches_ahead * full + own
+        batches = ahead // self.max_batch_size + 1
+        return now + self._running_rest(now) + self.max_wait_s + batches * full
 
     def _running_rest(self, now: float) -> float:
         return max(0.0, self._busy_until - now) if self._running else 0.0
@@ -273,17 +272,17 @@ class Batcher(Generic[T, R]):
         return self._take_in_time(time.monotonic())
 
     def _take_in_time(self, now: float) -> list[_Waiting[T]]:
-        """The largest batch from the front of the queue that could end before the deadline
-        of its first (oldest) request, at the fastest such a batch has run.  A request that
-        cannot make its deadline even alone is answered DeadlineExceeded and never computed,
-        unless no other request waits (then it costs no one and refreshes the estimates)."""
+        """A batch as full as the queue allows, whose oldest request's deadline the batch
+        could meet (at the fastest such a batch has run).  An oldest request that it could
+        not is answered DeadlineExceeded and never computed, and the batch fills from
+        behind; except a request alone in the queue (it costs no one and refreshes the
+        estimates)."""
         while self._queue:
             first = self._queue[0]
             size = min(self.max_batch_size, len(self._queue))
-            while size > 0 and now + (self.batch_times.fastest(size) or 0.0) > first.deadline:
-                size -= 1
-            if size > 0 or len(self._queue) == 1:
-                return [self._queue.popleft() for _ in range(max(size, 1))]
+            end = now + (self.batch_times.fastest(size) or 0.0)
+            if first.deadline >= end or len(self._queue) == 1:
+                return [self._queue.popleft() for _ in range(size)]
             self._queue.popleft()
             self.expired += 1
             first.future.set_exception(
