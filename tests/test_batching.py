@@ -263,41 +263,35 @@ async def queue_until_refused(batcher: Batcher, timeout_s: float) -> tuple[int, 
         admitted.append(task)
 
 
-def test_one_at_a_time_admits_what_fits_before_the_deadline():
+ADMISSIONS = {
+    # one at a time, 10 s each: positions 0, 1, 2 end 10, 20, 30 s from now; the fourth
+    # would take 40 s against a 35 s deadline
+    "one-at-a-time": dict(batch=1, measured={1: 10.0}, timeout=35, admitted=3, retry=5),
+    # batches of 4, 8 s each, counted full: positions 1..3 are served by one batch (8 s),
+    # 4..7 by two (16 s); position 8 would need three (24 s)
+    "batches-fill-up": dict(batch=4, measured={4: 8.0}, timeout=17, admitted=8, retry=7),
+    # after one pathological batch an idle batcher still admits one (its batch is measured)
+    "idle-admits": dict(batch=1, measured={1: 100.0}, timeout=5, admitted=1, retry=195),
+    # nothing measured yet: only the queue's bound refuses
+    "unmeasured": dict(batch=1, measured={}, timeout=0.001, admitted=64, retry=1),
+}
+
+
+@pytest.mark.parametrize("case", sorted(ADMISSIONS))
+def test_the_door_admits_what_the_measured_batches_serve_before_the_deadline(case):
+    knobs = ADMISSIONS[case]
+
     async def scenario():
-        batcher = Batcher(Recorder(), max_batch_size=1, max_wait_s=0, max_queue=64)
-        batcher.batch_times.record(1, 10.0)
-        # positions 0, 1, 2 finish 10, 20, 30 s from now; the fourth would take 40 s
-        return await queue_until_refused(batcher, timeout_s=35)
+        batcher = Batcher(Recorder(), max_batch_size=knobs["batch"], max_wait_s=0, max_queue=64)
+        for size, seconds in knobs["measured"].items():
+            batcher.batch_times.record(size, seconds)
+        return await queue_until_refused(batcher, timeout_s=knobs["timeout"])
 
     admitted, refusal = run(scenario())
-    assert admitted == 3
-    assert refusal.retry_after_s == 5  # 40 s of work ahead against a 35 s deadline
-    assert "past its 35 s deadline" in str(refusal)
-
-
-def test_batches_admit_by_full_batches_ahead_and_their_own_filling_up():
-    async def scenario():
-        batcher = Batcher(Recorder(), max_batch_size=4, max_wait_s=0, max_queue=64)
-        batcher.batch_times.record(4, 8.0)
-        # positions 1..3 are served by one full batch (8 s), 4..7 by two (16 s); position
-        # 8 would need three (24 s)
-        return await queue_until_refused(batcher, timeout_s=17)
-
-    admitted, refusal = run(scenario())
-    assert admitted == 8
-    assert refusal.retry_after_s == 7
-
-
-def test_an_idle_batcher_admits_whatever_its_estimates_say():
-    async def scenario():
-        batcher = Batcher(Recorder(), max_batch_size=1, max_wait_s=0, max_queue=8)
-        batcher.batch_times.record(1, 100.0)  # one pathological batch
-        return await queue_until_refused(batcher, timeout_s=5)
-
-    admitted, refusal = run(scenario())
-    assert admitted == 1
-    assert refusal.retry_after_s == 195
+    assert admitted == knobs["admitted"]
+    assert refusal.retry_after_s == knobs["retry"]
+    reason = "queue is full" if case == "unmeasured" else f"past its {knobs['timeout']} s deadline"
+    assert reason in str(refusal)
 
 
 def test_one_slow_batch_does_not_stop_the_batcher_for_good():
@@ -312,16 +306,6 @@ def test_one_slow_batch_does_not_stop_the_batcher_for_good():
     result, batcher = run(scenario())
     assert result.value == "NEXT"
     assert batcher.batch_times.fastest(1) < 1  # measured afresh
-
-
-def test_nothing_is_refused_for_its_deadline_before_a_batch_was_measured():
-    async def scenario():
-        batcher = Batcher(Recorder(), max_batch_size=1, max_wait_s=0, max_queue=5)
-        return await queue_until_refused(batcher, timeout_s=0.001)
-
-    admitted, refusal = run(scenario())
-    assert admitted == 5
-    assert "queue is full" in str(refusal) and refusal.retry_after_s == 1
 
 
 def test_a_request_whose_deadline_falls_before_its_batch_ends_is_not_computed():

@@ -12,19 +12,12 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import psutil
 import pytest
+from server_metrics import metric
 
 from rag.cluster.process import ServerProcess
 
 HOVER = "Which animals can hover in the air?"
 JSON = {"Content-Type": "application/json"}
-
-
-def metric(url: str, sample: str) -> float:
-    for line in httpx.get(f"{url}/metrics").text.splitlines():
-        name, _, value = line.rpartition(" ")
-        if name == sample:
-            return float(value)
-    return 0.0
 
 
 @pytest.fixture(scope="module")

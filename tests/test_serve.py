@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
+from server_metrics import metric
 
 from rag.cluster.process import ServerFailed, ServerProcess
 
@@ -26,15 +27,6 @@ def post(url: str, body: object, timeout: float = 60) -> httpx.Response:
 def post_concurrently(url: str, bodies: list[object]) -> list[httpx.Response]:
     with ThreadPoolExecutor(len(bodies)) as pool:
         return list(pool.map(lambda body: post(url, body), bodies))
-
-
-def metric(url: str, sample: str) -> float:
-    """The value of one Prometheus sample, e.g. 'rag_requests_total{status="429"}'."""
-    for line in httpx.get(f"{url}/metrics").text.splitlines():
-        name, _, value = line.rpartition(" ")
-        if name == sample:
-            return float(value)
-    return 0.0
 
 
 def test_batched_server_answers_concurrent_requests_in_batches(start_server):
