@@ -15,8 +15,9 @@ HEAVY = ("torch", "transformers", "faiss")
 # package -> the rag packages it may pull in besides itself
 TORCH_FREE = {
     "rag.loadgen": set(),
-    "rag.cluster": set(),
-    "rag.cluster.scaling": {"rag.cluster", "rag.config"},  # balancer, autoscaler, launchers
+    "rag.cluster": {"rag.storage"},
+    # balancer, autoscaler, launchers
+    "rag.cluster.scaling": {"rag.cluster", "rag.config", "rag.storage"},
     "rag.web": set(),  # the HTTP guards, shared by the server and the balancer
     "rag.storage": set(),
     # the port opens before torch loads
