@@ -232,6 +232,7 @@ class Balancer:
                 return web.Response(body=payload, status=upstream.status, headers=kept)
         except aiohttp.ClientConnectorError as exc:
             replica.errors += 1
+            replica.refused += 1
             self.pool.mark_dead(replica, f"refused a connection: {exc.os_error}")
             return None
         except TimeoutError:

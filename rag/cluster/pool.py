@@ -44,7 +44,8 @@ class Replica:
     pid: int | None = None  # a local process
     job_id: str = ""  # a SLURM job
     in_flight: int = 0
-    requests: int = 0
+    requests: int = 0  # forwarded to it, including those it refused to connect
+    refused: int = 0  # never reached it (connection refused): sent to another replica
     errors: int = 0
     rps: float = 0.0  # over the autoscaler's last check interval
     reason: str = ""  # why it stopped or died
@@ -68,6 +69,7 @@ class Replica:
             "state": self.state.value,
             "in_flight": self.in_flight,
             "requests": self.requests,
+            "refused": self.refused,
             "requests_per_s": round(self.rps, 3),
             "errors": self.errors,
             "reason": self.reason,
