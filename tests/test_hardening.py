@@ -4,6 +4,7 @@ cap, half-sent heads, and admission by deadline."""
 
 from __future__ import annotations
 
+import math
 import selectors
 import socket
 import time
@@ -220,12 +221,17 @@ def test_requests_that_cannot_meet_their_deadline_are_refused_at_the_door(start_
 
 
 def test_retry_after_reflects_the_measured_rate_after_a_burst(start_server):
-    """200 requests at once against a queue of 8 on a fast model: all are answered within
-    seconds, so nobody is told to come back in more than a second."""
+    """200 requests at once against a queue of 8 on a fast model: the whole burst is answered
+    within seconds, so nobody is told to come back later than the burst took to clear (a
+    Retry-After scaled by the crowd at the door would say tens of seconds)."""
     running = start_server("variant.max_queue=8")
+    started = time.perf_counter()
     with ThreadPoolExecutor(200) as pool:
         responses = list(pool.map(lambda _: timed_post(running.url)[0], range(200)))
+    cleared_s = time.perf_counter() - started
     refused = [r for r in responses if r.status_code == 429]
     assert {r.status_code for r in responses} <= {200, 429}
     assert refused and len(refused) < 200
-    assert {r.headers["Retry-After"] for r in refused} == {"1"}
+    # Whole seconds, rounded up, plus one for a batch estimate a busy machine stretched.
+    longest = max(int(r.headers["Retry-After"]) for r in refused)
+    assert 1 <= longest <= math.ceil(cleared_s) + 1
