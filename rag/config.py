@@ -7,6 +7,8 @@ the command line fails at composition time, not deep inside a run.
 
 from __future__ import annotations
 
+import hashlib
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,6 +16,8 @@ from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
+
+from rag.loadgen.config import LoadConfig
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
@@ -157,6 +161,50 @@ class ServerConfig:
 
 
 @dataclass
+class HarnessConfig:
+    """How the sweep runs one point: start the variant, warm it up, load it, stop it."""
+
+    warmup_requests: int = 4  # sent one at a time before the measured run
+    ready_timeout_s: float = 600.0  # start-up, including a first dequantisation
+    stop_timeout_s: float = 30.0  # SIGTERM (drain), then SIGKILL
+
+
+@dataclass
+class SloConfig:
+    """A latency target: p99 from the scheduled send, with few failures."""
+
+    p99_s: float = 2.0
+    max_failed_fraction: float = 0.01
+
+
+@dataclass
+class SearchConfig:
+    """`+search=max_rps`: the highest offered rate that meets `slo`, by doubling from
+    `start_rps` until a trial misses, then bisecting until the bracket is narrower than
+    `resolution` (a fraction of the rate).  One server serves every trial of a point."""
+
+    name: str = "max_rps"
+    start_rps: float = 1.0
+    min_rps: float = 0.25
+    max_rps: float = 128.0
+    resolution: float = 0.1
+    trial_duration_s: float = 20.0
+    min_trial_requests: int = 20
+    max_trials: int = 12
+
+
+@dataclass
+class SiteConfig:
+    """Site settings for a SLURM cluster, kept in the git-ignored `conf/local/default.yaml`
+    (see `slurm/README.md`); null leaves the cluster's default."""
+
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    setup: list[str] = field(default_factory=list)  # shell lines before a job (module load)
+
+
+@dataclass
 class Config:
     variant: VariantConfig = field(default_factory=VariantConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -166,13 +214,36 @@ class Config:
     port: int = 8000  # 0 = pick a free port and report it
     port_file: str = ""  # where to write the chosen port, for a parent process
     run_dir: str = ""  # where a server writes its logs and CSVs ("" = a temporary folder)
-    seed: int = 0
+    # The sweep's axes (conf/config.yaml copies them into `load`):
+    rps: float = 1.0  # offered requests per second
+    timing_mode: str = "poisson"  # ideal | poisson | gamma | trace
+    num_requests: int = 0  # requests per point (0 = as many as fit `duration`)
+    duration: float = 30.0  # seconds of schedule per point (0 = no limit)
+    seed: int = 0  # the schedule, the query draw and the generator's sampling
+    tag: str = "default"  # names the sweep: outputs/<tag>/, a column of every CSV row
+    target: str = ""  # variant=external: the URL of a server the sweep does not start
+    load: LoadConfig = field(default_factory=LoadConfig)
+    harness: HarnessConfig = field(default_factory=HarnessConfig)
+    slo: SloConfig = field(default_factory=SloConfig)
+    search: SearchConfig | None = None  # set by +search=max_rps
+    site: SiteConfig = field(default_factory=SiteConfig)
+
+
+def point_name(override_dirname: str) -> str:
+    """A sweep point's folder name: its overrides, readable and short, then a hash of them
+    all, so one set of overrides always names one folder (and a finished one is found)."""
+    digest = hashlib.sha1(override_dirname.encode()).hexdigest()[:8]
+    readable = re.sub(r"[^A-Za-z0-9=,._+-]+", "_", override_dirname)[:60] or "defaults"
+    return f"{readable}-{digest}"
 
 
 def register_configs() -> None:
-    """Register the schemas; the YAML tree's defaults list names `schema`."""
+    """Register the schemas (the YAML tree's defaults list names `schema`) and the
+    resolver that names a sweep point's folder."""
     store = ConfigStore.instance()
     store.store(name="schema", node=Config)
+    if not OmegaConf.has_resolver("ragbench_point"):
+        OmegaConf.register_new_resolver("ragbench_point", point_name)
 
 
 def compose(overrides: list[str] | None = None, config_name: str = "config") -> DictConfig:

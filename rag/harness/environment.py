@@ -1,0 +1,76 @@
+"""What a point's figures depend on, recorded in its meta.json: the run tag, the resolved
+config, the machine (CPU and GPU model), the software, the checkout, the SLURM job."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from importlib import metadata
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from rag.harness.files import now
+from rag.loadgen.files import environment
+
+PACKAGES = (
+    "torch", "transformers", "faiss-cpu", "fastapi", "uvicorn", "aiohttp", "numpy",
+    "hydra-core", "submitit", "hydra-submitit-launcher",
+)  # fmt: skip
+
+
+def _version(package: str) -> str:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return ""
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
+def gpu_models() -> list[str]:
+    """The GPUs nvidia-smi lists for this process ([] without one)."""
+    if not shutil.which("nvidia-smi"):
+        return []
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
+            capture_output=True, text=True, timeout=10,
+        )  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [line.strip() for line in out.stdout.splitlines() if line.strip()]
+
+
+def slurm_job_id() -> str:
+    """This job's id, also inside slurm/bench.sbatch (which clears SLURM_* for submitit)."""
+    return os.environ.get("SLURM_JOB_ID") or os.environ.get("RAGBENCH_SLURM_JOB_ID", "")
+
+
+def point_environment(cfg: DictConfig, overrides: list[str], started: str) -> dict[str, Any]:
+    machine = environment({}, 0, 0.0)
+    for key in ("config", "schedule", "start_time", "packages"):
+        machine.pop(key, None)
+    return {
+        "tag": cfg.tag,
+        "overrides": overrides,
+        "start_time": started,
+        "end_time": now(),
+        **machine,
+        "cpu_model": cpu_model(),
+        "gpus": gpu_models(),
+        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES", ""),
+        "slurm_job_id": slurm_job_id(),
+        "packages": {name: _version(name) for name in PACKAGES},
+        "config": OmegaConf.to_container(cfg, resolve=True),
+    }

@@ -1,0 +1,74 @@
+"""Atomic files of a sweep point, and the failure record that replaces its results.
+
+A point's files are written under a temporary name and renamed into place, so a job cut
+off mid-write never leaves a half file that looks complete; `summary.csv` is written last
+and marks a finished point.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime
+import io
+import json
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+SUMMARY = "summary.csv"
+FAILURE = "failure.json"
+
+
+def now() -> str:
+    """Wall-clock time, for labels only."""
+    return datetime.datetime.now(datetime.UTC).isoformat(timespec="milliseconds")
+
+
+def write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    staging.write_text(text)
+    os.replace(staging, path)
+
+
+def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    write_atomic(path, json.dumps(data, indent=2, default=str) + "\n")
+
+
+def write_csv_atomic(path: Path, rows: Iterable[dict[str, Any]], columns: Sequence[str]) -> None:
+    """Rows as CSV; missing values and None are empty cells."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(columns), restval="", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    write_atomic(path, buffer.getvalue())
+
+
+def is_finished(folder: Path) -> bool:
+    return (folder / SUMMARY).is_file()
+
+
+def write_failure(folder: Path, reason: str, log_tail: str = "", **details: Any) -> None:
+    """failure.json: why the point has no results, with the end of the relevant log."""
+    record = {"reason": reason, "time": now(), **details, "log_tail": log_tail}
+    write_json_atomic(folder / FAILURE, record)
+
+
+def read_failure(folder: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((folder / FAILURE).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def tail(text: str | None, lines: int = 40) -> str:
+    return "\n".join((text or "").splitlines()[-lines:])
+
+
+def file_tail(path: Path, lines: int = 40) -> str:
+    """The end of a log file ("" when there is none)."""
+    try:
+        return tail(path.read_text(errors="replace"), lines)
+    except OSError:
+        return ""
