@@ -18,11 +18,10 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from rag.config import CONF_DIR
-from rag.harness.launchers import register_launchers
+from rag.config import CONF_DIR, register_configs
 from rag.harness.point import run_point
 
-register_launchers()
+register_configs()
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")

@@ -149,7 +149,8 @@ start_accounting() {
   sacctmgr -n list cluster format=cluster | grep -qw "$CLUSTER" || sacctmgr -i add cluster "$CLUSTER" >/dev/null
 }
 
-node_idle() { sinfo -h -N -o '%T' | grep -qx idle; }
+# Up and taking jobs (idle, or already running some): not down, drained or unknown.
+node_up() { sinfo -h -N -o '%T' | grep -Eqx 'idle|mixed|allocated|completing'; }
 
 up() {
   [[ $(id -u) == 0 ]] || die "run as root (it installs packages and starts daemons)"
@@ -162,7 +163,7 @@ up() {
   start slurmctld /usr/sbin/slurmctld -D -i
   wait_for 60 slurmctld scontrol ping
   start slurmd /usr/sbin/slurmd -D
-  wait_for 60 "the node" node_idle
+  wait_for 60 "the node" node_up
   UP_DONE=1
   log "up in $((SECONDS - t0)) s: $(sinfo -h -N -o '%N %T %c CPUs %m MB %G')"
 }

@@ -5,15 +5,18 @@ writing one (cancelled, killed, out of time) either aborts the whole sweep or, w
 `sacct` cannot see it, hangs it forever.  This one polls the jobs' states, gives up at a
 deadline (cancelling what is left), turns every job that ended without a result into the
 point's `failure.json`, and lets the sweep finish.  It reports progress as it waits.
+
+A Hydra plugin must live in the `hydra_plugins` package.  No `from __future__ import
+annotations` here: Hydra loads plugin modules outside sys.modules, where dataclasses
+cannot resolve string annotations.
 """
 
-from __future__ import annotations
 
 import logging
 import math
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,21 +31,24 @@ from rag.config import register_configs
 from rag.harness.files import FAILURE, is_finished, read_failure, tail, write_failure
 
 log = logging.getLogger(__name__)
-OWN_KEYS = ("wait_timeout_min", "poll_s")
 
 
 @dataclass
 class SlurmSweepConf(SlurmQueueConf):
     """The stock SLURM launcher's settings, plus how long and how often to wait."""
 
-    _target_: str = "rag.harness.launchers.SlurmSweepLauncher"
+    _target_: str = "hydra_plugins.ragbench_launcher.slurm_sweep.SlurmSweepLauncher"
     wait_timeout_min: float = 0.0  # 0 = each wave of the array gets timeout_min, plus 60 min
     poll_s: float = 15.0  # seconds between job state checks (sacct)
+    setup: list[str] = field(default_factory=list)  # shell lines before the job (module load)
 
 
-def register_launchers() -> None:
-    register_configs()
-    ConfigStore.instance().store(group="hydra/launcher", name="slurm_sweep", node=SlurmSweepConf)
+# Hydra imports every hydra_plugins module when it starts, and a SLURM job imports this one
+# to unpickle its launcher: both find the schema and the point-folder resolver registered.
+register_configs()
+ConfigStore.instance().store(
+    group="hydra/launcher", name="slurm_sweep", node=SlurmSweepConf, provider="ragbench"
+)
 
 
 class SlurmSweepLauncher(SlurmLauncher):
@@ -50,10 +56,6 @@ class SlurmSweepLauncher(SlurmLauncher):
         super().__init__(**params)
         self.wait_timeout_min = wait_timeout_min
         self.poll_s = poll_s
-
-    def __call__(self, *args: Any, **kwargs: Any) -> JobReturn:
-        register_launchers()  # in the job's process: the folder-name resolver
-        return super().__call__(*args, **kwargs)
 
     def _executor(self) -> Any:
         import submitit
