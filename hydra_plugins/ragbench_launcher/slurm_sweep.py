@@ -11,7 +11,6 @@ annotations` here: Hydra loads plugin modules outside sys.modules, where datacla
 cannot resolve string annotations.
 """
 
-
 import logging
 import math
 import time
@@ -49,6 +48,12 @@ register_configs()
 ConfigStore.instance().store(
     group="hydra/launcher", name="slurm_sweep", node=SlurmSweepConf, provider="ragbench"
 )
+
+
+def _state(job: Any) -> str:
+    """The job's SLURM state; UNKNOWN until sacct has seen it."""
+    state = job.state
+    return "submitted" if state == "UNKNOWN" else state
 
 
 class SlurmSweepLauncher(SlurmLauncher):
@@ -112,7 +117,7 @@ class SlurmSweepLauncher(SlurmLauncher):
             for i in pending:
                 if jobs[i].done():
                     results[i] = self._result(jobs[i], folders[i], overrides[i])
-            states = Counter(jobs[i].state for i in range(len(jobs)) if i not in results)
+            states = Counter(_state(jobs[i]) for i in range(len(jobs)) if i not in results)
             failed = sum(1 for r in results.values() if r.return_value.get("status") == "failed")
             report = f"{len(results)}/{len(jobs)} points finished ({failed} failed)" + "".join(
                 f", {n} {s.lower()}" for s, n in sorted(states.items())

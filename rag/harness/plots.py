@@ -1,0 +1,203 @@
+"""Plots over the offered rate, from the aggregated table: latency, throughput, batch size
+10 vs 20, and the highest rate that meets a latency target.
+
+Every plot marks the points that cannot be read at face value: a red cross where the
+client fell behind its schedule (the offered load was not what it says), a hollow marker
+where fewer than 99 % of requests succeeded (latency is then over the survivors).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+from matplotlib.axes import Axes
+from matplotlib.lines import Line2D
+
+VARIANT_COLOURS = {"base": "tab:blue", "batched": "tab:orange", "scaling": "tab:green"}
+OTHER_COLOURS = ("tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan", "tab:gray")
+MIN_OK_FRACTION = 0.99
+LATENCY_STATS = (("latency_mean_s", "mean"), ("latency_p50_s", "p50"),
+                 ("latency_p95_s", "p95"), ("latency_p99_s", "p99"))  # fmt: skip
+
+
+def measured(table: pd.DataFrame) -> pd.DataFrame:
+    """The finished points of a plain sweep (not a search)."""
+    if table.empty or "outcome" not in table:
+        return table.iloc[0:0]
+    rows = table[table["outcome"] == "ok"]
+    if "search" in rows:
+        rows = rows[rows["search"].isna()]
+    return rows
+
+
+def series_label(row: pd.Series, table: pd.DataFrame) -> str:
+    """The variant, plus whatever else tells its series apart in this table: the batch
+    size where it varies, the model where there are several, and `simulated` always."""
+    label = str(row["variant"])
+    same = table[table["variant"] == row["variant"]]
+    if row["variant"] != "base" and same["max_batch_size"].nunique() > 1:
+        label += f" (batch {row['max_batch_size']})"
+    if table["model"].nunique() > 1 or row["model"] == "simulated":
+        label += f" [{row['model']}]"
+    return label
+
+
+def series(table: pd.DataFrame) -> Iterator[tuple[str, str, pd.DataFrame]]:
+    """(label, colour, rows sorted by offered rate) for each series in the table."""
+    labels = table.apply(lambda row: series_label(row, table), axis=1)
+    spare = iter(OTHER_COLOURS * 4)
+    for label in sorted(labels.unique()):
+        rows = table[labels == label].sort_values("offered_rps")
+        variant = rows["variant"].iloc[0]
+        colour = VARIANT_COLOURS.get(variant) if label == variant else None
+        yield label, colour or next(spare), rows
+
+
+def timing_modes(table: pd.DataFrame) -> list[str]:
+    return sorted(table["timing_mode"].unique())
+
+
+def rate_axis(ax: Axes, table: pd.DataFrame) -> None:
+    rates = table["offered_rps"]
+    if rates.max() / max(rates.min(), 1e-9) >= 8:
+        ax.set_xscale("log")
+    ax.set_xlabel("offered load (requests/s)")
+    ax.grid(True, which="both", alpha=0.3)
+
+
+def plot_series(
+    ax: Axes, rows: pd.DataFrame, column: str, label: str, colour: str, style: str = "-"
+) -> None:
+    """A line through the median at each rate, every point a marker; suspect points marked."""
+    line = rows.groupby("offered_rps")[column].median()
+    ax.plot(line.index, line.values, style, color=colour, label=label)
+    healthy = rows["ok_fraction"] >= MIN_OK_FRACTION
+    ax.plot(rows["offered_rps"][healthy], rows[column][healthy], "o", color=colour)
+    ax.plot(rows["offered_rps"][~healthy], rows[column][~healthy], "o", mfc="white", color=colour)
+    behind = ~rows["schedule_kept"].astype(bool)
+    ax.plot(rows["offered_rps"][behind], rows[column][behind], "x", color="red", ms=12, mew=2.5)
+
+
+def warning_legend(ax: Axes, table: pd.DataFrame) -> None:
+    """The series legend, plus entries for the marks this table needs."""
+    handles, labels = ax.get_legend_handles_labels()
+    if (table["ok_fraction"] < MIN_OK_FRACTION).any():
+        handles.append(Line2D([], [], marker="o", mfc="white", color="gray", ls=""))
+        labels.append("under 99 % succeeded")
+    if (~table["schedule_kept"].astype(bool)).any():
+        handles.append(Line2D([], [], marker="x", color="red", ms=10, mew=2.5, ls=""))
+        labels.append("client fell behind its schedule")
+    ax.legend(handles, labels, fontsize=8, loc="best")
+
+
+def _save(fig: plt.Figure, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def latency_vs_rate(table: pd.DataFrame, out: Path) -> Path | None:
+    """Mean, p50, p95, p99 latency against the offered rate; a row per arrival process."""
+    table = measured(table)
+    if table.empty:
+        return None
+    modes = timing_modes(table)
+    fig, axes = plt.subplots(
+        len(modes), len(LATENCY_STATS), figsize=(16, 4.2 * len(modes)), squeeze=False
+    )
+    for r, mode in enumerate(modes):
+        rows = table[table["timing_mode"] == mode]
+        for c, (column, stat) in enumerate(LATENCY_STATS):
+            ax = axes[r][c]
+            for label, colour, s in series(rows):
+                plot_series(ax, s, column, label, colour)
+            ax.set_yscale("log")
+            ax.set_title(f"{stat} latency, {mode} arrivals")
+            ax.set_ylabel("latency from scheduled send (s, log)")
+            rate_axis(ax, table)
+            warning_legend(ax, rows)
+    fig.suptitle("Latency against offered load (successful requests)", fontsize=14)
+    return _save(fig, out / "latency.png")
+
+
+def throughput_vs_rate(table: pd.DataFrame, out: Path) -> Path | None:
+    """Successful completions per second against the offered rate, with y = x."""
+    table = measured(table)
+    if table.empty:
+        return None
+    modes = timing_modes(table)
+    fig, axes = plt.subplots(1, len(modes), figsize=(7 * len(modes), 5), squeeze=False)
+    for ax, mode in zip(axes[0], modes, strict=True):
+        rows = table[table["timing_mode"] == mode]
+        top = max(rows["offered_rps"].max(), rows["throughput_rps"].max()) * 1.1
+        ax.plot([0, top], [0, top], "--", color="gray", label="served = offered")
+        for label, colour, s in series(rows):
+            plot_series(ax, s, "throughput_rps", label, colour)
+        ax.set_title(f"Throughput, {mode} arrivals")
+        ax.set_ylabel("successful requests/s")
+        rate_axis(ax, table)
+        if ax.get_xscale() == "log":
+            ax.set_yscale("log")
+        warning_legend(ax, rows)
+    fig.suptitle("Served against offered load", fontsize=14)
+    return _save(fig, out / "throughput.png")
+
+
+def batch_size_comparison(table: pd.DataFrame, out: Path) -> Path | None:
+    """Batching variants at each maximum batch size: p50, p99 and throughput by rate."""
+    table = measured(table)
+    table = table[table["variant"] != "base"] if not table.empty else table
+    if table.empty or table["max_batch_size"].nunique() < 2:
+        return None
+    panels = (("latency_p50_s", "p50 latency (s, log)"), ("latency_p99_s", "p99 latency (s, log)"),
+              ("throughput_rps", "successful requests/s"))  # fmt: skip
+    modes = timing_modes(table)
+    fig, axes = plt.subplots(len(modes), 3, figsize=(16, 4.2 * len(modes)), squeeze=False)
+    colours = dict(zip(sorted(table["max_batch_size"].unique()), OTHER_COLOURS, strict=False))
+    styles = dict(zip(sorted(table["variant"].unique()), ("-", "--", ":", "-."), strict=False))
+    for r, mode in enumerate(modes):
+        rows = table[table["timing_mode"] == mode]
+        for c, (column, ylabel) in enumerate(panels):
+            ax = axes[r][c]
+            for (variant, size), s in rows.groupby(["variant", "max_batch_size"]):
+                s = s.sort_values("offered_rps")
+                label = f"{variant}, batch {size}"
+                plot_series(ax, s, column, label, colours[size], styles[variant])
+            if column != "throughput_rps":
+                ax.set_yscale("log")
+            ax.set_title(f"{ylabel.split(' (')[0]}, {mode} arrivals")
+            ax.set_ylabel(ylabel)
+            rate_axis(ax, table)
+            warning_legend(ax, rows)
+    fig.suptitle("Maximum batch size compared", fontsize=14)
+    return _save(fig, out / "batch_size.png")
+
+
+def max_rps_bars(table: pd.DataFrame, out: Path) -> Path | None:
+    """The highest offered rate that met the latency target, per variant (searches only)."""
+    if table.empty or "search" not in table:
+        return None
+    rows = table[(table["outcome"] == "ok") & table["search"].notna()]
+    if rows.empty:
+        return None
+    rows = rows.assign(label=rows.apply(lambda r: series_label(r, rows), axis=1))
+    rows = rows.sort_values(["slo_p99_s", "label"])
+    names = [f"{r.label}\np99 ≤ {r.slo_p99_s:g} s" for r in rows.itertuples()]
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(rows)), 5))
+    colours = [VARIANT_COLOURS.get(v, "tab:purple") for v in rows["variant"]]
+    bars = ax.bar(np.arange(len(rows)), rows["max_rps"], color=colours)
+    ax.bar_label(bars, labels=[f"{v:.3g}/s" for v in rows["max_rps"]])
+    ax.set_xticks(np.arange(len(rows)), names)
+    ax.set_ylabel("highest offered load meeting the target (requests/s)")
+    failed = rows["slo_max_failed_fraction"].iloc[0]
+    ax.set_title(f"Highest load with p99 within target and under {failed:.0%} failed")
+    ax.grid(True, axis="y", alpha=0.3)
+    return _save(fig, out / "max_rps.png")

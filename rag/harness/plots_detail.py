@@ -1,0 +1,160 @@
+"""Plots that look inside each point, from its own files: latency CDFs (requests.csv),
+time per server stage, batch sizes served, and replicas over time (autoscaler.csv)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+from matplotlib import colormaps
+
+from rag.harness.aggregate import STAGES
+from rag.harness.plots import _save, measured, series_label, timing_modes
+
+STAGE_COLOURS = ("tab:gray", "tab:blue", "tab:green", "tab:orange")
+
+
+def _requests(root: Path, folder: str, columns: list[str]) -> pd.DataFrame:
+    path = root / folder / "requests.csv"
+    header = pd.read_csv(path, nrows=0).columns
+    return pd.read_csv(path, usecols=[c for c in columns if c in header], low_memory=False)
+
+
+def _rate_colours(rates: pd.Series) -> dict[float, tuple]:
+    """A light-to-dark colour per offered rate: heavier load reads darker."""
+    ordered = sorted(rates.unique())
+    cmap = colormaps["viridis_r"]
+    return {r: cmap(0.15 + 0.8 * i / max(1, len(ordered) - 1)) for i, r in enumerate(ordered)}
+
+
+def _grid(rows: int, cols: int, width: float = 5.5, height: float = 4.2):
+    return plt.subplots(rows, cols, figsize=(width * cols, height * rows), squeeze=False)
+
+
+def latency_cdf(table: pd.DataFrame, root: Path, out: Path) -> Path | None:
+    """Share of all scheduled requests answered within x seconds, one line per point; a
+    failed request never arrives, so a curve tops out at the point's success share."""
+    table = measured(table)
+    if table.empty:
+        return None
+    labels = table.apply(lambda r: series_label(r, table), axis=1)
+    names, modes = sorted(labels.unique()), timing_modes(table)
+    fig, axes = _grid(len(modes), len(names))
+    colours = _rate_colours(table["offered_rps"])
+    for r, mode in enumerate(modes):
+        for c, name in enumerate(names):
+            ax = axes[r][c]
+            points = table[(labels == name) & (table["timing_mode"] == mode)]
+            for point in points.sort_values("offered_rps").itertuples():
+                frame = _requests(root, point.folder, ["latency_s", "error"])
+                latency = np.sort(frame.loc[frame["error"].isna(), "latency_s"].to_numpy())
+                share = np.arange(1, len(latency) + 1) / max(1, len(frame))
+                behind = "" if point.schedule_kept else " (client fell behind)"
+                ax.step(latency, share, where="post", color=colours[point.offered_rps],
+                        ls="-" if point.schedule_kept else ":",
+                        label=f"{point.offered_rps:g}/s{behind}")  # fmt: skip
+            ax.set_xscale("log")
+            ax.set_ylim(0, 1.02)
+            ax.set_title(f"{name}, {mode} arrivals")
+            ax.set_xlabel("latency from scheduled send (s, log)")
+            ax.set_ylabel("share of requests answered")
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend(title="offered", fontsize=8)
+    fig.suptitle("Latency distribution per point", fontsize=14)
+    return _save(fig, out / "latency_cdf.png")
+
+
+def stage_times(table: pd.DataFrame, out: Path) -> Path | None:
+    """Mean server time per stage (queue, embed, retrieve, generate), stacked, per point."""
+    table = measured(table)
+    columns = [f"stage_{s}_ms" for s in STAGES]
+    if table.empty or not set(columns) <= set(table) or table[columns].isna().all().all():
+        return None
+    table = table.dropna(subset=columns, how="all")
+    labels = table.apply(lambda r: series_label(r, table), axis=1)
+    names, modes = sorted(labels.unique()), timing_modes(table)
+    fig, axes = _grid(len(modes), len(names), width=5, height=4.5)
+    for r, mode in enumerate(modes):
+        for c, name in enumerate(names):
+            ax = axes[r][c]
+            points = table[(labels == name) & (table["timing_mode"] == mode)]
+            points = points.sort_values("offered_rps")
+            x = np.arange(len(points))
+            bottom = np.zeros(len(points))
+            for stage, column, colour in zip(STAGES, columns, STAGE_COLOURS, strict=True):
+                values = points[column].fillna(0).to_numpy() / 1e3
+                ax.bar(x, values, bottom=bottom, color=colour, label=stage, width=0.7)
+                bottom += values
+            ticks = [f"{p.offered_rps:g}" + ("\n(behind)" if not p.schedule_kept else "")
+                     for p in points.itertuples()]  # fmt: skip
+            ax.set_xticks(x, ticks)
+            ax.set_xlabel("offered load (requests/s)")
+            ax.set_ylabel("mean time in the server (s)")
+            ax.set_title(f"{name}, {mode} arrivals")
+            ax.grid(True, axis="y", alpha=0.3)
+            ax.legend(fontsize=8, loc="upper left")
+    fig.suptitle("Where a request's server time goes (mean per stage)", fontsize=14)
+    return _save(fig, out / "stages.png")
+
+
+def batch_sizes(table: pd.DataFrame, root: Path, out: Path) -> Path | None:
+    """How many requests were served in batches of each size, per batching point."""
+    table = measured(table)
+    table = table[table["variant"] != "base"] if not table.empty else table
+    if table.empty or "batch_size_mean" not in table or table["batch_size_mean"].isna().all():
+        return None
+    labels = table.apply(lambda r: series_label(r, table), axis=1)
+    names, modes = sorted(labels.unique()), timing_modes(table)
+    fig, axes = _grid(len(modes), len(names))
+    colours = _rate_colours(table["offered_rps"])
+    for r, mode in enumerate(modes):
+        for c, name in enumerate(names):
+            ax = axes[r][c]
+            points = table[(labels == name) & (table["timing_mode"] == mode)]
+            largest = int(points["max_batch_size"].max())
+            edges = np.arange(0.5, largest + 1.5)
+            for point in points.sort_values("offered_rps").itertuples():
+                frame = _requests(root, point.folder, ["server_batch_size"])
+                sizes = frame["server_batch_size"].dropna()
+                if sizes.empty:
+                    continue
+                ax.hist(sizes, bins=edges, weights=np.full(len(sizes), 1 / len(sizes)),
+                        histtype="step", lw=2, color=colours[point.offered_rps],
+                        label=f"{point.offered_rps:g}/s (mean {sizes.mean():.1f})")  # fmt: skip
+            ax.set_xlabel("batch size a request was served in")
+            ax.set_ylabel("share of requests")
+            ax.set_title(f"{name}, {mode} arrivals")
+            ax.grid(True, alpha=0.3)
+            ax.legend(title="offered", fontsize=8)
+    fig.suptitle("Batch sizes served (per request)", fontsize=14)
+    return _save(fig, out / "batch_sizes.png")
+
+
+def replicas_over_time(table: pd.DataFrame, root: Path, out: Path) -> Path | None:
+    """Replicas (ready plus starting) after each autoscaler check, per scaling point."""
+    table = measured(table)
+    if table.empty:
+        return None
+    points = [p for p in table.itertuples() if (root / p.folder / "autoscaler.csv").exists()]
+    if not points:
+        return None
+    modes = sorted({p.timing_mode for p in points})
+    fig, axes = _grid(1, len(modes), width=7, height=4.5)
+    colours = _rate_colours(pd.Series([p.offered_rps for p in points]))
+    for ax, mode in zip(axes[0], modes, strict=True):
+        for point in sorted((p for p in points if p.timing_mode == mode),
+                            key=lambda p: p.offered_rps):  # fmt: skip
+            frame = pd.read_csv(root / point.folder / "autoscaler.csv")
+            if frame.empty:
+                continue
+            ax.step(frame["elapsed_s"], frame["replicas_after"], where="post", lw=2,
+                    color=colours[point.offered_rps], label=f"{point.offered_rps:g}/s")  # fmt: skip
+        ax.set_xlabel("time since the variant started (s)")
+        ax.set_ylabel("replicas (ready + starting)")
+        ax.yaxis.get_major_locator().set_params(integer=True)
+        ax.set_title(f"Replicas over time, {mode} arrivals")
+        ax.grid(True, alpha=0.3)
+        ax.legend(title="offered", fontsize=8)
+    return _save(fig, out / "replicas.png")
