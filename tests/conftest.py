@@ -9,6 +9,8 @@ import os
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
+import shutil
+import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -48,3 +50,26 @@ def start_server(
     yield start
     for server in servers:
         server.stop()
+
+
+def slurm_cluster_up() -> bool:
+    """A SLURM controller answers here (slurm/local-cluster.sh up starts one)."""
+    if not shutil.which("scontrol"):
+        return False
+    try:
+        ping = subprocess.run(["scontrol", "ping"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return ping.returncode == 0 and "UP" in ping.stdout
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    marked = [item for item in items if "slurm" in item.keywords]
+    if marked and not slurm_cluster_up():
+        skip = pytest.mark.skip(
+            reason="no SLURM cluster up: run the suite inside `flock /tmp/ragbench-slurm.lock"
+            " bash -c 'slurm/local-cluster.sh up; make test; slurm/local-cluster.sh down'`"
+            " (as root), as .ci/run does"
+        )
+        for item in marked:
+            item.add_marker(skip)

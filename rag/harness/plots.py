@@ -97,7 +97,7 @@ def warning_legend(ax: Axes, table: pd.DataFrame) -> None:
     ax.legend(handles, labels, fontsize=8, loc="best")
 
 
-def _save(fig: plt.Figure, path: Path) -> Path:
+def save_figure(fig: plt.Figure, path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -125,7 +125,7 @@ def latency_vs_rate(table: pd.DataFrame, out: Path) -> Path | None:
             rate_axis(ax, table)
             warning_legend(ax, rows)
     fig.suptitle("Latency against offered load (successful requests)", fontsize=14)
-    return _save(fig, out / "latency.png")
+    return save_figure(fig, out / "latency.png")
 
 
 def throughput_vs_rate(table: pd.DataFrame, out: Path) -> Path | None:
@@ -148,7 +148,7 @@ def throughput_vs_rate(table: pd.DataFrame, out: Path) -> Path | None:
             ax.set_yscale("log")
         warning_legend(ax, rows)
     fig.suptitle("Served against offered load", fontsize=14)
-    return _save(fig, out / "throughput.png")
+    return save_figure(fig, out / "throughput.png")
 
 
 def batch_size_comparison(table: pd.DataFrame, out: Path) -> Path | None:
@@ -178,7 +178,7 @@ def batch_size_comparison(table: pd.DataFrame, out: Path) -> Path | None:
             rate_axis(ax, table)
             warning_legend(ax, rows)
     fig.suptitle("Maximum batch size compared", fontsize=14)
-    return _save(fig, out / "batch_size.png")
+    return save_figure(fig, out / "batch_size.png")
 
 
 def max_rps_bars(table: pd.DataFrame, out: Path) -> Path | None:
@@ -200,4 +200,4 @@ def max_rps_bars(table: pd.DataFrame, out: Path) -> Path | None:
     failed = rows["slo_max_failed_fraction"].iloc[0]
     ax.set_title(f"Highest load with p99 within target and under {failed:.0%} failed")
     ax.grid(True, axis="y", alpha=0.3)
-    return _save(fig, out / "max_rps.png")
+    return save_figure(fig, out / "max_rps.png")

@@ -11,7 +11,7 @@ import pandas as pd
 from matplotlib import colormaps
 
 from rag.harness.aggregate import STAGES
-from rag.harness.plots import _save, measured, series_label, timing_modes
+from rag.harness.plots import measured, save_figure, series_label, timing_modes
 
 STAGE_COLOURS = ("tab:gray", "tab:blue", "tab:green", "tab:orange")
 
@@ -63,7 +63,7 @@ def latency_cdf(table: pd.DataFrame, root: Path, out: Path) -> Path | None:
             ax.grid(True, which="both", alpha=0.3)
             ax.legend(title="offered", fontsize=8)
     fig.suptitle("Latency distribution per point", fontsize=14)
-    return _save(fig, out / "latency_cdf.png")
+    return save_figure(fig, out / "latency_cdf.png")
 
 
 def stage_times(table: pd.DataFrame, out: Path) -> Path | None:
@@ -96,7 +96,7 @@ def stage_times(table: pd.DataFrame, out: Path) -> Path | None:
             ax.grid(True, axis="y", alpha=0.3)
             ax.legend(fontsize=8, loc="upper left")
     fig.suptitle("Where a request's server time goes (mean per stage)", fontsize=14)
-    return _save(fig, out / "stages.png")
+    return save_figure(fig, out / "stages.png")
 
 
 def batch_sizes(table: pd.DataFrame, root: Path, out: Path) -> Path | None:
@@ -129,7 +129,7 @@ def batch_sizes(table: pd.DataFrame, root: Path, out: Path) -> Path | None:
             ax.grid(True, alpha=0.3)
             ax.legend(title="offered", fontsize=8)
     fig.suptitle("Batch sizes served (per request)", fontsize=14)
-    return _save(fig, out / "batch_sizes.png")
+    return save_figure(fig, out / "batch_sizes.png")
 
 
 def replicas_over_time(table: pd.DataFrame, root: Path, out: Path) -> Path | None:
@@ -157,4 +157,4 @@ def replicas_over_time(table: pd.DataFrame, root: Path, out: Path) -> Path | Non
         ax.set_title(f"Replicas over time, {mode} arrivals")
         ax.grid(True, alpha=0.3)
         ax.legend(title="offered", fontsize=8)
-    return _save(fig, out / "replicas.png")
+    return save_figure(fig, out / "replicas.png")

@@ -1,0 +1,107 @@
+"""The sweep's config tree: every preset composes, and a typo is an error, not a default."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.errors import HydraException
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from rag.config import CONF_DIR, point_name, register_configs
+
+# Hydra imports its plugins (ours among them) on first use.
+register_configs()
+
+
+def sweep_config(*overrides: str):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose("config", overrides=list(overrides), return_hydra_config=True)
+
+
+def presets(group: str) -> list[str]:
+    return sorted(p.stem for p in (Path(CONF_DIR) / group).glob("*.yaml"))
+
+
+@pytest.mark.parametrize("variant", presets("variant"))
+@pytest.mark.parametrize("model", presets("model"))
+def test_every_variant_and_model_composes(variant: str, model: str):
+    cfg = sweep_config(f"variant={variant}", f"model={model}")
+    assert cfg.variant.name == variant
+    assert cfg.model.name == model
+
+
+@pytest.mark.parametrize("corpus", presets("corpus"))
+def test_every_corpus_composes(corpus: str):
+    assert sweep_config(f"corpus={corpus}").corpus.name == corpus
+
+
+@pytest.mark.parametrize("experiment", presets("experiment"))
+def test_every_experiment_composes_and_names_its_sweep(experiment: str):
+    cfg = sweep_config(f"experiment={experiment}")
+    params = cfg.hydra.sweeper.params
+    assert params, "an experiment preset sweeps something"
+    assert cfg.tag == experiment
+    for key, values in params.items():
+        for value in str(values).split(","):  # each value composes on its own
+            sweep_config(f"experiment={experiment}", f"{key}={value}")
+
+
+def test_the_study_preset_has_the_original_design():
+    cfg = sweep_config("experiment=study")
+    params = cfg.hydra.sweeper.params
+    assert set(params["variant"].split(",")) == {"base", "batched", "scaling"}
+    assert [float(r) for r in params["rps"].split(",")] == [5, 10, 20, 50, 100]
+    assert set(params["timing_mode"].split(",")) == {"ideal", "poisson"}
+    assert params["variant.max_batch_size"] == "10,20"
+    assert cfg.num_requests == 1000 and cfg.duration == 0
+
+
+def test_top_level_axes_reach_the_load_and_the_model():
+    cfg = sweep_config("rps=7", "timing_mode=ideal", "num_requests=50", "seed=3", "tag=t")
+    load = OmegaConf.to_container(cfg.load, resolve=True)
+    assert (load["rps"], load["timing_mode"], load["num_requests"]) == (7.0, "ideal", 50)
+    assert (load["seed"], load["tag"], cfg.model.seed) == (3, "t", 3)
+
+
+@pytest.mark.parametrize("launcher", ["local", "slurm"])
+def test_launchers_compose(launcher: str):
+    cfg = sweep_config(f"hydra/launcher={launcher}")
+    target = cfg.hydra.launcher._target_
+    expected = "SlurmSweepLauncher" if launcher == "slurm" else "BasicLauncher"
+    assert target.endswith(expected)
+
+
+def test_slurm_launcher_asks_for_an_a6000_and_takes_site_settings():
+    cfg = sweep_config("hydra/launcher=slurm", "site.partition=gpu", "site.setup=[module load x]")
+    launcher = OmegaConf.to_container(cfg.hydra.launcher, resolve=True)
+    assert launcher["gres"] == "gpu:a6000:1"
+    assert launcher["partition"] == "gpu"
+    assert launcher["setup"] == ["module load x"]
+
+
+def test_search_and_slo_compose():
+    cfg = sweep_config("+search=max_rps", "slo.p99_s=2", "variant=base")
+    assert cfg.search.name == "max_rps"
+    assert cfg.slo.p99_s == 2.0
+    assert sweep_config().search is None
+
+
+@pytest.mark.parametrize(
+    "override",
+    ["rps=fast", "rsp=5", "load.rpss=5", "variant=nonesuch", "slo.p99=2", "num_requests=1.5"],
+)
+def test_a_typo_is_an_error(override: str):
+    with pytest.raises((HydraException, OmegaConfBaseException)):
+        sweep_config(override)
+
+
+def test_point_folders_are_named_by_their_overrides():
+    a = point_name("rps=5,variant=base")
+    assert a.startswith("rps=5,variant=base-") and a == point_name("rps=5,variant=base")
+    assert a != point_name("rps=5,variant=batched")
+    long = point_name("corpus.source=/some/very/long/path/" + "x" * 200)
+    assert "/" not in long and len(long) < 80
+    assert point_name("").startswith("defaults-")

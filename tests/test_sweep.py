@@ -1,0 +1,150 @@
+"""The sweep end to end on loopback with tiny models: the local launcher runs every point,
+the files and the aggregated results appear, a second run resumes, a failing point leaves
+failure.json while the sweep goes on, and no process outlives its point."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import psutil
+import pytest
+
+from rag.config import CONF_DIR
+from rag.harness.report import aggregate
+
+REPO = Path(__file__).resolve().parent.parent
+VARIANTS = [
+    v for v in ("base", "batched", "scaling") if (CONF_DIR / "variant" / f"{v}.yaml").exists()
+]
+SMALL = ["model=tiny", "timing_mode=poisson", "num_requests=12", "duration=0",
+         "harness.warmup_requests=2"]  # fmt: skip
+
+
+def sweep(cwd: Path, *overrides: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    """`python experiments/sweep.py -m ...` in `cwd` (outputs/ lands there)."""
+    result = subprocess.run(
+        [sys.executable, str(REPO / "experiments" / "sweep.py"), "-m", *overrides],
+        cwd=cwd, capture_output=True, text=True, timeout=timeout,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def leftovers(path: Path) -> list[int]:
+    """PIDs of processes still running with `path` in their command line."""
+    pids = []
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        if any(str(path) in arg for arg in proc.info["cmdline"] or []):
+            pids.append(proc.info["pid"])
+    return pids
+
+
+def points(root: Path, tag: str) -> list[Path]:
+    return sorted(p for p in (root / "outputs" / tag).iterdir() if p.is_dir())
+
+
+@pytest.fixture(scope="module")
+def swept(tmp_path_factory: pytest.TempPathFactory, cache_overrides: list[str]) -> Path:
+    root = tmp_path_factory.mktemp("sweep")
+    sweep(root, f"variant={','.join(VARIANTS)}", "rps=4,8", "tag=t1", *SMALL, *cache_overrides)
+    return root
+
+
+def test_every_point_writes_its_files(swept: Path):
+    folders = points(swept, "t1")
+    assert len(folders) == 2 * len(VARIANTS)
+    for folder in folders:
+        summary = pd.read_csv(folder / "summary.csv")
+        requests = pd.read_csv(folder / "requests.csv")
+        meta = json.loads((folder / "meta.json").read_text())
+        assert len(summary) == 1 and len(requests) == 12
+        row = summary.iloc[0]
+        assert row["ok"] == 12 and row["schedule_kept"]
+        assert row["point"] == folder.name and row["tag"] == "t1"
+        for frame in (summary, requests):  # the run tag and the varying keys on every row
+            assert {"tag", "variant", "offered_rps", "timing_mode", "rps"} <= set(frame)
+            assert (frame["tag"] == "t1").all() and (frame["variant"] == row["variant"]).all()
+        assert meta["config"]["variant"]["name"] == row["variant"]
+        assert meta["git_commit"] and meta["cpu_model"] and meta["start_time"] < meta["end_time"]
+        assert meta["server_controlled"] is True
+        assert (folder / "server.log").exists()
+        assert not list(folder.glob(".*.tmp")), "a staging file was left behind"
+        if row["variant"] == "scaling":
+            assert (folder / "autoscaler.csv").exists()
+
+
+def test_no_process_outlives_the_sweep(swept: Path):
+    assert leftovers(swept) == []
+
+
+def test_aggregate_writes_the_table_every_plot_and_the_report(swept: Path):
+    out = swept / "test-results"
+    table = aggregate(swept / "outputs", out)
+    assert len(table) == 2 * len(VARIANTS) and (table["outcome"] == "ok").all()
+    assert {"schedule_kept", "ok_fraction", "stage_generate_ms", "hostname"} <= set(table)
+    written = pd.read_csv(out / "summary.csv")
+    assert list(written["point"]) == list(table["point"])
+    expected = {"latency", "throughput", "latency_cdf", "stages", "batch_sizes"}
+    if "scaling" in VARIANTS:
+        expected.add("replicas")
+    assert expected <= {p.stem for p in out.glob("*.png")}
+    report = (out / "report.html").read_text()
+    assert report.count("data:image/png;base64,") == len(list(out.glob("*.png")))
+    assert 'src="http' not in report  # self-contained
+
+
+def test_running_again_skips_finished_points(swept: Path, cache_overrides: list[str]):
+    before = {p: (p / "summary.csv").stat().st_mtime_ns for p in points(swept, "t1")}
+    result = sweep(swept, f"variant={','.join(VARIANTS)}", "rps=4,8", "tag=t1", *SMALL,
+                   *cache_overrides)  # fmt: skip
+    assert result.stderr.count("already finished, skipped") + result.stdout.count(
+        "already finished, skipped"
+    ) == len(before)
+    assert {p: (p / "summary.csv").stat().st_mtime_ns for p in points(swept, "t1")} == before
+
+
+def test_a_point_whose_server_fails_leaves_failure_json_and_the_sweep_goes_on(
+    tmp_path: Path, cache_overrides: list[str]
+):
+    sweep(tmp_path, "variant=base", "model.generator=tiny:nonesuch,tiny:llama", "tag=t2", *SMALL,
+          *cache_overrides)  # fmt: skip
+    bad, good = sorted(points(tmp_path, "t2"), key=lambda p: "nonesuch" not in p.name)
+    failure = json.loads((bad / "failure.json").read_text())
+    assert "ServerFailed" in failure["reason"] and "nonesuch" in failure["log_tail"]
+    assert not (bad / "summary.csv").exists()
+    assert (good / "summary.csv").exists() and not (good / "failure.json").exists()
+    table = aggregate(tmp_path / "outputs", tmp_path / "results")
+    assert sorted(table["outcome"]) == ["failed", "ok"]
+    assert "nonesuch" in (tmp_path / "results" / "report.html").read_text()
+    assert leftovers(tmp_path) == []
+
+
+def test_external_variant_measures_a_server_it_did_not_start(tmp_path: Path, start_server):
+    server = start_server("variant=batched")
+    sweep(tmp_path, "variant=external", f"target={server.url}", "rps=5", "tag=t3", *SMALL)
+    (folder,) = points(tmp_path, "t3")
+    meta = json.loads((folder / "meta.json").read_text())
+    assert meta["server_controlled"] is False and meta["target"] == server.url
+    summary = pd.read_csv(folder / "summary.csv").iloc[0]
+    assert summary["ok"] == 12 and summary["variant"] == "external"
+    assert not (folder / "server.log").exists()
+
+
+def test_max_rps_search(tmp_path: Path, cache_overrides: list[str]):
+    sweep(tmp_path, "+search=max_rps", "slo.p99_s=1", "variant=batched", "tag=t4",
+          "search.start_rps=4", "search.trial_duration_s=2", "search.min_trial_requests=6",
+          "search.max_trials=3", *SMALL, *cache_overrides)  # fmt: skip
+    (folder,) = points(tmp_path, "t4")
+    trials = pd.read_csv(folder / "trials.csv")
+    summary = pd.read_csv(folder / "summary.csv").iloc[0]
+    assert len(trials) == summary["trials"] <= 3
+    assert trials["offered_rps"].iloc[0] == 4.0
+    assert summary["max_rps"] == trials.loc[trials["meets_slo"], "offered_rps"].max()
+    requests = pd.read_csv(folder / "requests.csv")
+    assert sorted(requests["trial"].unique()) == list(range(len(trials)))
+    aggregate(tmp_path / "outputs", tmp_path / "results")
+    assert (tmp_path / "results" / "max_rps.png").exists()
