@@ -230,10 +230,12 @@ class Config:
 
 
 def point_name(override_dirname: str) -> str:
-    """A sweep point's folder name: its overrides, readable and short, then a hash of them
-    all, so one set of overrides always names one folder (and a finished one is found)."""
+    """A sweep point's folder name: its short overrides (paths left out), then a hash of
+    them all, so one set of overrides always names one folder (and a finished one is
+    found)."""
     digest = hashlib.sha1(override_dirname.encode()).hexdigest()[:8]
-    readable = re.sub(r"[^A-Za-z0-9=,._+-]+", "_", override_dirname)[:60] or "defaults"
+    short = [item for item in override_dirname.split(",") if "/" not in item and len(item) <= 32]
+    readable = re.sub(r"[^A-Za-z0-9=,._+-]+", "_", ",".join(short))[:80] or "defaults"
     return f"{readable}-{digest}"
 
 

@@ -102,6 +102,7 @@ def test_point_folders_are_named_by_their_overrides():
     a = point_name("rps=5,variant=base")
     assert a.startswith("rps=5,variant=base-") and a == point_name("rps=5,variant=base")
     assert a != point_name("rps=5,variant=batched")
-    long = point_name("corpus.source=/some/very/long/path/" + "x" * 200)
-    assert "/" not in long and len(long) < 80
+    with_path = point_name("corpus.source=/a/long/path/docs.jsonl,rps=5," + "x=" + "y" * 200)
+    assert with_path.startswith("rps=5-")  # paths and long values only in the hash
+    assert with_path != point_name("corpus.source=/another/path/docs.jsonl,rps=5")
     assert point_name("").startswith("defaults-")

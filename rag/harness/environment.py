@@ -53,8 +53,12 @@ def gpu_models() -> list[str]:
 
 
 def slurm_job_id() -> str:
-    """This job's id, also inside slurm/bench.sbatch (which clears SLURM_* for submitit)."""
-    return os.environ.get("SLURM_JOB_ID") or os.environ.get("RAGBENCH_SLURM_JOB_ID", "")
+    """This job's id as squeue and sacct show it (`<array>_<task>` for an array task), also
+    inside slurm/bench.sbatch (which clears SLURM_* for submitit)."""
+    env = os.environ
+    if "SLURM_ARRAY_JOB_ID" in env and "SLURM_ARRAY_TASK_ID" in env:
+        return f"{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}"
+    return env.get("SLURM_JOB_ID") or env.get("RAGBENCH_SLURM_JOB_ID", "")
 
 
 def point_environment(cfg: DictConfig, overrides: list[str], started: str) -> dict[str, Any]:
