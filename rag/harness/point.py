@@ -168,10 +168,8 @@ def _measure(point: Point, url: str) -> tuple[Rows, dict[str, Any], dict[str, An
     config = point.load_config(url)
     if point.cfg.search is not None:
         return run_search(point.cfg.search, point.cfg.slo, config, _load, point.folder)
-    log.info(
-        f"{point.name}: {config.timing_mode} load at {config.rps:g}/s"
-        f" ({config.num_requests or 'duration'} requests, {config.duration or '-'} s)"
-    )
+    size = f"{config.num_requests} requests" if config.num_requests else f"{config.duration:g} s"
+    log.info(f"{point.name}: {config.timing_mode} load at {config.rps:g}/s, {size}")
     rows, summary = _load(config)
     return rows, summary, {}
 
