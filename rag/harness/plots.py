@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.axes import Axes
 from matplotlib.lines import Line2D
+from matplotlib.ticker import FixedLocator, FuncFormatter, LogLocator, NullFormatter
 
 VARIANT_COLOURS = {"base": "tab:blue", "batched": "tab:orange", "scaling": "tab:green"}
 OTHER_COLOURS = ("tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan", "tab:gray")
@@ -64,10 +65,26 @@ def timing_modes(table: pd.DataFrame) -> list[str]:
     return sorted(table["timing_mode"].unique())
 
 
+PLAIN = FuncFormatter(lambda value, _: f"{value:g}")
+
+
+def log_axis(ax: Axes, which: str = "y") -> None:
+    """A log scale labelled in plain numbers (0.5, 1, 2, 5, 10), not powers of ten."""
+    axis = ax.yaxis if which == "y" else ax.xaxis
+    (ax.set_yscale if which == "y" else ax.set_xscale)("log")
+    axis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+    axis.set_major_formatter(PLAIN)
+    axis.set_minor_formatter(NullFormatter())
+
+
 def rate_axis(ax: Axes, table: pd.DataFrame) -> None:
-    rates = table["offered_rps"]
-    if rates.max() / max(rates.min(), 1e-9) >= 8:
-        ax.set_xscale("log")
+    """Offered load on x, log when it spans a decade, ticks at the rates that ran."""
+    rates = sorted(table["offered_rps"].unique())
+    if rates[-1] / max(rates[0], 1e-9) >= 8:
+        log_axis(ax, "x")
+    if len(rates) <= 12:
+        ax.xaxis.set_major_locator(FixedLocator(rates))
+        ax.xaxis.set_major_formatter(PLAIN)
     ax.set_xlabel("offered load (requests/s)")
     ax.grid(True, which="both", alpha=0.3)
 
@@ -119,7 +136,7 @@ def latency_vs_rate(table: pd.DataFrame, out: Path) -> Path | None:
             ax = axes[r][c]
             for label, colour, s in series(rows):
                 plot_series(ax, s, column, label, colour)
-            ax.set_yscale("log")
+            log_axis(ax)
             ax.set_title(f"{stat} latency, {mode} arrivals")
             ax.set_ylabel("latency from scheduled send (s, log)")
             rate_axis(ax, table)
@@ -145,7 +162,7 @@ def throughput_vs_rate(table: pd.DataFrame, out: Path) -> Path | None:
         ax.set_ylabel("successful requests/s")
         rate_axis(ax, table)
         if ax.get_xscale() == "log":
-            ax.set_yscale("log")
+            log_axis(ax)
         warning_legend(ax, rows)
     fig.suptitle("Served against offered load", fontsize=14)
     return save_figure(fig, out / "throughput.png")
@@ -172,7 +189,7 @@ def batch_size_comparison(table: pd.DataFrame, out: Path) -> Path | None:
                 label = f"{variant}, batch {size}"
                 plot_series(ax, s, column, label, colours[size], styles[variant])
             if column != "throughput_rps":
-                ax.set_yscale("log")
+                log_axis(ax)
             ax.set_title(f"{ylabel.split(' (')[0]}, {mode} arrivals")
             ax.set_ylabel(ylabel)
             rate_axis(ax, table)

@@ -11,7 +11,7 @@ import pandas as pd
 from matplotlib import colormaps
 
 from rag.harness.aggregate import STAGES
-from rag.harness.plots import measured, save_figure, series_label, timing_modes
+from rag.harness.plots import log_axis, measured, save_figure, series_label, timing_modes
 
 STAGE_COLOURS = ("tab:gray", "tab:blue", "tab:green", "tab:orange")
 
@@ -55,7 +55,7 @@ def latency_cdf(table: pd.DataFrame, root: Path, out: Path) -> Path | None:
                 ax.step(latency, share, where="post", color=colours[point.offered_rps],
                         ls="-" if point.schedule_kept else ":",
                         label=f"{point.offered_rps:g}/s{behind}")  # fmt: skip
-            ax.set_xscale("log")
+            log_axis(ax, "x")
             ax.set_ylim(0, 1.02)
             ax.set_title(f"{name}, {mode} arrivals")
             ax.set_xlabel("latency from scheduled send (s, log)")
@@ -87,6 +87,7 @@ def stage_times(table: pd.DataFrame, out: Path) -> Path | None:
                 values = points[column].fillna(0).to_numpy() / 1e3
                 ax.bar(x, values, bottom=bottom, color=colour, label=stage, width=0.7)
                 bottom += values
+            ax.bar_label(ax.containers[-1], labels=[f"{v:.2f} s" for v in bottom], fontsize=8)
             ticks = [f"{p.offered_rps:g}" + ("\n(behind)" if not p.schedule_kept else "")
                      for p in points.itertuples()]  # fmt: skip
             ax.set_xticks(x, ticks)
