@@ -41,7 +41,7 @@ SIMULATED_NOTE = (
     " scaling logic and are no performance claim.</p>"
 )
 STYLE = """
-body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1500px; color: #222; }
+body { font-family: system-ui, sans-serif; margin: 2em auto; padding: 0 2em; max-width: 1500px; color: #222; }
 table { border-collapse: collapse; font-size: 13px; margin: 1em 0; }
 th, td { border: 1px solid #ccc; padding: 3px 8px; text-align: right; }
 th { background: #f0f0f0; } td:nth-child(-n+4) { text-align: left; }
@@ -66,7 +66,11 @@ def make_plots(table: pd.DataFrame, root: Path, out: Path) -> list[Path]:
     return [p for p in made if p is not None]
 
 
-def _cell(value: object) -> str:
+def _cell(value: object, column: str = "") -> str:
+    if column == "ok_fraction" and isinstance(value, float) and pd.notna(value):
+        return f"{value:.1%}"
+    if column == "schedule_kept":
+        return "yes" if bool(value) else "<b>no</b>"
     if isinstance(value, float):
         return f"{value:.3g}" if pd.notna(value) else ""
     return html.escape(str(value))
@@ -78,7 +82,7 @@ def _table(frame: pd.DataFrame, columns: dict[str, str], flag_behind: bool = Fal
     body = []
     for _, row in frame.iterrows():
         behind = flag_behind and not bool(row.get("schedule_kept", True))
-        cells = "".join(f"<td>{_cell(row[c])}</td>" for c in present)
+        cells = "".join(f"<td>{_cell(row[c], c)}</td>" for c in present)
         body.append(f"<tr{' class=behind' if behind else ''}>{cells}</tr>")
     return f"<table><tr>{head}</tr>{''.join(body)}</table>"
 
