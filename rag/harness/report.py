@@ -41,7 +41,7 @@ SIMULATED_NOTE = (
     " scaling logic and are no performance claim.</p>"
 )
 STYLE = """
-body { font-family: system-ui, sans-serif; margin: 2em auto; padding: 0 2em; max-width: 1500px; color: #222; }
+body { font-family: system-ui, sans-serif; margin: 2em auto; padding: 0 2em; max-width: 1500px; }
 table { border-collapse: collapse; font-size: 13px; margin: 1em 0; }
 th, td { border: 1px solid #ccc; padding: 3px 8px; text-align: right; }
 th { background: #f0f0f0; } td:nth-child(-n+4) { text-align: left; }
