@@ -33,35 +33,45 @@ def _grid(rows: int, cols: int, width: float = 5.5, height: float = 4.2):
     return plt.subplots(rows, cols, figsize=(width * cols, height * rows), squeeze=False)
 
 
+def _panels(table: pd.DataFrame, width: float = 5.5, height: float = 4.2):
+    """A panel per series (columns) and arrival process (rows): the figure, and for each
+    panel (axes, title, its points by offered rate)."""
+    labels = table.apply(lambda r: series_label(r, table), axis=1)
+    names, modes = sorted(labels.unique()), timing_modes(table)
+    fig, axes = _grid(len(modes), len(names), width, height)
+    panels = [
+        (axes[r][c], f"{name}, {mode} arrivals",
+         table[(labels == name) & (table["timing_mode"] == mode)].sort_values("offered_rps"))
+        for r, mode in enumerate(modes)
+        for c, name in enumerate(names)
+    ]  # fmt: skip
+    return fig, panels
+
+
 def latency_cdf(table: pd.DataFrame, root: Path, out: Path) -> Path | None:
     """Share of all scheduled requests answered within x seconds, one line per point; a
     failed request never arrives, so a curve tops out at the point's success share."""
     table = measured(table)
     if table.empty:
         return None
-    labels = table.apply(lambda r: series_label(r, table), axis=1)
-    names, modes = sorted(labels.unique()), timing_modes(table)
-    fig, axes = _grid(len(modes), len(names))
+    fig, panels = _panels(table)
     colours = _rate_colours(table["offered_rps"])
-    for r, mode in enumerate(modes):
-        for c, name in enumerate(names):
-            ax = axes[r][c]
-            points = table[(labels == name) & (table["timing_mode"] == mode)]
-            for point in points.sort_values("offered_rps").itertuples():
-                frame = _requests(root, point.folder, ["latency_s", "error"])
-                latency = np.sort(frame.loc[frame["error"].isna(), "latency_s"].to_numpy())
-                share = np.arange(1, len(latency) + 1) / max(1, len(frame))
-                behind = "" if point.schedule_kept else " (client fell behind)"
-                ax.step(latency, share, where="post", color=colours[point.offered_rps],
-                        ls="-" if point.schedule_kept else ":",
-                        label=f"{point.offered_rps:g}/s{behind}")  # fmt: skip
-            log_axis(ax, "x")
-            ax.set_ylim(0, 1.02)
-            ax.set_title(f"{name}, {mode} arrivals")
-            ax.set_xlabel("latency from scheduled send (s, log)")
-            ax.set_ylabel("share of requests answered")
-            ax.grid(True, which="both", alpha=0.3)
-            ax.legend(title="offered", fontsize=8)
+    for ax, title, points in panels:
+        for point in points.itertuples():
+            frame = _requests(root, point.folder, ["latency_s", "error"])
+            latency = np.sort(frame.loc[frame["error"].isna(), "latency_s"].to_numpy())
+            share = np.arange(1, len(latency) + 1) / max(1, len(frame))
+            behind = "" if point.schedule_kept else " (client fell behind)"
+            ax.step(latency, share, where="post", color=colours[point.offered_rps],
+                    ls="-" if point.schedule_kept else ":",
+                    label=f"{point.offered_rps:g}/s{behind}")  # fmt: skip
+        log_axis(ax, "x")
+        ax.set_ylim(0, 1.02)
+        ax.set_title(title)
+        ax.set_xlabel("latency from scheduled send (s, log)")
+        ax.set_ylabel("share of requests answered")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(title="offered", fontsize=8)
     fig.suptitle("Latency distribution per point", fontsize=14)
     return save_figure(fig, out / "latency_cdf.png")
 
@@ -73,29 +83,23 @@ def stage_times(table: pd.DataFrame, out: Path) -> Path | None:
     if table.empty or not set(columns) <= set(table) or table[columns].isna().all().all():
         return None
     table = table.dropna(subset=columns, how="all")
-    labels = table.apply(lambda r: series_label(r, table), axis=1)
-    names, modes = sorted(labels.unique()), timing_modes(table)
-    fig, axes = _grid(len(modes), len(names), width=5, height=4.5)
-    for r, mode in enumerate(modes):
-        for c, name in enumerate(names):
-            ax = axes[r][c]
-            points = table[(labels == name) & (table["timing_mode"] == mode)]
-            points = points.sort_values("offered_rps")
-            x = np.arange(len(points))
-            bottom = np.zeros(len(points))
-            for stage, column, colour in zip(STAGES, columns, STAGE_COLOURS, strict=True):
-                values = points[column].fillna(0).to_numpy() / 1e3
-                ax.bar(x, values, bottom=bottom, color=colour, label=stage, width=0.7)
-                bottom += values
-            ax.bar_label(ax.containers[-1], labels=[f"{v:.2f} s" for v in bottom], fontsize=8)
-            ticks = [f"{p.offered_rps:g}" + ("\n(behind)" if not p.schedule_kept else "")
-                     for p in points.itertuples()]  # fmt: skip
-            ax.set_xticks(x, ticks)
-            ax.set_xlabel("offered load (requests/s)")
-            ax.set_ylabel("mean time in the server (s)")
-            ax.set_title(f"{name}, {mode} arrivals")
-            ax.grid(True, axis="y", alpha=0.3)
-            ax.legend(fontsize=8, loc="upper left")
+    fig, panels = _panels(table, width=5, height=4.5)
+    for ax, title, points in panels:
+        x = np.arange(len(points))
+        bottom = np.zeros(len(points))
+        for stage, column, colour in zip(STAGES, columns, STAGE_COLOURS, strict=True):
+            values = points[column].fillna(0).to_numpy() / 1e3
+            ax.bar(x, values, bottom=bottom, color=colour, label=stage, width=0.7)
+            bottom += values
+        ax.bar_label(ax.containers[-1], labels=[f"{v:.2f} s" for v in bottom], fontsize=8)
+        ticks = [f"{p.offered_rps:g}" + ("\n(behind)" if not p.schedule_kept else "")
+                 for p in points.itertuples()]  # fmt: skip
+        ax.set_xticks(x, ticks)
+        ax.set_xlabel("offered load (requests/s)")
+        ax.set_ylabel("mean time in the server (s)")
+        ax.set_title(title)
+        ax.grid(True, axis="y", alpha=0.3)
+        ax.legend(fontsize=8, loc="upper left")
     fig.suptitle("Where a request's server time goes (mean per stage)", fontsize=14)
     return save_figure(fig, out / "stages.png")
 
@@ -106,29 +110,23 @@ def batch_sizes(table: pd.DataFrame, root: Path, out: Path) -> Path | None:
     table = table[table["variant"] != "base"] if not table.empty else table
     if table.empty or "batch_size_mean" not in table or table["batch_size_mean"].isna().all():
         return None
-    labels = table.apply(lambda r: series_label(r, table), axis=1)
-    names, modes = sorted(labels.unique()), timing_modes(table)
-    fig, axes = _grid(len(modes), len(names))
+    fig, panels = _panels(table)
     colours = _rate_colours(table["offered_rps"])
-    for r, mode in enumerate(modes):
-        for c, name in enumerate(names):
-            ax = axes[r][c]
-            points = table[(labels == name) & (table["timing_mode"] == mode)]
-            largest = int(points["max_batch_size"].max())
-            edges = np.arange(0.5, largest + 1.5)
-            for point in points.sort_values("offered_rps").itertuples():
-                frame = _requests(root, point.folder, ["server_batch_size"])
-                sizes = frame["server_batch_size"].dropna()
-                if sizes.empty:
-                    continue
-                ax.hist(sizes, bins=edges, weights=np.full(len(sizes), 1 / len(sizes)),
-                        histtype="step", lw=2, color=colours[point.offered_rps],
-                        label=f"{point.offered_rps:g}/s (mean {sizes.mean():.1f})")  # fmt: skip
-            ax.set_xlabel("batch size a request was served in")
-            ax.set_ylabel("share of requests")
-            ax.set_title(f"{name}, {mode} arrivals")
-            ax.grid(True, alpha=0.3)
-            ax.legend(title="offered", fontsize=8)
+    for ax, title, points in panels:
+        edges = np.arange(0.5, int(points["max_batch_size"].max()) + 1.5)
+        for point in points.itertuples():
+            sizes = _requests(root, point.folder, ["server_batch_size"])["server_batch_size"]
+            sizes = sizes.dropna()
+            if sizes.empty:
+                continue
+            ax.hist(sizes, bins=edges, weights=np.full(len(sizes), 1 / len(sizes)),
+                    histtype="step", lw=2, color=colours[point.offered_rps],
+                    label=f"{point.offered_rps:g}/s (mean {sizes.mean():.1f})")  # fmt: skip
+        ax.set_xlabel("batch size a request was served in")
+        ax.set_ylabel("share of requests")
+        ax.set_title(title)
+        ax.grid(True, alpha=0.3)
+        ax.legend(title="offered", fontsize=8)
     fig.suptitle("Batch sizes served (per request)", fontsize=14)
     return save_figure(fig, out / "batch_sizes.png")
 
