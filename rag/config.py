@@ -230,12 +230,14 @@ class Config:
 
 
 def point_name(override_dirname: str) -> str:
-    """A sweep point's folder name: its short overrides (paths left out), then a hash of
-    them all, so one set of overrides always names one folder (and a finished one is
-    found)."""
+    """A sweep point's folder name: its short overrides (paths left out) as `key-value`
+    joined by `_`, then a hash of them all, so one set of overrides always names one
+    folder (and a finished one is found).  No `=` or `,`: the folder is passed on in
+    overrides (`run_dir=...`), where those characters would need quoting."""
     digest = hashlib.sha1(override_dirname.encode()).hexdigest()[:8]
-    short = [item for item in override_dirname.split(",") if "/" not in item and len(item) <= 32]
-    readable = re.sub(r"[^A-Za-z0-9=,._+-]+", "_", ",".join(short))[:80] or "defaults"
+    short = [item.replace("=", "-", 1) for item in override_dirname.split(",")
+             if "/" not in item and len(item) <= 32]  # fmt: skip
+    readable = re.sub(r"[^A-Za-z0-9_.+-]+", "", "_".join(short))[:80] or "defaults"
     return f"{readable}-{digest}"
 
 

@@ -64,7 +64,7 @@ def slurm_cluster_up() -> bool:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    marked = [item for item in items if "slurm" in item.keywords]
+    marked = [item for item in items if item.get_closest_marker("slurm")]
     if marked and not slurm_cluster_up():
         skip = pytest.mark.skip(
             reason="no SLURM cluster up: run the suite inside `flock /tmp/ragbench-slurm.lock"

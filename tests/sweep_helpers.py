@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -18,13 +19,20 @@ SMALL = ["model=tiny", "timing_mode=poisson", "num_requests=12", "duration=0",
          "harness.warmup_requests=2"]  # fmt: skip
 
 
-def sweep(cwd: Path, *overrides: str, timeout: float = 240) -> subprocess.CompletedProcess:
-    """`python experiments/sweep.py -m ...` in `cwd` (outputs/ lands there)."""
-    result = subprocess.run(
-        [sys.executable, str(REPO / "experiments" / "sweep.py"), "-m", *overrides],
-        cwd=cwd, capture_output=True, text=True, timeout=timeout,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+def sweep(cwd: Path, *overrides: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """`python experiments/sweep.py -m ...` in `cwd` (outputs/ lands there).  Past the
+    timeout it is interrupted as Ctrl-C would, so it still stops what it started."""
+    command = [sys.executable, str(REPO / "experiments" / "sweep.py"), "-m", *overrides]
+    process = subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        out, err = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=60)
+        raise AssertionError(f"sweep still running after {timeout:g} s:\n{err[-3000:]}") from None
+    result = subprocess.CompletedProcess(command, process.returncode, out, err)
+    assert result.returncode == 0, out[-3000:] + err[-3000:]
     return result
 
 

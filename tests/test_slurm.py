@@ -88,7 +88,7 @@ def test_a_cancelled_point_becomes_failure_json_and_the_sweep_finishes(
     )  # fmt: skip
     try:
         long_point = wait_until(
-            lambda: next((p for p in (tmp_path / "outputs" / "cx").glob("*duration=600*")
+            lambda: next((p for p in (tmp_path / "outputs" / "cx").glob("*duration-600*")
                           if (p / "server.log").exists()), None),
             120, "the long point's server",
         )  # fmt: skip
