@@ -229,15 +229,20 @@ class Config:
     site: SiteConfig = field(default_factory=SiteConfig)
 
 
+POINT_NAME_FIRST = ("variant", "rps", "timing_mode", "model")  # the main axes lead the name
+
+
 def point_name(override_dirname: str) -> str:
     """A sweep point's folder name: its short overrides (paths left out) as `key-value`
     joined by `_`, then a hash of them all, so one set of overrides always names one
     folder (and a finished one is found).  No `=` or `,`: the folder is passed on in
     overrides (`run_dir=...`), where those characters would need quoting."""
     digest = hashlib.sha1(override_dirname.encode()).hexdigest()[:8]
-    short = [item.replace("=", "-", 1) for item in override_dirname.split(",")
-             if "/" not in item and len(item) <= 32]  # fmt: skip
-    readable = re.sub(r"[^A-Za-z0-9_.+-]+", "", "_".join(short))[:80] or "defaults"
+    items = [i for i in override_dirname.split(",") if "/" not in i and len(i) <= 32]
+    items.sort(key=lambda i: POINT_NAME_FIRST.index(k) if (k := i.split("=")[0])
+               in POINT_NAME_FIRST else len(POINT_NAME_FIRST))  # fmt: skip
+    short = "_".join(item.replace("=", "-", 1) for item in items)
+    readable = re.sub(r"[^A-Za-z0-9_.+-]+", "", short)[:100] or "defaults"
     return f"{readable}-{digest}"
 
 

@@ -100,10 +100,13 @@ def test_a_typo_is_an_error(override: str):
 
 def test_point_folders_are_named_by_their_overrides():
     a = point_name("rps=5,variant=base")
-    assert a.startswith("rps-5_variant-base-") and a == point_name("rps=5,variant=base")
+    assert a.startswith("variant-base_rps-5-") and a == point_name("rps=5,variant=base")
     assert a != point_name("rps=5,variant=batched")
     with_path = point_name("corpus.source=/a/long/path/docs.jsonl,rps=5," + "x=" + "y" * 200)
     assert with_path.startswith("rps-5-")  # paths and long values only in the hash
     assert with_path != point_name("corpus.source=/another/path/docs.jsonl,rps=5")
     assert not set("=,/ '\"") & set(with_path + point_name("a=x y,b='q'"))
     assert point_name("").startswith("defaults-")
+    assert point_name("a=1,model=tiny,rps=2,variant=base").startswith(
+        "variant-base_rps-2_model-tiny_a-1-"
+    )
