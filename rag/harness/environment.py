@@ -6,36 +6,17 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-from importlib import metadata
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
 from rag.harness.files import now
-from rag.loadgen.files import environment
+from rag.loadgen.files import machine
 
 PACKAGES = (
     "torch", "transformers", "faiss-cpu", "fastapi", "uvicorn", "aiohttp", "numpy",
     "hydra-core", "submitit", "hydra-submitit-launcher",
 )  # fmt: skip
-
-
-def _version(package: str) -> str:
-    try:
-        return metadata.version(package)
-    except metadata.PackageNotFoundError:
-        return ""
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return ""
 
 
 def gpu_models() -> list[str]:
@@ -62,19 +43,16 @@ def slurm_job_id() -> str:
 
 
 def point_environment(cfg: DictConfig, overrides: list[str], started: str) -> dict[str, Any]:
-    machine = environment({}, 0, 0.0)
-    for key in ("config", "schedule", "start_time", "packages"):
-        machine.pop(key, None)
+    env = machine(PACKAGES)  # host, CPU model, load, packages, git commit and dirty flag
+    env.pop("date", None)
     return {
         "tag": cfg.tag,
         "overrides": overrides,
         "start_time": started,
         "end_time": now(),
-        **machine,
-        "cpu_model": cpu_model(),
+        **env,
         "gpus": gpu_models(),
         "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES", ""),
         "slurm_job_id": slurm_job_id(),
-        "packages": {name: _version(name) for name in PACKAGES},
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
