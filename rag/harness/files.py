@@ -11,10 +11,11 @@ import csv
 import datetime
 import io
 import json
-import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
+
+from rag.storage import write_atomically
 
 SUMMARY = "summary.csv"
 FAILURE = "failure.json"
@@ -25,15 +26,8 @@ def now() -> str:
     return datetime.datetime.now(datetime.UTC).isoformat(timespec="milliseconds")
 
 
-def write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    staging.write_text(text)
-    os.replace(staging, path)
-
-
 def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    write_atomic(path, json.dumps(data, indent=2, default=str) + "\n")
+    write_atomically(path, json.dumps(data, indent=2, default=str) + "\n")
 
 
 def write_csv_atomic(path: Path, rows: Iterable[dict[str, Any]], columns: Sequence[str]) -> None:
@@ -42,7 +36,7 @@ def write_csv_atomic(path: Path, rows: Iterable[dict[str, Any]], columns: Sequen
     writer = csv.DictWriter(buffer, fieldnames=list(columns), restval="", lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
-    write_atomic(path, buffer.getvalue())
+    write_atomically(path, buffer.getvalue())
 
 
 def is_finished(folder: Path) -> bool:

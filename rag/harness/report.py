@@ -10,7 +10,7 @@ from pathlib import Path
 import pandas as pd
 
 from rag.harness.aggregate import ENVIRONMENT, collect
-from rag.harness.files import now, write_atomic
+from rag.harness.files import now
 from rag.harness.plots import (
     batch_size_comparison,
     latency_vs_rate,
@@ -18,6 +18,7 @@ from rag.harness.plots import (
     throughput_vs_rate,
 )
 from rag.harness.plots_detail import batch_sizes, latency_cdf, replicas_over_time, stage_times
+from rag.storage import write_atomically
 
 CAPTIONS = {
     "latency.png": "Latency from each request's scheduled send against the offered load.",
@@ -126,8 +127,8 @@ def aggregate(root: Path, out: Path, tags: list[str] | None = None) -> pd.DataFr
         which = f" with tag {', '.join(tags)}" if tags else ""
         raise SystemExit(f"no finished or failed points under {root}{which}")
     out.mkdir(parents=True, exist_ok=True)
-    write_atomic(out / "summary.csv", table.to_csv(index=False))
+    write_atomically(out / "summary.csv", table.to_csv(index=False))
     plots = make_plots(table, root, out)
     sources = f"{root}/" + ("{" + ",".join(tags) + "}" if tags else "*")
-    write_atomic(out / "report.html", render(table, plots, sources))
+    write_atomically(out / "report.html", render(table, plots, sources))
     return table
