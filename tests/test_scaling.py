@@ -13,11 +13,10 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import httpx
 import pytest
-from cluster_helpers import replicas, wait_for
+from cluster_helpers import alive, replicas, wait_for
 
 from rag.cluster.local import default_threads, replica_env, visible_gpus
 from rag.cluster.pool import Replica
@@ -41,18 +40,6 @@ FAST = [
 def serving(url: str) -> int:
     """Replicas that count as capacity: ready or on their way."""
     return sum(r["state"] in ("starting", "ready") for r in replicas(url))
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # A zombie (exited, not yet reaped by its parent) has stopped too.
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
-    except OSError:
-        return False
 
 
 @pytest.fixture

@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
+from cluster_helpers import alive, wait_for
 from server_metrics import metric
 
 from rag.cluster.process import ServerFailed, ServerProcess
@@ -196,6 +197,33 @@ def test_sigterm_drains_then_exits(start_server):
         sender.join(10)
     assert [r.status_code for r in results] == [200, 200, 200]
     assert server.process.wait(10) == 0
+
+
+def test_a_server_does_not_outlive_the_process_that_started_it(cache_overrides, tmp_path):
+    """SIGKILL gives the parent no chance to stop its server: the server is told by the
+    kernel and stops itself, so a killed sweep leaves no orphan behind."""
+    starter = f"""
+import time
+from pathlib import Path
+from rag.cluster.process import ServerProcess
+overrides = ["model=tiny", *{cache_overrides!r}]
+server = ServerProcess(overrides, log_path=Path({str(tmp_path / "server.log")!r})).start()
+print(server.process.pid, flush=True)
+time.sleep(600)
+"""
+    parent = subprocess.Popen([sys.executable, "-c", starter], stdout=subprocess.PIPE, text=True)
+    try:
+        assert parent.stdout is not None
+        server_pid = int(parent.stdout.readline())
+        assert alive(server_pid)
+    finally:
+        parent.kill()
+        parent.wait()
+    try:
+        wait_for(lambda: not alive(server_pid), 60, "the orphaned server stopped itself")
+    finally:
+        if alive(server_pid):  # the test failed: do not leave the orphan behind
+            os.killpg(server_pid, signal.SIGKILL)
 
 
 def test_port_zero_picks_distinct_free_ports(start_server):

@@ -11,25 +11,21 @@ are handed out round robin through CUDA_VISIBLE_DEVICES.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import ctypes
 import os
-import signal
 from collections.abc import Callable
 from pathlib import Path
 
 from rag.cluster.pool import Replica
-from rag.cluster.process import log_tail, read_port, server_command, spawn, stop_group
+from rag.cluster.process import (
+    die_with_parent,
+    log_tail,
+    read_port,
+    server_command,
+    spawn,
+    stop_group,
+)
 
-PR_SET_PDEATHSIG = 1
 STOP_TIMEOUT_S = 30.0
-
-
-def die_with_parent() -> None:
-    """In the child, before exec: get SIGTERM if the balancer process dies, however it
-    dies, so no replica outlives it (Linux only; elsewhere a no-op)."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def default_threads(max_replicas: int, cores: int | None = None) -> int:

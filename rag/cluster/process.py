@@ -2,18 +2,22 @@
 
 Modelled on vLLM's benchmark sweep: the server runs in its own process group, readiness
 is polled with a timeout, a crash during start-up is detected at once (with the tail of
-its log in the error), and stopping sends SIGTERM (drain) before SIGKILL.  The pieces
+its log in the error), stopping sends SIGTERM (drain) before SIGKILL, and a server whose
+parent dies without stopping it (SIGKILL) is told by the kernel and stops itself.  The pieces
 (`spawn`, `read_port`, `stop_group`, `log_tail`) are shared with the replica launchers.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import json
 import os
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -25,6 +29,7 @@ from types import TracebackType
 from rag.storage import write_atomically
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+PR_SET_PDEATHSIG = 1
 
 
 class ServerFailed(RuntimeError):
@@ -48,6 +53,15 @@ def server_command(module: str, overrides: list[str], host: str, port_file: Path
         sys.executable, "-m", module, *overrides,
         f"host={host}", "port=0", f"port_file={port_file}",
     ]  # fmt: skip
+
+
+def die_with_parent() -> None:
+    """In the child, before exec: get SIGTERM (and drain and stop) when the parent dies,
+    however it dies, even by SIGKILL, so no server outlives whoever started it (Linux only;
+    elsewhere a no-op).  The signal comes when the *thread* that started the child ends, so
+    only children started from a long-lived thread may ask for it."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def spawn(
@@ -129,7 +143,9 @@ class ServerProcess:
         if self.log_path is None:
             self.log_path = Path(self._workdir.name) / "server.log"
         command = server_command(self.module, self.overrides, self.host, port_file)
-        self.process = spawn(command, self.log_path, self.env)
+        on_main_thread = threading.current_thread() is threading.main_thread()
+        before_exec = die_with_parent if on_main_thread else None
+        self.process = spawn(command, self.log_path, self.env, before_exec)
         self.port = self._wait_for_port(port_file)
         self.wait_ready()
         return self

@@ -28,9 +28,9 @@ from pathlib import Path
 from typing import Any
 
 from rag.cluster.balancer import TOKEN_HEADER, is_loopback
-from rag.cluster.local import die_with_parent
 from rag.cluster.pool import Replica
 from rag.cluster.process import (
+    die_with_parent,
     http_get,
     log_tail,
     read_port,
