@@ -20,7 +20,7 @@ from cluster_helpers import alive, replicas, wait_for
 
 from rag.cluster.local import default_threads, replica_env, visible_gpus
 from rag.cluster.pool import Replica
-from rag.cluster.process import ServerProcess, read_port, spawn, stop_group
+from rag.cluster.process import ServerFailed, ServerProcess, read_port, spawn, stop_group
 from rag.cluster.scaling import replica_overrides
 from rag.config import compose
 from rag.loadgen import LoadConfig, run_load
@@ -50,6 +50,24 @@ def start_scaling(start_server, tmp_path) -> Callable[..., ServerProcess]:
         )
 
     return start
+
+
+def test_replicas_that_cannot_start_fail_the_variant_fast(start_server, tmp_path):
+    """A replica that cannot start is not replaced forever: after a few deaths with none
+    ever ready the variant exits with the replicas' error, long before the readiness
+    timeout of whoever started it."""
+    started = time.monotonic()
+    with pytest.raises(ServerFailed) as failed:
+        start_server(
+            "variant=scaling", f"run_dir={tmp_path / 'run'}", *FAST,
+            "model.generator=tiny:nothing", ready_timeout_s=300,
+        )  # fmt: skip
+    assert time.monotonic() - started < 200
+    message = str(failed.value)
+    assert "exited with code 1" in message
+    assert "3 replicas died before any became ready" in message
+    assert "unknown tiny model 'tiny:nothing'" in message
+    assert len(list((tmp_path / "run" / "replicas").glob("*.log"))) == 3
 
 
 def test_forwards_requests_to_replicas_and_stops_them_all(start_scaling, tmp_path):

@@ -43,6 +43,10 @@ log = logging.getLogger("rag.cluster")
 # Keys that configure the scaling process itself; every other override goes to replicas.
 OWN_KEYS = ("variant", "host", "port", "port_file", "run_dir")
 TOKEN_ENV = "RAGBENCH_BALANCER_TOKEN"
+# Replicas that may die before any replica was ever ready before the service gives up: a
+# replica that cannot start (a bad override, a missing model) would otherwise be replaced
+# forever, and whoever started the variant would wait for a readiness that never comes.
+START_FAILURES_TO_GIVE_UP = 3
 
 
 def is_own_key(key: str) -> bool:
@@ -85,8 +89,10 @@ class ScalingService:
             self._launcher(argv),
             scaling.health_interval_s,
             scaling.replica_start_timeout_s,
-            on_dead=lambda r: self.deaths.append(f"{r.id} died: {r.reason}"),
+            on_dead=self._on_dead,
         )
+        self.stopping = asyncio.Event()
+        self.failure = ""  # why the service gave up, when it did
         simulated = "simulated" in (cfg.model.generator, cfg.model.embedder)
         self.balancer = Balancer(
             self.pool,
@@ -108,6 +114,18 @@ class ScalingService:
                 },
             ),
         )
+
+    def _on_dead(self, replica: Replica) -> None:
+        self.deaths.append(f"{replica.id} died: {replica.reason}")
+        replicas = self.pool.replicas.values()
+        if any(r.ready_at is not None for r in replicas):
+            return  # the replicas can start: replace the dead one
+        if sum(r.state is State.DEAD for r in replicas) >= START_FAILURES_TO_GIVE_UP:
+            self.failure = (
+                f"{START_FAILURES_TO_GIVE_UP} replicas died before any became ready;"
+                f" the last: {replica.reason}"
+            )
+            self.stopping.set()
 
     def _launcher(self, argv: list[str]) -> Launcher:
         scaling, cfg = self.scaling, self.cfg
@@ -185,10 +203,9 @@ class ScalingService:
 
     async def run(self) -> int:
         cfg = self.cfg
-        stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, self.stopping.set)
         connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=30)
         async with aiohttp.ClientSession(connector=connector) as session:
             self.pool.session = session
@@ -215,14 +232,16 @@ class ScalingService:
                 loop.create_task(self.pool.health_loop()),
                 loop.create_task(self.autoscale_forever()),
             ]
-            await stop.wait()
+            await self.stopping.wait()
+            if self.failure:
+                print(f"ragbench serve: giving up: {self.failure}", file=sys.stderr, flush=True)
             print("ragbench serve: stopping: finishing forwarded requests", flush=True)
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             await self.balancer.stop()
             await self.pool.stop_all()
-        return 0
+        return 1 if self.failure else 0
 
 
 def main(argv: list[str] | None = None) -> int:
