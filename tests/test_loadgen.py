@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import csv
 import json
+import logging
 import math
 import socket
 import subprocess
@@ -26,6 +27,7 @@ from rag.loadgen import (
     summarise_run,
     write_run,
 )
+from rag.loadgen import run as run_module
 from rag.loadgen.stats import LATE_S
 
 
@@ -175,6 +177,19 @@ def stalling_server(stall_at: int, stall_s: float = 1.0) -> LocalServer:
 
     server = LocalServer(behaviour)
     return server
+
+
+def test_progress_is_logged_when_nobody_watches_a_terminal(monkeypatch, caplog):
+    """A sweep's log or a SLURM job's output is not a terminal: progress comes as log
+    lines saying how far the run is."""
+    monkeypatch.setattr(run_module, "PROGRESS_LOG_S", 0.2)
+    caplog.set_level(logging.INFO, logger="rag.loadgen")
+    with LocalServer(rag_ok) as server:
+        run_load(config(server.url, num_requests=50, progress=True))  # 1 s at 50/s
+    lines = [r.getMessage() for r in caplog.records if r.name == "rag.loadgen"]
+    assert len(lines) >= 2
+    assert all(line.startswith("sent ") and "/50  ok " in line for line in lines)
+    assert lines[0] != lines[-1]  # it moved
 
 
 def test_stall_shows_as_latency_from_the_schedule():

@@ -8,6 +8,7 @@ HTTP only: nothing here imports model code, so a client process stays light.
 from __future__ import annotations
 
 import asyncio
+import logging
 import signal
 import sys
 import threading
@@ -23,6 +24,8 @@ from rag.loadgen.sender import ROW_COLUMNS, Sender
 from rag.loadgen.stats import summarise
 
 Rows = list[dict[str, Any]]
+log = logging.getLogger("rag.loadgen")
+PROGRESS_LOG_S = 10.0  # between progress lines when nobody watches a terminal
 
 
 @dataclass(frozen=True)
@@ -60,17 +63,24 @@ def plan(config: LoadConfig) -> Plan:
     return Plan(config, schedule, environment(asdict(config), len(schedule), schedule.rate))
 
 
-async def _show_progress(sender: Sender) -> None:
-    """A live status line for a person watching a terminal."""
-    n = len(sender.rows)
+def _progress_line(sender: Sender) -> str:
+    p50 = f"{np.median(sender.recent) * 1e3:.1f} ms" if sender.recent else "-"
+    return (
+        f"sent {sender.launched}/{len(sender.rows)}  ok {sender.succeeded}"
+        f"  failed {sender.failed}  p50 {p50}"
+    )
+
+
+async def _show_progress(sender: Sender, on_terminal: bool) -> None:
+    """Where the run is: a live line for a person at a terminal; elsewhere (a sweep's log,
+    a SLURM job's output) a logged line every PROGRESS_LOG_S, so nobody reads CSVs to know."""
     while True:
-        await asyncio.sleep(0.5)
-        p50 = f"{np.median(sender.recent) * 1e3:.1f} ms" if sender.recent else "-"
-        sys.stderr.write(
-            f"\rsent {sender.launched}/{n}  ok {sender.succeeded}"
-            f"  failed {sender.failed}  p50 {p50}   "
-        )
-        sys.stderr.flush()
+        await asyncio.sleep(0.5 if on_terminal else PROGRESS_LOG_S)
+        if on_terminal:
+            sys.stderr.write(f"\r{_progress_line(sender)}   ")
+            sys.stderr.flush()
+        else:
+            log.info(_progress_line(sender))
 
 
 async def send(run: Plan, stop: asyncio.Event | None = None) -> tuple[Rows, bool]:
@@ -87,14 +97,15 @@ async def send(run: Plan, stop: asyncio.Event | None = None) -> tuple[Rows, bool
         max_in_flight=config.max_in_flight,
         stop_grace=config.stop_grace,
     )
-    show = config.progress and sys.stderr.isatty()
-    progress = asyncio.ensure_future(_show_progress(sender)) if show else None
+    on_terminal = sys.stderr.isatty()
+    show = asyncio.ensure_future(_show_progress(sender, on_terminal)) if config.progress else None
     try:
         interrupted = await sender.run(stop or asyncio.Event())
     finally:
-        if progress:
-            progress.cancel()
-            sys.stderr.write("\n")
+        if show:
+            show.cancel()
+            if on_terminal:
+                sys.stderr.write("\n")
     if config.tag:
         for row in sender.rows:
             row["tag"] = config.tag
