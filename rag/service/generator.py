@@ -1,4 +1,10 @@
-"""Batched text generation with a causal LM: chat prompt in, answer text and token counts out."""
+"""Text generation with a causal LM: chat prompt in, answer text and token counts out.
+
+Generation runs on the step-level engine (slots, packed prefill, shared prefix, 4-bit
+decode where the weights allow) unless `model.engine=false`, which keeps transformers'
+`generate` over left-padded batches: the reference the engine is tested against, and the
+path for model families the engine does not drive.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +14,9 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from rag.config import ModelConfig
+from rag.service.engine.engine import Engine, Sequence
+
+PREFIX_MARK = "\x00ragbench-user\x00"  # stands in for the user turn when finding the prefix
 
 
 @dataclass(frozen=True)
@@ -18,25 +27,28 @@ class Generation:
 
 
 class Generator:
-    """Wraps a loaded causal LM for left-padded batch generation.
-
-    Greedy by default so answers are reproducible; sampling only when temperature > 0.
-    """
+    """Greedy by default so answers are reproducible; sampling only when temperature > 0."""
 
     def __init__(
-        self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, cfg: ModelConfig
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        cfg: ModelConfig,
+        engine: Engine | None = None,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.cfg = cfg
-        # Left padding keeps every prompt's last token adjacent to the generated ones.
+        self.engine = engine
+        # Left padding (transformers' path) keeps every prompt's last token adjacent to the
+        # generated ones.
         tokenizer.padding_side = "left"
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
         self.eos_token_id = tokenizer.eos_token_id
         if self.eos_token_id is None:
             self.eos_token_id = tokenizer.sep_token_id
-        torch.manual_seed(cfg.seed)  # sampling draws from torch's global generator
+        torch.manual_seed(cfg.seed)  # transformers' sampling draws from torch's global generator
 
     def render(self, system: str, user: str) -> str:
         """The prompt text: the tokenizer's chat template when it has one, else plain text."""
@@ -55,8 +67,48 @@ class Generator:
             return text
         return self.tokenizer.decode(ids[:max_tokens], skip_special_tokens=True)
 
-    @torch.inference_mode()
+    def encode(self, prompts: list[str]) -> list[list[int]]:
+        return self.tokenizer(
+            prompts,
+            truncation=True,
+            max_length=self.cfg.max_prompt_tokens,
+            add_special_tokens=not self.tokenizer.chat_template,
+        )["input_ids"]
+
+    def share_prefix(self, system: str) -> int:
+        """Let the engine compute once the tokens every prompt with this system prompt
+        starts with (up to the user's turn); the prefix's length in tokens."""
+        if self.engine is None:
+            return 0
+        text = self.render(system, PREFIX_MARK).split(PREFIX_MARK)[0]
+        prefix = self.encode([text])[0]
+        # Tokenisers may merge across the cut: keep what a real prompt really starts with.
+        example = self.encode([self.render(system, "Context:\nexample")])[0]
+        while prefix and example[: len(prefix)] != prefix:
+            prefix = prefix[:-1]
+        self.engine.set_shared_prefix(prefix)
+        return len(self.engine.prefix)
+
+    def sequence(self, prompt_ids: list[int], max_new_tokens: int | None = None) -> Sequence:
+        """An engine sequence for one encoded prompt, with this configuration's limits."""
+        limit = max_new_tokens or self.cfg.max_new_tokens
+        return Sequence(prompt_ids, limit, min_new_tokens=limit if self.cfg.ignore_eos else 0)
+
+    def result(self, sequence: Sequence) -> Generation:
+        text = self.tokenizer.decode(sequence.tokens, skip_special_tokens=True).strip()
+        return Generation(text, len(sequence.prompt), len(sequence.tokens))
+
     def generate(self, prompts: list[str], max_new_tokens: int | None = None) -> list[Generation]:
+        if self.engine is None:
+            return self.generate_with_transformers(prompts, max_new_tokens)
+        sequences = [self.sequence(ids, max_new_tokens) for ids in self.encode(prompts)]
+        return [self.result(s) for s in self.engine.generate(sequences)]
+
+    @torch.inference_mode()
+    def generate_with_transformers(
+        self, prompts: list[str], max_new_tokens: int | None = None
+    ) -> list[Generation]:
+        """transformers' `generate` over one left-padded batch."""
         cfg = self.cfg
         max_new_tokens = max_new_tokens or cfg.max_new_tokens
         batch = self.tokenizer(

@@ -1,0 +1,178 @@
+"""Weight-only 4-bit matmuls for decode, built from a GGUF file's own quantised blocks.
+
+A decode step at small batch streams every weight matrix from memory for a few rows of
+activations, so its time is the weights' bytes.  The packaged generator's linear layers are
+GGUF Q4_1 already (groups of 32: w = d x q + m, q in 0..15), which torch's CPU int4 kernel
+computes directly as w = (q - 8) x scale + zero with scale = d and zero = m + 8d.  The tied
+embedding / LM head is Q8_0 (w = d x q, q in -127..127): q = 16 x hi + lo splits it into two
+4-bit matrices whose products add up to the same result.  Nothing is rounded beyond what the
+GGUF holds, except the scales, which the kernel takes in the activations' dtype.
+
+Each replaced layer keeps its dense weight for many rows (prefill, large batches), where a
+dense bf16 matmul is faster than unpacking 4-bit groups.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType, GGUFReader
+from torch.utils.flop_counter import register_flop_formula
+from transformers import PreTrainedModel
+from transformers.modeling_gguf_pytorch_utils import (
+    TENSOR_PROCESSORS,
+    TensorProcessor,
+    get_gguf_hf_weights_map,
+)
+
+GROUP = 32
+INT4_MM = torch.ops.aten._weight_int4pack_mm_for_cpu
+
+
+@register_flop_formula(INT4_MM)
+def _int4_mm_flops(a_shape, b_shape, group_size, scales_shape, *args, **kwargs) -> int:
+    """The same count as the dense matmul it replaces: 2 x rows x in x out."""
+    rows, inner = a_shape
+    return 2 * rows * inner * scales_shape[1]
+
+
+@dataclass(frozen=True)
+class Blocks:
+    """One weight matrix's 4-bit codes ([out, in], 0..15) with per-group scale and zero
+    ([out, in / 32]): w = (q - 8) x scale + zero."""
+
+    codes: np.ndarray
+    scales: np.ndarray
+    zeros: np.ndarray
+
+    def dequantize(self) -> torch.Tensor:
+        expand = lambda a: np.repeat(a, GROUP, axis=1)  # noqa: E731
+        w = (self.codes.astype(np.float32) - 8) * expand(self.scales) + expand(self.zeros)
+        return torch.from_numpy(w)
+
+
+def _q4_1(raw: np.ndarray) -> list[Blocks]:
+    """Q4_1: 20 bytes per 32 weights: d and m as float16, then 16 bytes of nibbles (low
+    nibbles are weights 0-15, high nibbles 16-31)."""
+    rows = raw.shape[0]
+    blocks = raw.reshape(rows, -1, 20)
+    d = blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
+    m = blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
+    nibbles = blocks[..., 4:]
+    codes = np.concatenate([nibbles & 0x0F, nibbles >> 4], axis=-1).reshape(rows, -1)
+    return [Blocks(codes, d, m + 8 * d)]
+
+
+def _q8_0(raw: np.ndarray) -> list[Blocks]:
+    """Q8_0: 34 bytes per 32 weights: d as float16, then 32 int8 q; w = d x (16 hi + lo)
+    with lo = q mod 16 and hi = q // 16 in -8..7, so w = d x (lo - 8) + 8d plus
+    16d x ((hi + 8) - 8)."""
+    rows = raw.shape[0]
+    blocks = raw.reshape(rows, -1, 34)
+    d = blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
+    q = blocks[..., 2:].copy().view(np.int8).astype(np.int16).reshape(rows, -1)
+    low, high = (q & 0x0F).astype(np.uint8), ((q >> 4) + 8).astype(np.uint8)
+    return [Blocks(low, d, 8 * d), Blocks(high, 16 * d, np.zeros_like(d))]
+
+
+READERS = {GGMLQuantizationType.Q4_1: _q4_1, GGMLQuantizationType.Q8_0: _q8_0}
+
+
+class Int4Linear(torch.nn.Module):
+    """A linear layer that multiplies up to `max_rows` rows with 4-bit weights (summing
+    the parts, one or two) and more rows with the dense weight it replaces."""
+
+    def __init__(self, dense: torch.nn.Linear, parts: list[Blocks], max_rows: int) -> None:
+        super().__init__()
+        self.dense = dense
+        self.max_rows = max_rows
+        self.out_features = dense.out_features
+        dtype = dense.weight.dtype
+        self.packed = [
+            torch.ops.aten._convert_weight_to_int4pack_for_cpu(
+                torch.from_numpy(p.codes.astype(np.int32)), 2
+            )
+            for p in parts
+        ]
+        self.scales_zeros = [
+            torch.from_numpy(np.stack([p.scales.T, p.zeros.T], axis=-1)).to(dtype).contiguous()
+            for p in parts
+        ]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])
+        if flat.shape[0] > self.max_rows:
+            return self.dense(x)
+        out = INT4_MM(flat, self.packed[0], GROUP, self.scales_zeros[0])
+        for packed, scales_zeros in zip(self.packed[1:], self.scales_zeros[1:], strict=True):
+            out = out + INT4_MM(flat, packed, GROUP, scales_zeros)
+        if self.dense.bias is not None:
+            out = out + self.dense.bias
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+
+def read_blocks(gguf_path: Path, model: PreTrainedModel) -> dict[str, list[Blocks]]:
+    """The 4-bit parts of every Q4_1 or Q8_0 weight in the file, by the model's parameter
+    name, with the row permutation transformers' GGUF loader applies (llama's q and k)."""
+    config = model.config
+    names = get_gguf_hf_weights_map(model, TensorProcessor())
+    processor = TENSOR_PROCESSORS.get(config.model_type, TensorProcessor)(
+        config={
+            "num_attention_heads": config.num_attention_heads,
+            "num_key_value_heads": config.num_key_value_heads,
+        }
+    )
+    found: dict[str, list[Blocks]] = {}
+    for tensor in GGUFReader(gguf_path).tensors:
+        reader = READERS.get(tensor.tensor_type)
+        if reader is None or tensor.name not in names:
+            continue
+        parts = [
+            Blocks(*(processor.process(weights=a, name=tensor.name).weights for a in (
+                p.codes, p.scales, p.zeros)))  # fmt: skip
+            for p in reader(np.asarray(tensor.data))
+        ]
+        found[names[tensor.name]] = parts
+    return found
+
+
+def _parent(model: torch.nn.Module, name: str) -> tuple[torch.nn.Module, str]:
+    path, _, attribute = name.rpartition(".")
+    return model.get_submodule(path), attribute
+
+
+def use_int4_for_decode(model: PreTrainedModel, gguf_path: Path, max_rows: int) -> int:
+    """Replace every linear layer whose weight the GGUF holds in 4-bit-expressible blocks
+    (and the LM head, tied to the embedding) with an Int4Linear; returns how many.
+
+    Each one is checked against the weight transformers loaded from the same file, so a
+    name or layout mismatch fails here, loudly, and never changes an answer.
+    """
+    blocks = read_blocks(gguf_path, model)
+    weights = {name: p for name, p in model.named_parameters(remove_duplicate=False)}
+    targets = [
+        (name.removesuffix(".weight"), name)
+        for name in weights
+        if name.endswith(".weight") and isinstance(model.get_submodule(name[:-7]), torch.nn.Linear)
+    ]
+    replaced = 0
+    for module_name, weight_name in targets:
+        source = weight_name
+        if source not in blocks and model.config.tie_word_embeddings:
+            if model.get_output_embeddings() is model.get_submodule(module_name):
+                source = next(n for n in blocks if weights[n] is weights[weight_name])
+        if source not in blocks:
+            continue
+        parts = blocks[source]
+        expected = weights[weight_name].detach()
+        rebuilt = sum(p.dequantize() for p in parts)
+        # Equal up to the rounding of the loaded copy (bf16: 2^-9 of the value).
+        if not torch.allclose(rebuilt, expected.float(), rtol=2**-8, atol=1e-8):
+            raise ValueError(f"GGUF blocks of {source} do not reproduce the loaded weight")
+        parent, attribute = _parent(model, module_name)
+        setattr(parent, attribute, Int4Linear(getattr(parent, attribute), parts, max_rows))
+        replaced += 1
+    return replaced
