@@ -139,6 +139,7 @@ class Engine:
             self.step()
         return sequences
 
+    @torch.inference_mode()
     def step(self) -> StepReport:
         """Prefill what fits of the waiting sequences, then decode every active slot once."""
         report = StepReport()

@@ -14,6 +14,7 @@ dense bf16 matmul is faster than unpacking 4-bit groups.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -103,7 +104,7 @@ class Int4Linear(torch.nn.Module):
         ]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, x.shape[-1])
+        flat = x.reshape(-1, x.shape[-1]).contiguous()
         if flat.shape[0] > self.max_rows:
             return self.dense(x)
         out = INT4_MM(flat, self.packed[0], GROUP, self.scales_zeros[0])
@@ -114,9 +115,10 @@ class Int4Linear(torch.nn.Module):
         return out.reshape(*x.shape[:-1], self.out_features)
 
 
-def read_blocks(gguf_path: Path, model: PreTrainedModel) -> dict[str, list[Blocks]]:
-    """The 4-bit parts of every Q4_1 or Q8_0 weight in the file, by the model's parameter
-    name, with the row permutation transformers' GGUF loader applies (llama's q and k)."""
+def read_blocks(gguf_path: Path, model: PreTrainedModel) -> Iterator[tuple[str, list[Blocks]]]:
+    """The 4-bit parts of each Q4_1 or Q8_0 weight in the file, one at a time (so only one
+    matrix's codes are in memory), by the model's parameter name, with the row permutation
+    transformers' GGUF loader applies (llama's q and k)."""
     config = model.config
     names = get_gguf_hf_weights_map(model, TensorProcessor())
     processor = TENSOR_PROCESSORS.get(config.model_type, TensorProcessor)(
@@ -125,23 +127,31 @@ def read_blocks(gguf_path: Path, model: PreTrainedModel) -> dict[str, list[Block
             "num_key_value_heads": config.num_key_value_heads,
         }
     )
-    found: dict[str, list[Blocks]] = {}
     for tensor in GGUFReader(gguf_path).tensors:
         reader = READERS.get(tensor.tensor_type)
         if reader is None or tensor.name not in names:
             continue
-        parts = [
-            Blocks(*(processor.process(weights=a, name=tensor.name).weights for a in (
-                p.codes, p.scales, p.zeros)))  # fmt: skip
-            for p in reader(np.asarray(tensor.data))
-        ]
-        found[names[tensor.name]] = parts
-    return found
+        parts = []
+        for part in reader(np.asarray(tensor.data)):
+            codes, scales, zeros = (
+                processor.process(weights=a, name=tensor.name).weights
+                for a in (part.codes, part.scales, part.zeros)
+            )
+            parts.append(Blocks(codes, scales, zeros))
+        yield names[tensor.name], parts
 
 
-def _parent(model: torch.nn.Module, name: str) -> tuple[torch.nn.Module, str]:
-    path, _, attribute = name.rpartition(".")
-    return model.get_submodule(path), attribute
+def _reproduces(parts: list[Blocks], weight: torch.Tensor, chunk: int = 1024) -> bool:
+    """Whether the blocks equal the loaded weight up to its rounding (bf16: 2^-9 of the
+    value), compared a chunk of rows at a time to keep the float32 copies small."""
+    for row in range(0, weight.shape[0], chunk):
+        rows = slice(row, row + chunk)
+        rebuilt = sum(
+            Blocks(p.codes[rows], p.scales[rows], p.zeros[rows]).dequantize() for p in parts
+        )
+        if not torch.allclose(rebuilt, weight[rows].float(), rtol=2**-8, atol=1e-8):
+            return False
+    return True
 
 
 def use_int4_for_decode(model: PreTrainedModel, gguf_path: Path, max_rows: int) -> int:
@@ -151,28 +161,27 @@ def use_int4_for_decode(model: PreTrainedModel, gguf_path: Path, max_rows: int) 
     Each one is checked against the weight transformers loaded from the same file, so a
     name or layout mismatch fails here, loudly, and never changes an answer.
     """
-    blocks = read_blocks(gguf_path, model)
-    weights = {name: p for name, p in model.named_parameters(remove_duplicate=False)}
-    targets = [
-        (name.removesuffix(".weight"), name)
-        for name in weights
-        if name.endswith(".weight") and isinstance(model.get_submodule(name[:-7]), torch.nn.Linear)
-    ]
+    weights = dict(model.named_parameters(remove_duplicate=False))
+    linear_of: dict[int, list[str]] = {}  # a weight tensor's id -> the linear layers using it
+    for name, weight in weights.items():
+        module_name = name.removesuffix(".weight")
+        if name.endswith(".weight") and isinstance(
+            model.get_submodule(module_name), torch.nn.Linear
+        ):
+            linear_of.setdefault(id(weight), []).append(module_name)
     replaced = 0
-    for module_name, weight_name in targets:
-        source = weight_name
-        if source not in blocks and model.config.tie_word_embeddings:
-            if model.get_output_embeddings() is model.get_submodule(module_name):
-                source = next(n for n in blocks if weights[n] is weights[weight_name])
-        if source not in blocks:
-            continue
-        parts = blocks[source]
-        expected = weights[weight_name].detach()
-        rebuilt = sum(p.dequantize() for p in parts)
-        # Equal up to the rounding of the loaded copy (bf16: 2^-9 of the value).
-        if not torch.allclose(rebuilt, expected.float(), rtol=2**-8, atol=1e-8):
+    for source, parts in read_blocks(gguf_path, model):
+        weight = weights[source].detach()
+        modules = linear_of.get(id(weights[source]), [])
+        if modules and not _reproduces(parts, weight):
             raise ValueError(f"GGUF blocks of {source} do not reproduce the loaded weight")
-        parent, attribute = _parent(model, module_name)
-        setattr(parent, attribute, Int4Linear(getattr(parent, attribute), parts, max_rows))
-        replaced += 1
+        for module_name in modules:
+            parent, attribute = _parent(model, module_name)
+            setattr(parent, attribute, Int4Linear(getattr(parent, attribute), parts, max_rows))
+            replaced += 1
     return replaced
+
+
+def _parent(model: torch.nn.Module, name: str) -> tuple[torch.nn.Module, str]:
+    path, _, attribute = name.rpartition(".")
+    return model.get_submodule(path), attribute

@@ -1,0 +1,163 @@
+"""The step-level engine gives the tokens transformers' `generate` gives: the same greedy
+answer for prompts of different lengths, whatever slots they share, whatever else runs
+beside them.  4-bit decode is checked block by block against the GGUF's own dequantiser
+(its effect on whole answers is an agreement rate, measured in bench/bench_engine.py)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType, quants
+
+from rag.config import compose
+from rag.service.engine.engine import Sequence
+from rag.service.engine.int4 import READERS, Int4Linear
+from rag.service.generator import Generator
+from rag.service.models import load_generator
+
+QUESTIONS = [
+    "Why?",
+    "Context:\nBees dance to show where flowers are.\n\nQuestion: how do bees find flowers?",
+    "Context:\n" + "Dogs were domesticated from wolves long ago. " * 8 + "\n\nQuestion: from what?",
+    "Context:\n" + "Horses were first ridden on the steppe by nomads. " * 20 + "\n\nQuestion: who?",
+]
+
+
+def tiny_generator(cache_dir, *overrides: str) -> Generator:
+    cfg = compose(["model=tiny", f"model.cache_dir={cache_dir}", *overrides])
+    return load_generator(cfg.model)
+
+
+def prompts_of(generator: Generator) -> list[str]:
+    return [generator.render(generator.cfg.system_prompt, q) for q in QUESTIONS]
+
+
+def as_tuples(generations) -> list[tuple[str, int, int]]:
+    return [(g.text, g.prompt_tokens, g.new_tokens) for g in generations]
+
+
+@pytest.mark.parametrize("slots", [1, 2, 8])
+def test_engine_gives_generates_greedy_tokens_for_prompts_of_different_lengths(cache_dir, slots):
+    """Fewer slots than prompts makes later prompts wait and enter freed slots (and active
+    sequences move down into holes); more slots decodes them all together."""
+    generator = tiny_generator(cache_dir, f"model.engine_slots={slots}", "model.max_new_tokens=12")
+    assert generator.engine is not None and generator.engine.prefix  # the prefix is shared
+    prompts = prompts_of(generator)
+    lengths = {len(ids) for ids in generator.encode(prompts)}
+    assert len(lengths) == len(prompts)
+    reference = [generator.generate_with_transformers([p])[0] for p in prompts]
+    assert as_tuples(generator.generate(prompts)) == as_tuples(reference)
+
+
+def test_a_prompt_without_the_shared_prefix_is_prefilled_whole(cache_dir):
+    generator = tiny_generator(cache_dir)
+    prompt = "No system prompt here, just a question?"
+    prefix = generator.engine.prefix
+    assert generator.encode([prompt])[0][: len(prefix)] != prefix
+    assert as_tuples(generator.generate([prompt])) == as_tuples(
+        generator.generate_with_transformers([prompt])
+    )
+
+
+def test_eos_is_held_back_until_the_minimum_with_ignore_eos(cache_dir):
+    generator = tiny_generator(cache_dir, "model.ignore_eos=true", "model.max_new_tokens=10")
+    prompts = prompts_of(generator)
+    engine = as_tuples(generator.generate(prompts))
+    assert [new for _, _, new in engine] == [10] * len(prompts)
+    assert engine == as_tuples(generator.generate_with_transformers(prompts))
+
+
+def test_a_cancelled_sequence_frees_its_slot_and_changes_no_other_answer(cache_dir):
+    generator = tiny_generator(cache_dir, "model.engine_slots=3", "model.max_new_tokens=12")
+    engine = generator.engine
+    ids = generator.encode(prompts_of(generator))
+    alone = [engine.generate([generator.sequence(i)])[0].tokens for i in ids]
+    sequences = [engine.submit(generator.sequence(i)) for i in ids]
+    engine.step()
+    engine.step()
+    engine.cancel(sequences[0])  # in slot 0: the last active sequence moves into it
+    engine.cancel(sequences[3])  # still waiting: it never takes a slot
+    while engine.busy:
+        engine.step()
+    assert [s.finish for s in sequences] == ["cancelled", "length", "length", "cancelled"]
+    # A sequence's first step gives two tokens (its prefill's and a decode's), later ones one.
+    assert len(sequences[0].tokens) == 3 and sequences[3].tokens == []
+    assert [s.tokens for s in sequences[1:3]] == alone[1:3]
+
+
+def test_a_step_reports_what_it_did(cache_dir):
+    generator = tiny_generator(cache_dir, "model.max_new_tokens=3")
+    engine = generator.engine
+    ids = generator.encode(prompts_of(generator)[:2])
+    for prompt in ids:
+        engine.submit(generator.sequence(prompt))
+    first = engine.step()
+    assert (first.prefilled, first.decoded) == (2, 2)
+    assert first.prefill_tokens == sum(len(i) - len(engine.prefix) for i in ids)
+    second = engine.step()  # tokens 3 of 3
+    assert second.prefilled == 0 and len(second.finished) == 2 and not engine.busy
+
+
+def test_a_prompt_too_long_for_a_slot_is_refused_before_it_runs(cache_dir):
+    generator = tiny_generator(cache_dir)
+    too_long = Sequence(list(range(5, 5 + generator.engine.positions)), max_new_tokens=4)
+    with pytest.raises(ValueError, match="positions of a slot"):
+        generator.engine.submit(too_long)
+    assert not generator.engine.busy
+
+
+def test_sampling_is_reproducible_from_the_seed(cache_dir):
+    overrides = ("model.temperature=1.0", "model.top_p=0.9", "model.max_new_tokens=12")
+    prompts = prompts_of(tiny_generator(cache_dir))
+    first = tiny_generator(cache_dir, *overrides).generate(prompts)
+    again = tiny_generator(cache_dir, *overrides).generate(prompts)
+    other = tiny_generator(cache_dir, *overrides, "model.seed=1").generate(prompts)
+    assert as_tuples(first) == as_tuples(again)
+    assert as_tuples(first) != as_tuples(other)
+
+
+@pytest.mark.parametrize("kind", [GGMLQuantizationType.Q4_1, GGMLQuantizationType.Q8_0])
+def test_blocks_hold_what_the_gguf_dequantiser_reads(kind):
+    weights = np.random.default_rng(0).standard_normal((16, 96)).astype(np.float32)
+    raw = quants.quantize(weights, kind)
+    rebuilt = sum(part.dequantize() for part in READERS[kind](raw))
+    expected = torch.from_numpy(quants.dequantize(raw, kind))
+    torch.testing.assert_close(rebuilt, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", [GGMLQuantizationType.Q4_1, GGMLQuantizationType.Q8_0])
+def test_int4_linear_multiplies_few_rows_in_4_bit_and_many_with_the_dense_weight(kind):
+    weights = np.random.default_rng(1).standard_normal((64, 128)).astype(np.float32)
+    raw = quants.quantize(weights, kind)
+    dense = torch.nn.Linear(128, 64, bias=False)
+    dense.weight.data = torch.from_numpy(quants.dequantize(raw, kind)) + 1.0  # tell them apart
+    layer = Int4Linear(dense, READERS[kind](raw), max_rows=4)
+    x = torch.randn(2, 2, 128)  # 4 rows
+    exact = x @ torch.from_numpy(quants.dequantize(raw, kind)).T
+    torch.testing.assert_close(layer(x), exact, rtol=1e-3, atol=1e-3)
+    many = torch.randn(5, 128)
+    torch.testing.assert_close(layer(many), dense(many))
+
+
+@pytest.mark.packaged
+def test_engine_gives_generates_greedy_tokens_on_the_default_model(cache_dir):
+    """In float32 and without 4-bit decode: any difference is then the engine's, not the
+    rounding's (bf16 rounds differently at each matrix shape, which can flip a near-tie)."""
+    cfg = compose(
+        ["model.dtype=float32", "model.int4_decode=false", f"model.cache_dir={cache_dir}"]
+    )
+    generator = load_generator(cfg.model)
+    prompts = prompts_of(generator)
+    reference = [generator.generate_with_transformers([p])[0] for p in prompts]
+    assert as_tuples(generator.generate(prompts)) == as_tuples(reference)
+
+
+@pytest.mark.packaged
+def test_the_default_model_decodes_its_gguf_layers_in_4_bit(cache_dir):
+    generator = load_generator(compose([f"model.cache_dir={cache_dir}"]).model)
+    layers = [m for m in generator.model.modules() if isinstance(m, Int4Linear)]
+    config = generator.model.config
+    assert len(layers) == 7 * config.num_hidden_layers + 1  # q k v o gate up down, LM head
+    (answer,) = generator.generate(prompts_of(generator)[1:2])
+    assert "bee" in answer.text.lower() or "dance" in answer.text.lower()
