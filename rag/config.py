@@ -90,11 +90,13 @@ class CorpusConfig:
 
 @dataclass
 class VariantConfig:
-    """How requests reach the pipeline: one at a time, or through the batcher."""
+    """How requests reach the pipeline: one at a time, through the batcher, or into the
+    engine's running batch (continuous)."""
 
     name: str = MISSING
     batched: bool = True
-    max_batch_size: int = 20
+    continuous: bool = False  # requests join and leave the engine's running batch per step
+    max_batch_size: int = 20  # continuous: the running batch at most
     max_wait_ms: float = 10.0
     max_queue: int = 512
     request_timeout_s: float = 60.0  # each request's deadline from its arrival
@@ -115,6 +117,7 @@ class ScalingConfig:
     count as capacity, so a burst is not answered twice.
     """
 
+    replica_variant: str = "batched"  # what each replica runs: batched | continuous
     min_replicas: int = 1
     max_replicas: int = 4
     target_ongoing_requests: float = 8.0

@@ -47,6 +47,7 @@ TOKEN_ENV = "RAGBENCH_BALANCER_TOKEN"
 # replica that cannot start (a bad override, a missing model) would otherwise be replaced
 # forever, and whoever started the variant would wait for a readiness that never comes.
 START_FAILURES_TO_GIVE_UP = 3
+REPLICA_VARIANTS = ("batched", "continuous")
 
 
 def is_own_key(key: str) -> bool:
@@ -55,13 +56,15 @@ def is_own_key(key: str) -> bool:
 
 def replica_overrides(argv: list[str], cfg: Config, replica: Replica) -> list[str]:
     """The overrides a replica's `rag.serve` runs with: the user's model, corpus and
-    server settings, the batched variant with this variant's batching settings, its id."""
+    server settings, the replica variant (batched or continuous) with this variant's batching
+    settings, its id."""
     parsed = OverridesParser.create().parse_overrides(argv)
     shared = [o.input_line for o in parsed if not is_own_key(o.key_or_group)]
     v = cfg.variant
+    assert v.scaling is not None
     return [
         *shared,
-        "variant=batched",
+        f"variant={v.scaling.replica_variant}",
         f"variant.batched={v.batched}",
         f"variant.max_batch_size={v.max_batch_size}",
         f"variant.max_wait_ms={v.max_wait_ms}",
@@ -250,6 +253,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=cfg.server.log_level.upper())
     if cfg.variant.scaling is None:
         sys.exit("config error: variant=scaling needs its variant.scaling settings")
+    if cfg.variant.scaling.replica_variant not in REPLICA_VARIANTS:
+        sys.exit(f"config error: variant.scaling.replica_variant must be one of {REPLICA_VARIANTS}")
     temporary = not cfg.run_dir
     run_dir = Path(cfg.run_dir or tempfile.mkdtemp(prefix="ragbench-scaling-"))
     run_dir.mkdir(parents=True, exist_ok=True)

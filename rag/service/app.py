@@ -165,7 +165,8 @@ async def metrics(request: Request) -> PlainTextResponse:
 
 @router.get("/stats")
 async def stats(request: Request) -> dict[str, Any]:
-    """The batching knobs, the batch-size histogram and what the models run on."""
+    """The batching knobs, the batch-size histogram (continuous: steps by the running
+    batch's size) and what the models run on."""
     from rag.service.simulated import is_simulated
 
     state = state_of(request)
@@ -179,6 +180,7 @@ async def stats(request: Request) -> dict[str, Any]:
         "max_wait_ms": batcher.max_wait_s * 1e3 if batcher else None,
         "max_queue": cfg.variant.max_queue,
         "queue_depth": batcher.depth if batcher else 0,
+        "running": batcher.running if batcher else 0,
         "service_rate": batcher.service_rate if batcher else None,
         "dropped": batcher.dropped if batcher else 0,
         "expired": batcher.expired if batcher else 0,

@@ -164,6 +164,11 @@ class Batcher(Generic[T, R]):
         return sum(1 for waiting in self._queue if not waiting.future.done())
 
     @property
+    def running(self) -> int:
+        """Requests in the batch being computed."""
+        return self._running
+
+    @property
     def in_flight(self) -> int:
         return self.depth + self._running
 

@@ -15,8 +15,8 @@ from rag.service.validation import QueryLimits, QueryRejected, find_problems
 
 if TYPE_CHECKING:  # the model modules import torch; model=simulated never loads them
     from rag.service.embedder import Embedder
-    from rag.service.generator import Generator
-    from rag.service.simulated import SimulatedEmbedder, SimulatedGenerator
+    from rag.service.generator import Generation, Generator
+    from rag.service.simulated import SimulatedEmbedder, SimulatedGeneration, SimulatedGenerator
 
 # Tokens kept for the system prompt, the question and the chat template's markup.
 PROMPT_OVERHEAD_TOKENS = 192
@@ -32,6 +32,16 @@ class Answer:
     answers_in_batch: int  # valid queries generated together with this one (itself included)
     # Each stage's time for the whole batch this query ran in (the time it waited on).
     timings_ms: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class Prepared:
+    """A valid query retrieved and turned into a prompt, waiting for its generation."""
+
+    query: str
+    docs: list[Hit]
+    prompt: str
+    timings_ms: dict[str, float]
 
 
 class RAGPipeline:
@@ -93,7 +103,22 @@ class RAGPipeline:
     def answer_batch(self, queries: list[str], ks: list[int]) -> list[Answer | QueryRejected]:
         """Answer every valid query with one embedding call, one index search and one
         generate call; an invalid query gets a QueryRejected in its place."""
-        outcomes: list[Answer | QueryRejected | None] = [None] * len(queries)
+        prepared = self.prepare(queries, ks)
+        valid = [p for p in prepared if isinstance(p, Prepared)]
+        started = time.perf_counter()
+        generations = iter(self.generator.generate([p.prompt for p in valid]) if valid else [])
+        generate_ms = (time.perf_counter() - started) * 1e3
+        return [
+            self.complete(p, next(generations), generate_ms, len(valid))
+            if isinstance(p, Prepared)
+            else p
+            for p in prepared
+        ]
+
+    def prepare(self, queries: list[str], ks: list[int]) -> list[Prepared | QueryRejected]:
+        """Everything before generation, for a batch: the valid queries embedded and
+        searched together, each one's prompt built; an invalid one gets a QueryRejected."""
+        outcomes: list[Prepared | QueryRejected | None] = [None] * len(queries)
         valid = []
         for position, (query, k) in enumerate(zip(queries, ks, strict=True)):
             problems = find_problems(query, k, self.limits)
@@ -102,23 +127,29 @@ class RAGPipeline:
             else:
                 valid.append(position)
         if valid:
-            answers = self._answer_valid([queries[i] for i in valid], [ks[i] for i in valid])
-            for position, answer in zip(valid, answers, strict=True):
-                outcomes[position] = answer
+            hits, embed_s, search_s = self.index.retrieve(
+                [queries[i] for i in valid], [ks[i] for i in valid]
+            )
+            timings = {"embed_ms": embed_s * 1e3, "retrieve_ms": search_s * 1e3}
+            for position, found in zip(valid, hits, strict=True):
+                prompt = self.build_prompt(queries[position], found)
+                outcomes[position] = Prepared(queries[position], found, prompt, dict(timings))
         return outcomes  # type: ignore[return-value]
 
-    def _answer_valid(self, queries: list[str], ks: list[int]) -> list[Answer]:
-        hits, embed_s, search_s = self.index.retrieve(queries, ks)
-        started = time.perf_counter()
-        prompts = [self.build_prompt(q, h) for q, h in zip(queries, hits, strict=True)]
-        generations = self.generator.generate(prompts)
-        generate_s = time.perf_counter() - started
-        timings = {
-            "embed_ms": embed_s * 1e3,
-            "retrieve_ms": search_s * 1e3,
-            "generate_ms": generate_s * 1e3,
-        }
-        return [
-            Answer(q, g.text, h, g.prompt_tokens, g.new_tokens, len(queries), dict(timings))
-            for q, h, g in zip(queries, hits, generations, strict=True)
-        ]
+    def complete(
+        self,
+        prepared: Prepared,
+        generation: Generation | SimulatedGeneration,
+        generate_ms: float,
+        in_batch: int,
+    ) -> Answer:
+        """The answer to a prepared query, once its text is generated."""
+        return Answer(
+            prepared.query,
+            generation.text,
+            prepared.docs,
+            generation.prompt_tokens,
+            generation.new_tokens,
+            in_batch,
+            {**prepared.timings_ms, "generate_ms": generate_ms},
+        )

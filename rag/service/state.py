@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from rag.config import Config
 from rag.service.batching import Batcher, BatchRecord, Draining
+from rag.service.continuous import ContinuousBatcher
 from rag.service.metrics import ServerMetrics
 from rag.service.validation import QueryLimits
 from rag.web import ConnectionGuard
@@ -35,7 +36,7 @@ class ServerState:
     cfg: Config
     load_pipeline: Callable[[], RAGPipeline]
     pipeline: RAGPipeline | None = None
-    batcher: Batcher | None = None
+    batcher: Batcher | ContinuousBatcher | None = None
     ready: bool = False
     draining: bool = False
     failure: str = ""
@@ -83,28 +84,41 @@ class ServerState:
             pipeline = await loop.run_in_executor(self.compute, self.load_pipeline)
             loaded = time.perf_counter()
             await loop.run_in_executor(self.compute, pipeline.warm_up)
+            self.batcher = self._batcher_for(pipeline)
         except Exception as exc:
             self.failure = f"{type(exc).__name__}: {exc}"
             log.error("model loading failed: %s", self.failure)
             print(f"ragbench serve: model loading failed: {self.failure}", file=sys.stderr)
             self.on_fatal()
             return
-        variant = self.cfg.variant
         self.pipeline = pipeline
-        self.batcher = Batcher(
-            lambda items: pipeline.answer_batch([q for q, _ in items], [k for _, k in items]),
-            max_batch_size=variant.max_batch_size if variant.batched else 1,
-            max_wait_s=variant.max_wait_ms / 1e3 if variant.batched else 0.0,
-            max_queue=variant.max_queue,
-            on_batch=self._record_batch,
-            executor=self.compute,
-        )
         self.batcher.start()
         self.ready = True
         print(
             f"ragbench serve: ready (models {loaded - started:.1f} s, "
             f"warm-up {time.perf_counter() - loaded:.1f} s)",
             flush=True,
+        )
+
+    def _batcher_for(self, pipeline: RAGPipeline) -> Batcher | ContinuousBatcher:
+        """The variant's way into the pipeline: whole batches, or the engine's running
+        batch (continuous)."""
+        variant = self.cfg.variant
+        if variant.continuous:
+            return ContinuousBatcher(
+                pipeline,
+                variant.max_batch_size,
+                variant.max_queue,
+                self.compute,
+                on_step=self._record_batch,
+            )
+        return Batcher(
+            lambda items: pipeline.answer_batch([q for q, _ in items], [k for _, k in items]),
+            max_batch_size=variant.max_batch_size if variant.batched else 1,
+            max_wait_s=variant.max_wait_ms / 1e3 if variant.batched else 0.0,
+            max_queue=variant.max_queue,
+            on_batch=self._record_batch,
+            executor=self.compute,
         )
 
     def _record_batch(self, record: BatchRecord) -> None:

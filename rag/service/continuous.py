@@ -1,0 +1,284 @@
+"""Iteration-level (continuous) batching: requests join and leave the running batch of the
+generation engine between its steps.
+
+Each step, the newcomers that fit in free slots are embedded and retrieved together, their
+prompts prefilled, and from then on they decode with the running batch, one token per
+step; a request leaves as soon as it ends (EOS or its token limit).  Short answers do not
+wait for long ones, and a newcomer waits for one step, not a whole batch.  The engine runs
+on the compute thread, one step per call; between steps this loop admits newcomers, takes
+out requests whose caller left, and hands finished answers back.
+
+The HTTP side sees the batcher's contract (`submit`, drain, the counters), and admission
+is by deadline as there: a request that could not be answered before its deadline behind
+the requests ahead is refused at once (Overloaded), one whose deadline has come before it
+could start is not computed (DeadlineExceeded).  The estimate is a request's time in the
+engine at a full running batch, learned from requests that ran.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections import Counter, deque
+from collections.abc import Callable
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from rag.service.batching import (
+    SMOOTHING,
+    BatchRecord,
+    BatchTimes,
+    Completed,
+    DeadlineExceeded,
+    Draining,
+    Overloaded,
+)
+from rag.service.pipeline import Answer, Prepared, RAGPipeline
+from rag.service.validation import QueryRejected
+
+if TYPE_CHECKING:
+    from rag.service.engine.engine import Engine, Sequence
+
+
+@dataclass(eq=False)
+class _Request:
+    query: str
+    k: int
+    arrival: float
+    deadline: float
+    future: asyncio.Future = field(repr=False)
+    started: float = 0.0  # when its step began: prepared and prefilled
+    running_at_start: int = 0  # the running batch it joined, itself included
+    prepared: Prepared | None = None
+    sequence: Sequence | None = None
+
+
+class ContinuousBatcher:
+    def __init__(
+        self,
+        pipeline: RAGPipeline,
+        max_running: int,
+        max_queue: int,
+        executor: Executor,
+        on_step: Callable[[BatchRecord], None] | None = None,
+    ) -> None:
+        engine = getattr(pipeline.generator, "engine", None)
+        if engine is None:
+            raise ValueError("variant=continuous needs the generation engine (model.engine=true)")
+        if max_running < 1 or max_queue < 1:
+            raise ValueError("max_batch_size and max_queue must be >= 1")
+        self.pipeline = pipeline
+        self.engine: Engine = engine
+        self.max_batch_size = min(max_running, engine.slots)
+        self.max_wait_s = 0.0  # a newcomer joins at the next step
+        self.max_queue = max_queue
+        self.on_step = on_step
+        self.batch_size_counts: Counter[int] = Counter()  # steps by rows decoded
+        self.request_times = BatchTimes()  # a request's time in the engine, by running batch
+        self.service_rate: float | None = None  # requests finished per second, smoothed
+        self._finished_per_step = 0.0
+        self._seconds_per_step = 0.0
+        self.dropped = 0
+        self.expired = 0
+        self._queue: deque[_Request] = deque()
+        self._running: dict[Sequence, _Request] = {}
+        self._arrived = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._draining = False
+        self._executor = executor
+        self._worker: asyncio.Task[None] | None = None
+
+    @property
+    def depth(self) -> int:
+        """Requests waiting to join the running batch."""
+        return sum(1 for request in self._queue if not request.future.done())
+
+    @property
+    def running(self) -> int:
+        return len(self._running)
+
+    @property
+    def in_flight(self) -> int:
+        return self.depth + self.running
+
+    def start(self) -> None:
+        if self._worker is None:
+            self._worker = asyncio.get_running_loop().create_task(self._serve_forever())
+
+    async def stop(self) -> None:
+        if self._worker is not None:
+            self._worker.cancel()
+            await asyncio.gather(self._worker, return_exceptions=True)
+            self._worker = None
+        for request in [*self._queue, *self._running.values()]:
+            if not request.future.done():
+                request.future.set_exception(Draining("server stopped"))
+        self._queue.clear()
+
+    def begin_drain(self) -> None:
+        """Refuse new work; what is queued or running still completes."""
+        self._draining = True
+
+    async def wait_idle(self, timeout_s: float) -> bool:
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout_s)
+        except TimeoutError:
+            return False
+        return True
+
+    def likely_finish(self, now: float, ahead: int) -> float | None:
+        """When a request arriving `now` with `ahead` requests before it for the slots
+        will likely have been answered: a slot frees at the latest after one full-batch
+        request time per wave of `max_batch_size` ahead, then its own; None before any
+        request was measured."""
+        full = self.request_times.likely_max(self.max_batch_size)
+        if full is None:
+            return None
+        free = self.max_batch_size - self.running
+        if ahead < free:
+            return now + full
+        return now + ((ahead - free) // self.max_batch_size + 2) * full
+
+    async def submit(self, item: tuple[str, int], timeout_s: float = math.inf) -> Completed:
+        """Queue one (query, k) and wait for its answer, for at most `timeout_s`; raises as
+        Batcher.submit does."""
+        if self._draining:
+            raise Draining("the server is draining")
+        now = time.monotonic()
+        ahead = self.depth
+        if ahead >= self.max_queue:
+            raise Overloaded(f"the queue is full ({ahead} waiting)", 1.0)
+        finish = self.likely_finish(now, ahead)
+        if finish is not None and finish > now + timeout_s and self.in_flight:
+            raise Overloaded(
+                f"{ahead} requests queued ahead; this one would be answered in about "
+                f"{finish - now:.1f} s, past its {timeout_s:g} s deadline",
+                finish - (now + timeout_s),
+            )
+        future = asyncio.get_running_loop().create_future()
+        self._queue.append(_Request(*item, now, now + timeout_s, future))
+        self._idle.clear()
+        self._arrived.set()
+        try:
+            return await asyncio.wait_for(future, None if math.isinf(timeout_s) else timeout_s)
+        except DeadlineExceeded:
+            raise
+        except TimeoutError:
+            raise DeadlineExceeded(f"not answered within its {timeout_s:g} s deadline") from None
+
+    def _newcomers(self, now: float) -> list[_Request]:
+        """The live queued requests that fit in the free slots and could still end before
+        their deadline (at the fastest a request has run); others are answered
+        DeadlineExceeded, never computed, unless nothing else runs."""
+        joining: list[_Request] = []
+        while self._queue and self.running + len(joining) < self.max_batch_size:
+            request = self._queue.popleft()
+            if request.future.done():
+                self.dropped += 1
+                continue
+            size = self.running + len(joining) + 1
+            end = now + (self.request_times.fastest(size) or 0.0)
+            if request.deadline < end and (self._running or joining or self._queue):
+                self.expired += 1
+                request.future.set_exception(
+                    DeadlineExceeded("not answered: its deadline falls before it could end")
+                )
+                continue
+            joining.append(request)
+        return joining
+
+    def _step(
+        self, joining: list[_Request], leaving: list[Sequence]
+    ) -> tuple[list[Sequence], float]:
+        """On the compute thread: take out the sequences whose caller left, prepare and
+        submit the newcomers, run one engine step.  The finished sequences, and the
+        step's duration."""
+        started = time.perf_counter()
+        for sequence in leaving:
+            self.engine.cancel(sequence)
+        if joining:
+            outcomes = self.pipeline.prepare([r.query for r in joining], [r.k for r in joining])
+            generator = self.pipeline.generator
+            prompts = [o.prompt for o in outcomes if isinstance(o, Prepared)]
+            encoded = iter(generator.encode(prompts) if prompts else [])
+            for request, outcome in zip(joining, outcomes, strict=True):
+                if isinstance(outcome, QueryRejected):
+                    request.future.get_loop().call_soon_threadsafe(_settle, request.future, outcome)
+                    continue
+                request.prepared = outcome
+                request.sequence = self.engine.submit(generator.sequence(next(encoded)))
+        report = self.engine.step()
+        return report.finished, time.perf_counter() - started
+
+    async def _serve_forever(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            if not self._running and not self.depth:
+                self.dropped += len(self._queue)
+                self._queue.clear()
+                self._idle.set()
+                self._arrived.clear()
+                await self._arrived.wait()
+                continue
+            now = time.monotonic()
+            joining = self._newcomers(now)
+            leaving = [s for s, r in self._running.items() if r.future.done()]
+            for sequence in leaving:
+                del self._running[sequence]
+                self.dropped += 1
+            try:
+                finished, duration = await loop.run_in_executor(
+                    self._executor, self._step, joining, leaving
+                )
+            except Exception as exc:  # the step failed as a whole: everyone in it hears why
+                self._fail_all([*joining, *self._running.values()], exc)
+                continue
+            for request in joining:
+                if request.sequence is not None:
+                    self._running[request.sequence] = request
+            for request in joining:
+                request.started, request.running_at_start = now, self.running
+            self._record(finished, duration)
+
+    def _record(self, finished: list[Sequence], duration: float) -> None:
+        rows = len(self._running)
+        self.batch_size_counts[rows] += 1
+        if self.on_step is not None:
+            self.on_step(BatchRecord(rows, duration))
+        now = time.monotonic()
+        for sequence in finished:
+            request = self._running.pop(sequence)
+            if sequence.finish == "cancelled" or request.prepared is None:
+                continue
+            in_engine = now - request.started
+            self.request_times.record(request.running_at_start, in_engine)
+            generation = self.pipeline.generator.result(sequence)
+            answer: Answer = self.pipeline.complete(
+                request.prepared, generation, in_engine * 1e3, rows
+            )
+            _settle(request.future, Completed(answer, request.started - request.arrival, rows))
+        rate = len(finished) / max(duration, 1e-6)
+        previous = self.service_rate
+        self.service_rate = (
+            rate if previous is None else SMOOTHING * rate + (1 - SMOOTHING) * previous
+        )
+
+    def _fail_all(self, requests: list[_Request], exc: Exception) -> None:
+        for sequence in list(self.engine.active) + list(self.engine.waiting):
+            self.engine.cancel(sequence)
+        self._running.clear()
+        for request in requests:
+            _settle(request.future, exc)
+
+
+def _settle(future: asyncio.Future, outcome: object) -> None:
+    """Give a waiting caller its answer or error, unless it has already left."""
+    if future.done():
+        return
+    if isinstance(outcome, BaseException):
+        future.set_exception(outcome)
+    else:
+        future.set_result(outcome)
