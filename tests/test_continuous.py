@@ -1,0 +1,151 @@
+"""The continuous variant started for real on loopback with tiny random models: requests
+join the engine's running batch between steps, and the batcher's HTTP contract holds
+(429, 504, departed clients, drain, /stats and /metrics).
+
+Long answers (`ignore_eos`, many tokens) keep requests in the engine for hundreds of steps,
+so "while another request runs" is a state the tests wait for, not a moment they guess."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+
+import httpx
+import pytest
+from cluster_helpers import ready, wait_for
+from server_metrics import metric
+
+from rag.cluster.pool import Replica
+from rag.cluster.scaling import replica_overrides
+from rag.config import compose
+
+HOVER = "Which animals can hover in the air?"
+LONG = ("model.ignore_eos=true", "model.max_new_tokens=1500")  # well over a second a request
+
+
+def post(url: str, body: object, timeout: float = 120) -> httpx.Response:
+    return httpx.post(f"{url}/rag", json=body, timeout=timeout)
+
+
+def stats(url: str) -> dict:
+    return httpx.get(f"{url}/stats", timeout=10).json()
+
+
+def send_in_background(url: str, bodies: list[dict]) -> tuple[list[threading.Thread], dict]:
+    """Start one thread per request; the responses land in the returned dict by index."""
+    results: dict[int, httpx.Response] = {}
+
+    def send(i: int, body: dict) -> None:
+        results[i] = post(url, body)
+
+    threads = [threading.Thread(target=send, args=(i, b)) for i, b in enumerate(bodies)]
+    for thread in threads:
+        thread.start()
+    return threads, results
+
+
+@pytest.fixture
+def start_continuous(start_server):
+    return lambda *overrides: start_server("variant=continuous", *overrides)
+
+
+def test_concurrent_requests_are_answered_with_the_batched_contract(start_continuous):
+    server = start_continuous()
+    bodies = [{"query": f"{HOVER} ({i})", "k": 1 + i % 3} for i in range(12)]
+    threads, results = send_in_background(server.url, bodies)
+    for thread in threads:
+        thread.join(120)
+    answers = [results[i].json() for i in range(12)]
+    for body, answer in zip(bodies, answers, strict=True):
+        assert answer["query"] == body["query"] and len(answer["docs"]) == body["k"]
+        assert answer["variant"] == "continuous" and answer["new_tokens"] >= 1
+        assert set(answer["timings"]) == {
+            "queue_ms", "embed_ms", "retrieve_ms", "generate_ms", "total_ms"
+        }  # fmt: skip
+    after = stats(server.url)
+    assert after["running"] == 0 and after["queue_depth"] == 0
+    assert after["max_batch_size"] == 20 and after["max_wait_ms"] == 0
+    assert max(int(rows) for rows in after["batch_size_counts"]) > 1  # decoded together
+    assert 'rag_requests_total{status="200"} 12.0' in httpx.get(f"{server.url}/metrics").text
+
+
+def test_a_newcomer_joins_the_running_batch_without_waiting_for_it(start_continuous):
+    server = start_continuous(*LONG)
+    first_threads, first = send_in_background(server.url, [{"query": HOVER}])
+    wait_for(lambda: stats(server.url)["running"] == 1, 60, "the first request decoding")
+    second_threads, second = send_in_background(server.url, [{"query": f"{HOVER} again"}])
+    wait_for(lambda: stats(server.url)["running"] == 2, 60, "the newcomer in the running batch")
+    for thread in first_threads + second_threads:
+        thread.join(120)
+    early, late = first[0].json(), second[0].json()
+    assert (early["new_tokens"], late["new_tokens"]) == (1500, 1500)
+    # The newcomer waited for a step of the running batch, not for its 1500 steps.
+    assert late["timings"]["queue_ms"] < early["timings"]["generate_ms"] / 10
+    assert stats(server.url)["batch_size_counts"].get("2", 0) >= 1
+
+
+def test_full_queue_answers_429_with_retry_after(start_continuous):
+    server = start_continuous(*LONG, "variant.max_batch_size=1", "variant.max_queue=1")
+    threads, results = send_in_background(server.url, [{"query": HOVER}] * 2)
+    wait_for(lambda: stats(server.url)["queue_depth"] == 1, 60, "one running, one queued")
+    refused = post(server.url, {"query": HOVER})
+    assert refused.status_code == 429 and int(refused.headers["Retry-After"]) >= 1
+    assert "queue is full" in refused.json()["detail"]
+    for thread in threads:
+        thread.join(120)
+    assert [results[i].status_code for i in range(2)] == [200, 200]
+    assert metric(server.url, 'rag_requests_total{status="429"}') == 1
+
+
+def test_a_request_past_its_deadline_gets_504_and_leaves_the_engine(start_continuous):
+    server = start_continuous(*LONG, "variant.request_timeout_s=0.3")
+    response = post(server.url, {"query": HOVER})
+    assert response.status_code == 504 and "deadline" in response.json()["detail"]
+    wait_for(lambda: stats(server.url)["running"] == 0, 30, "the expired request cancelled")
+    assert metric(server.url, "rag_dropped_total") == 1
+
+
+def test_a_departed_clients_request_leaves_the_engine(start_continuous):
+    server = start_continuous(*LONG)
+    with pytest.raises(httpx.ReadTimeout):
+        post(server.url, {"query": HOVER}, timeout=0.5)
+    wait_for(lambda: stats(server.url)["running"] == 0, 30, "the departed request cancelled")
+    assert metric(server.url, "rag_dropped_total") == 1
+    assert metric(server.url, 'rag_requests_total{status="200"}') == 0
+
+
+def test_sigterm_drains_the_running_batch_then_exits(start_continuous):
+    server = start_continuous("model.ignore_eos=true", "model.max_new_tokens=400")
+    threads, results = send_in_background(server.url, [{"query": HOVER}] * 3)
+    wait_for(lambda: stats(server.url)["running"] == 3, 60, "three requests decoding")
+    os.killpg(server.process.pid, signal.SIGTERM)
+    wait_for(lambda: httpx.get(f"{server.url}/ready").status_code == 503, 10, "draining")
+    assert post(server.url, {"query": HOVER}).status_code == 503
+    for thread in threads:
+        thread.join(120)
+    assert [results[i].json()["new_tokens"] for i in range(3)] == [400, 400, 400]
+    assert server.process.wait(30) == 0
+
+
+def test_without_the_engine_the_variant_fails_at_start_with_a_clear_error(start_server):
+    from rag.cluster.process import ServerFailed
+
+    with pytest.raises(ServerFailed) as failed:
+        start_server("variant=continuous", "model.engine=false", ready_timeout_s=60)
+    assert "needs the generation engine" in str(failed.value)
+
+
+def test_a_scaling_replica_can_be_continuous(start_server, tmp_path):
+    argv = ["model=tiny", "variant=scaling", "variant.scaling.replica_variant=continuous"]
+    overrides = replica_overrides(argv, compose(argv), Replica("r0"))
+    assert compose(overrides).variant.continuous is True
+    server = start_server(
+        *argv[1:],
+        "variant.scaling.min_replicas=1",
+        "variant.scaling.max_replicas=1",
+        f"run_dir={tmp_path / 'run'}",
+    )
+    wait_for(lambda: len(ready(server.url)) == 1, 120, "the replica ready")
+    answer = post(server.url, {"query": HOVER})
+    assert answer.status_code == 200 and answer.json()["variant"] == "continuous"
