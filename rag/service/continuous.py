@@ -35,11 +35,11 @@ from rag.service.batching import (
     Draining,
     Overloaded,
 )
-from rag.service.pipeline import Answer, Prepared, RAGPipeline
 from rag.service.validation import QueryRejected
 
 if TYPE_CHECKING:
     from rag.service.engine.engine import Engine, Sequence
+    from rag.service.pipeline import Answer, Prepared, RAGPipeline
 
 
 @dataclass(eq=False)
@@ -202,7 +202,7 @@ class ContinuousBatcher:
         if joining:
             outcomes = self.pipeline.prepare([r.query for r in joining], [r.k for r in joining])
             generator = self.pipeline.generator
-            prompts = [o.prompt for o in outcomes if isinstance(o, Prepared)]
+            prompts = [o.prompt for o in outcomes if not isinstance(o, QueryRejected)]
             encoded = iter(generator.encode(prompts) if prompts else [])
             for request, outcome in zip(joining, outcomes, strict=True):
                 if isinstance(outcome, QueryRejected):

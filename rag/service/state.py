@@ -14,12 +14,12 @@ from typing import TYPE_CHECKING, Any
 
 from rag.config import Config
 from rag.service.batching import Batcher, BatchRecord, Draining
-from rag.service.continuous import ContinuousBatcher
 from rag.service.metrics import ServerMetrics
 from rag.service.validation import QueryLimits
 from rag.web import ConnectionGuard
 
 if TYPE_CHECKING:
+    from rag.service.continuous import ContinuousBatcher
     from rag.service.pipeline import RAGPipeline
 
 log = logging.getLogger("rag.service")
@@ -105,6 +105,8 @@ class ServerState:
         batch (continuous)."""
         variant = self.cfg.variant
         if variant.continuous:
+            from rag.service.continuous import ContinuousBatcher  # the pipeline's imports
+
             return ContinuousBatcher(
                 pipeline,
                 variant.max_batch_size,
