@@ -32,7 +32,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
 from contextlib import suppress
 from dataclasses import dataclass, field
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -124,53 +124,50 @@ class _Waiting(Generic[T]):
     future: asyncio.Future = field(repr=False)
 
 
-class Batcher(Generic[T, R]):
-    def __init__(
-        self,
-        run_batch: Callable[[list[T]], Sequence[R | BaseException]],
-        max_batch_size: int,
-        max_wait_s: float,
-        max_queue: int,
-        on_batch: Callable[[BatchRecord], None] | None = None,
-        executor: Executor | None = None,
-    ) -> None:
-        """`executor` runs the batches (one at a time); by default a thread of its own."""
-        if max_batch_size < 1 or max_queue < 1 or max_wait_s < 0:
-            raise ValueError("max_batch_size and max_queue must be >= 1, max_wait_s >= 0")
-        self.run_batch = run_batch
-        self.max_batch_size = max_batch_size
-        self.max_wait_s = max_wait_s
+class RequestQueue:
+    """What a loop serving queued requests one step at a time shares, whatever a step is
+    (a whole batch, or one iteration of a running batch): the bounded queue, admission by
+    deadline at the door, the worker task, draining and idleness.  Subclasses say how busy
+    they are (`running`, `likely_finish`) and serve the queue (`_serve_forever`)."""
+
+    def __init__(self, max_queue: int) -> None:
         self.max_queue = max_queue
-        self.on_batch = on_batch
-        self.batch_size_counts: Counter[int] = Counter()
-        self.batch_times = BatchTimes()
-        self.service_rate: float | None = None  # requests per second, smoothed
         self.dropped = 0  # requests whose caller left (or timed out) before compute
-        self.expired = 0  # requests not computed because their batch would end too late
-        self._busy_until = 0.0  # when the running batch will likely have ended
-        self._queue: deque[_Waiting[T]] = deque()
+        self.expired = 0  # requests not computed because they could not end in time
+        self._queue: deque = deque()  # items with a `future`
         self._arrived = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
-        self._running = 0  # requests in the batch being computed
         self._draining = False
-        self._owns_executor = executor is None
-        self._executor = executor or ThreadPoolExecutor(max_workers=1, thread_name_prefix="batch")
         self._worker: asyncio.Task[None] | None = None
 
     @property
+    def running(self) -> int:
+        raise NotImplementedError
+
+    @property
     def depth(self) -> int:
-        """Requests waiting for a batch (not counting the one being computed)."""
+        """Requests waiting (not counting those being computed)."""
         return sum(1 for waiting in self._queue if not waiting.future.done())
 
     @property
-    def running(self) -> int:
-        """Requests in the batch being computed."""
-        return self._running
-
-    @property
     def in_flight(self) -> int:
-        return self.depth + self._running
+        return self.depth + self.running
+
+    def likely_finish(self, now: float, ahead: int) -> float | None:
+        raise NotImplementedError
+
+    async def _serve_forever(self) -> None:
+        raise NotImplementedError
+
+    def _pending(self) -> list:
+        """Every request still owed an answer (queued, and computing if the step can be
+        left)."""
+        return list(self._queue)
+
+    def _retry_after_full(self, now: float) -> float:
+        """Seconds until a full queue will likely have room."""
+        return 1.0
 
     def start(self) -> None:
         if self._worker is None:
@@ -181,12 +178,10 @@ class Batcher(Generic[T, R]):
             self._worker.cancel()
             await asyncio.gather(self._worker, return_exceptions=True)
             self._worker = None
-        for waiting in self._queue:
+        for waiting in self._pending():
             if not waiting.future.done():
                 waiting.future.set_exception(Draining("server stopped"))
         self._queue.clear()
-        if self._owns_executor:
-            self._executor.shutdown(wait=True)
 
     def begin_drain(self) -> None:
         """Refuse new work; what is queued or running still completes."""
@@ -199,6 +194,83 @@ class Batcher(Generic[T, R]):
         except TimeoutError:
             return False
         return True
+
+    def _admit(self, now: float, timeout_s: float) -> None:
+        """Raise Draining, or Overloaded when the queue is full or the requests ahead could
+        not be served before this one's deadline; an idle server admits whatever its
+        estimates say."""
+        if self._draining:
+            raise Draining("the server is draining")
+        if len(self._queue) >= self.max_queue:
+            self._drop_abandoned()
+        ahead = self.depth
+        if ahead >= self.max_queue:
+            raise Overloaded(f"the queue is full ({ahead} waiting)", self._retry_after_full(now))
+        finish = self.likely_finish(now, ahead) if self.in_flight else None
+        if finish is not None and finish > now + timeout_s:
+            raise Overloaded(
+                f"{ahead} requests queued ahead; this one would be answered in about "
+                f"{finish - now:.1f} s, past its {timeout_s:g} s deadline",
+                finish - (now + timeout_s),
+            )
+
+    async def _wait(self, waiting: Any, timeout_s: float) -> Any:
+        """Queue a request and wait for its future, for at most `timeout_s`.  Cancelling
+        the future (timeout, or the caller cancelled because the client left) is what
+        tells the worker to skip it."""
+        self._queue.append(waiting)
+        self._idle.clear()
+        self._arrived.set()
+        try:
+            return await asyncio.wait_for(
+                waiting.future, None if math.isinf(timeout_s) else timeout_s
+            )
+        except DeadlineExceeded:
+            raise
+        except TimeoutError:
+            raise DeadlineExceeded(f"not answered within its {timeout_s:g} s deadline") from None
+
+    def _drop_abandoned(self) -> None:
+        before = len(self._queue)
+        self._queue = deque(w for w in self._queue if not w.future.done())
+        self.dropped += before - len(self._queue)
+
+
+class Batcher(RequestQueue, Generic[T, R]):
+    def __init__(
+        self,
+        run_batch: Callable[[list[T]], Sequence[R | BaseException]],
+        max_batch_size: int,
+        max_wait_s: float,
+        max_queue: int,
+        on_batch: Callable[[BatchRecord], None] | None = None,
+        executor: Executor | None = None,
+    ) -> None:
+        """`executor` runs the batches (one at a time); by default a thread of its own."""
+        if max_batch_size < 1 or max_queue < 1 or max_wait_s < 0:
+            raise ValueError("max_batch_size and max_queue must be >= 1, max_wait_s >= 0")
+        super().__init__(max_queue)
+        self.run_batch = run_batch
+        self.max_batch_size = max_batch_size
+        self.max_wait_s = max_wait_s
+        self.on_batch = on_batch
+        self.batch_size_counts: Counter[int] = Counter()
+        self.batch_times = BatchTimes()
+        self.service_rate: float | None = None  # requests per second, smoothed
+        self._busy_until = 0.0  # when the running batch will likely have ended
+        self._running = 0  # requests in the batch being computed
+        self._owns_executor = executor is None
+        self._executor = executor or ThreadPoolExecutor(max_workers=1, thread_name_prefix="batch")
+
+    @property
+    def running(self) -> int:
+        """Requests in the batch being computed."""
+        return self._running
+
+    async def stop(self) -> None:
+        await super().stop()
+        if self._owns_executor:
+            self._executor.shutdown(wait=True)
 
     def likely_finish(self, now: float, ahead: int) -> float | None:
         """When a request arriving `now` behind `ahead` queued requests will likely have
@@ -213,6 +285,9 @@ class Batcher(Generic[T, R]):
     def _running_rest(self, now: float) -> float:
         return max(0.0, self._busy_until - now) if self._running else 0.0
 
+    def _retry_after_full(self, now: float) -> float:
+        return self._running_rest(now)  # room comes when the running batch ends
+
     async def submit(self, item: T, timeout_s: float = math.inf) -> Completed[R]:
         """Queue one item and wait for its result, for at most `timeout_s`.
 
@@ -220,41 +295,10 @@ class Batcher(Generic[T, R]):
         `timeout_s`), Draining, DeadlineExceeded (not served in time; then not computed),
         or what the batch function raised.
         """
-        if self._draining:
-            raise Draining("the server is draining")
-        if len(self._queue) >= self.max_queue:
-            self._drop_abandoned()
         now = time.monotonic()
-        ahead = self.depth
-        if ahead >= self.max_queue:  # room comes when the running batch ends
-            raise Overloaded(f"the queue is full ({ahead} waiting)", self._running_rest(now))
-        idle = ahead == 0 and not self._running
-        finish = None if idle else self.likely_finish(now, ahead)
-        if finish is not None and finish > now + timeout_s:
-            raise Overloaded(
-                f"{ahead} requests queued ahead; this one would be answered in about "
-                f"{finish - now:.1f} s, past its {timeout_s:g} s deadline",
-                finish - (now + timeout_s),
-            )
-        waiting = _Waiting(item, now, now + timeout_s, asyncio.get_running_loop().create_future())
-        self._queue.append(waiting)
-        self._idle.clear()
-        self._arrived.set()
-        # Cancelling the future (timeout, or this coroutine cancelled because the client
-        # left) is what tells the worker to skip the item.
-        try:
-            return await asyncio.wait_for(
-                waiting.future, None if math.isinf(timeout_s) else timeout_s
-            )
-        except DeadlineExceeded:
-            raise
-        except TimeoutError:
-            raise DeadlineExceeded(f"not answered within its {timeout_s:g} s deadline") from None
-
-    def _drop_abandoned(self) -> None:
-        before = len(self._queue)
-        self._queue = deque(w for w in self._queue if not w.future.done())
-        self.dropped += before - len(self._queue)
+        self._admit(now, timeout_s)
+        future = asyncio.get_running_loop().create_future()
+        return await self._wait(_Waiting(item, now, now + timeout_s, future), timeout_s)
 
     async def _next_batch(self) -> list[_Waiting[T]]:
         """Wait for the batch to close and return its live requests that it can answer in

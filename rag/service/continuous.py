@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
@@ -32,8 +32,7 @@ from rag.service.batching import (
     BatchTimes,
     Completed,
     DeadlineExceeded,
-    Draining,
-    Overloaded,
+    RequestQueue,
 )
 from rag.service.validation import QueryRejected
 
@@ -55,7 +54,7 @@ class _Request:
     sequence: Sequence | None = None
 
 
-class ContinuousBatcher:
+class ContinuousBatcher(RequestQueue):
     def __init__(
         self,
         pipeline: RAGPipeline,
@@ -69,65 +68,26 @@ class ContinuousBatcher:
             raise ValueError("variant=continuous needs the generation engine (model.engine=true)")
         if max_running < 1 or max_queue < 1:
             raise ValueError("max_batch_size and max_queue must be >= 1")
+        super().__init__(max_queue)
         self.pipeline = pipeline
         self.engine: Engine = engine
         self.max_batch_size = min(max_running, engine.slots)
         self.max_wait_s = 0.0  # a newcomer joins at the next step
-        self.max_queue = max_queue
         self.on_step = on_step
         self.batch_size_counts: Counter[int] = Counter()  # steps by rows decoded
         self.request_times = BatchTimes()  # a request's time in the engine, by running batch
         self.service_rate: float | None = None  # requests finished per second, smoothed
         self._finished_per_step = 0.0
         self._seconds_per_step = 0.0
-        self.dropped = 0
-        self.expired = 0
-        self._queue: deque[_Request] = deque()
         self._running: dict[Sequence, _Request] = {}
-        self._arrived = asyncio.Event()
-        self._idle = asyncio.Event()
-        self._idle.set()
-        self._draining = False
         self._executor = executor
-        self._worker: asyncio.Task[None] | None = None
-
-    @property
-    def depth(self) -> int:
-        """Requests waiting to join the running batch."""
-        return sum(1 for request in self._queue if not request.future.done())
 
     @property
     def running(self) -> int:
         return len(self._running)
 
-    @property
-    def in_flight(self) -> int:
-        return self.depth + self.running
-
-    def start(self) -> None:
-        if self._worker is None:
-            self._worker = asyncio.get_running_loop().create_task(self._serve_forever())
-
-    async def stop(self) -> None:
-        if self._worker is not None:
-            self._worker.cancel()
-            await asyncio.gather(self._worker, return_exceptions=True)
-            self._worker = None
-        for request in [*self._queue, *self._running.values()]:
-            if not request.future.done():
-                request.future.set_exception(Draining("server stopped"))
-        self._queue.clear()
-
-    def begin_drain(self) -> None:
-        """Refuse new work; what is queued or running still completes."""
-        self._draining = True
-
-    async def wait_idle(self, timeout_s: float) -> bool:
-        try:
-            await asyncio.wait_for(self._idle.wait(), timeout_s)
-        except TimeoutError:
-            return False
-        return True
+    def _pending(self) -> list:
+        return [*self._queue, *self._running.values()]
 
     def likely_finish(self, now: float, ahead: int) -> float | None:
         """When a request arriving `now` with `ahead` requests before it for the slots
@@ -145,29 +105,10 @@ class ContinuousBatcher:
     async def submit(self, item: tuple[str, int], timeout_s: float = math.inf) -> Completed:
         """Queue one (query, k) and wait for its answer, for at most `timeout_s`; raises as
         Batcher.submit does."""
-        if self._draining:
-            raise Draining("the server is draining")
         now = time.monotonic()
-        ahead = self.depth
-        if ahead >= self.max_queue:
-            raise Overloaded(f"the queue is full ({ahead} waiting)", 1.0)
-        finish = self.likely_finish(now, ahead)
-        if finish is not None and finish > now + timeout_s and self.in_flight:
-            raise Overloaded(
-                f"{ahead} requests queued ahead; this one would be answered in about "
-                f"{finish - now:.1f} s, past its {timeout_s:g} s deadline",
-                finish - (now + timeout_s),
-            )
+        self._admit(now, timeout_s)
         future = asyncio.get_running_loop().create_future()
-        self._queue.append(_Request(*item, now, now + timeout_s, future))
-        self._idle.clear()
-        self._arrived.set()
-        try:
-            return await asyncio.wait_for(future, None if math.isinf(timeout_s) else timeout_s)
-        except DeadlineExceeded:
-            raise
-        except TimeoutError:
-            raise DeadlineExceeded(f"not answered within its {timeout_s:g} s deadline") from None
+        return await self._wait(_Request(*item, now, now + timeout_s, future), timeout_s)
 
     def _newcomers(self, now: float) -> list[_Request]:
         """The live queued requests that fit in the free slots and could still end before

@@ -1,0 +1,249 @@
+"""The generation engine against transformers' `generate` (today's path, `model.engine=false`)
+on the default models, side by side in one process.
+
+1. batch-1 latency for 32 new tokens (`ignore_eos`) on RAG prompts of the built-in queries:
+   engine / today, median of per-prompt ratios (target <= 0.5); beside it, what each option
+   buys: the engine without 4-bit decode (static KV slots, packed prefill), without the
+   shared prefix, and with both;
+2. 4-bit token agreement: greedy answers of natural length (EOS allowed) from the engine
+   against today's path, as the share of today's tokens the engine reproduces before its
+   first different token (target >= 0.95); the engine without 4-bit decode beside it, so
+   what is bf16 rounding and what is 4-bit shows;
+3. saturated throughput of `answer_batch` at `--batch` on the engine, FLOP/s by torch's
+   FlopCounterMode over the same batch, against the bf16 matmul peak measured in this
+   process (target >= 60 %); today's path at the same batch beside it;
+4. peak RSS of a process that loads the default pipeline and answers a batch and a single
+   request on the engine (target <= 1.5 GB).
+
+    python bench/bench_engine.py [--prompts 6] [--agreement 24] [--batch 20] [--check]
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import torch
+from bench_pipeline import demo_queries
+from record import BenchRecord, add_check_option, matmul_peak_gflops
+from torch.utils.flop_counter import FlopCounterMode
+
+from rag.config import compose
+from rag.service.engine.int4 import Int4Linear
+from rag.service.generator import Generator
+from rag.service.models import load_generator
+from rag.service.pipeline import Prepared, RAGPipeline
+
+MAX_LATENCY_RATIO = 0.5
+MIN_AGREEMENT = 0.95
+MIN_OF_PEAK = 0.60
+MAX_RSS_GB = 1.5
+
+
+@contextmanager
+def without_int4(generator: Generator) -> Iterator[None]:
+    """Every 4-bit layer multiplies with its dense weight for the duration."""
+    layers = [m for m in generator.model.modules() if isinstance(m, Int4Linear)]
+    kept = [layer.max_rows for layer in layers]
+    for layer in layers:
+        layer.max_rows = 0
+    try:
+        yield
+    finally:
+        for layer, rows in zip(layers, kept, strict=True):
+            layer.max_rows = rows
+
+
+@contextmanager
+def without_prefix(generator: Generator) -> Iterator[None]:
+    assert generator.engine is not None
+    prefix = list(generator.engine.prefix)
+    generator.engine.set_shared_prefix([])
+    try:
+        yield
+    finally:
+        generator.engine.set_shared_prefix(prefix)
+
+
+def seconds(call: Callable[[], object]) -> float:
+    started = time.perf_counter()
+    call()
+    return time.perf_counter() - started
+
+
+def rag_prompts(pipeline: RAGPipeline, n: int, start: int = 0) -> list[str]:
+    queries = demo_queries(n, start)
+    prepared = pipeline.prepare(queries, [2] * n)
+    return [p.prompt for p in prepared if isinstance(p, Prepared)]
+
+
+def latencies(engine: Generator, today: Generator, prompts: list[str]) -> dict[str, float]:
+    """Median seconds of each path for one prompt and 32 tokens, the paths interleaved per
+    prompt so that they see the same moments of the machine; and the median ratios."""
+    paths: dict[str, Callable[[str], object]] = {
+        "today": lambda p: today.generate([p], 32),
+        "engine": lambda p: engine.generate([p], 32),
+    }
+
+    def variant(*contexts: Callable[[Generator], object]) -> Callable[[str], object]:
+        def run(p: str) -> object:
+            with _all(engine, contexts):
+                return engine.generate([p], 32)
+
+        return run
+
+    paths["engine_bf16"] = variant(without_int4)
+    paths["engine_no_prefix"] = variant(without_prefix)
+    paths["engine_bf16_no_prefix"] = variant(without_int4, without_prefix)
+    for run in paths.values():
+        run(prompts[0])  # warm-up
+    times: dict[str, list[float]] = {name: [] for name in paths}
+    for prompt in prompts:
+        for name, run in paths.items():
+            times[name].append(seconds(lambda run=run, prompt=prompt: run(prompt)))
+    result = {f"{name}_s": statistics.median(t) for name, t in times.items()}
+    for name in paths:
+        ratios = [a / b for a, b in zip(times[name], times["today"], strict=True)]
+        result[f"{name}_ratio"] = statistics.median(ratios)
+    return result
+
+
+@contextmanager
+def _all(generator: Generator, contexts: tuple) -> Iterator[None]:
+    if not contexts:
+        yield
+        return
+    with contexts[0](generator), _all(generator, contexts[1:]):
+        yield
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def agreement(engine: Generator, today: Generator, prompts: list[str]) -> dict[str, float]:
+    """Share of today's greedy tokens each engine path reproduces before it first differs,
+    over all prompts (a difference ends the comparison of that answer: what follows is a
+    different answer, not a different token); and the share of identical answers."""
+    reference = [today.generate([p])[0] for p in prompts]
+    ids = [today.tokenizer(g.text, add_special_tokens=False)["input_ids"] for g in reference]
+    result: dict[str, float] = {}
+    for name, contexts in (("int4", ()), ("bf16", (without_int4,))):
+        with _all(engine, contexts):
+            answers = [engine.generate([p])[0] for p in prompts]
+        mine = [engine.tokenizer(g.text, add_special_tokens=False)["input_ids"] for g in answers]
+        kept = sum(common_prefix(a, b) for a, b in zip(mine, ids, strict=True))
+        result[f"{name}_agreement"] = kept / max(1, sum(len(b) for b in ids))
+        same = sum(a.text == b.text for a, b in zip(answers, reference, strict=True))
+        result[f"{name}_identical_answers"] = same / len(prompts)
+    return result
+
+
+def throughput(pipeline: RAGPipeline, batch: int) -> dict[str, float]:
+    """Requests per second of `answer_batch` at `batch` (fixed work: ignore_eos), the
+    best of two runs after a warm-up, and its FLOP/s by FlopCounterMode's count of a run."""
+    queries = demo_queries(batch, start=batch)
+    ks = [2] * batch
+    pipeline.answer_batch(queries, ks)
+    best = min(seconds(lambda: pipeline.answer_batch(queries, ks)) for _ in range(2))
+    with FlopCounterMode(display=False) as flops:
+        pipeline.answer_batch(queries, ks)
+    return {"rps": batch / best, "gflops": flops.get_total_flops() / best / 1e9}
+
+
+def child_peak_rss_gb(batch: int) -> float:
+    """Peak RSS of a fresh process that loads the default pipeline and answers a batch and
+    one request on the engine."""
+    code = (
+        "import resource\n"
+        "from rag.config import compose\n"
+        "from rag.service.pipeline import RAGPipeline\n"
+        "from bench_pipeline import demo_queries\n"
+        "p = RAGPipeline.from_config(compose([]))\n"
+        "p.warm_up()\n"
+        f"p.answer_batch(demo_queries({batch}), [2] * {batch})\n"
+        "p.answer_batch(demo_queries(1), [2])\n"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd="bench"
+    )
+    return int(out.stdout.split()[-1]) / 2**20
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--prompts", type=int, default=6, help="prompts timed at batch 1")
+    parser.add_argument("--agreement", type=int, default=24, help="prompts compared")
+    parser.add_argument("--batch", type=int, default=20, help="batch of the throughput figure")
+    add_check_option(parser)
+    args = parser.parse_args()
+    record = BenchRecord("engine", vars(args))
+
+    rss_gb = child_peak_rss_gb(args.batch)  # first, while this process holds no model
+    pipeline = RAGPipeline.from_config(compose([]))
+    engine = pipeline.generator
+    assert isinstance(engine, Generator) and engine.engine is not None
+    today = load_generator(compose(["model.engine=false"]).model)
+    dtype = str(engine.model.dtype).removeprefix("torch.")
+    record.note(dtype=dtype, shared_prefix_tokens=len(engine.engine.prefix))
+
+    timed = latencies(engine, today, rag_prompts(pipeline, args.prompts))
+    agreed = agreement(engine, today, rag_prompts(pipeline, args.agreement, start=100))
+    peak_before = matmul_peak_gflops(dtype)
+    fixed = compose(["model.ignore_eos=true"]).model
+    engine.cfg, today.cfg = fixed, fixed  # every request generates max_new_tokens
+    served = throughput(pipeline, args.batch)
+    pipeline.generator = today
+    served_today = throughput(pipeline, args.batch)
+    peak = max(peak_before, matmul_peak_gflops(dtype))
+    record.note(matmul_peak_gflops=peak)
+    record.results = {
+        "latency": timed,
+        "agreement": agreed,
+        "throughput": {"engine": served, "today": served_today},
+        "peak_rss_gb": rss_gb,
+        "max_rss_of_this_process_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+        "torch_threads": torch.get_num_threads(),
+    }
+    print(
+        "batch-1 latency, 32 tokens (s): "
+        + ", ".join(f"{k[:-2]} {v:.3f}" for k, v in timed.items() if k.endswith("_s")),
+        flush=True,
+    )
+    print(
+        f"batch {args.batch}: engine {served['rps']:.2f} req/s, {served['gflops']:.0f} GFLOP/s; "
+        f"today {served_today['rps']:.2f} req/s, {served_today['gflops']:.0f} GFLOP/s; "
+        f"matmul peak {peak:.0f} GFLOP/s ({dtype})",
+        flush=True,
+    )
+    record.target(
+        "batch-1 latency engine / today", timed["engine_ratio"], at_most=MAX_LATENCY_RATIO,
+        detail=f"engine {timed['engine_s']:.3f} s vs today {timed['today_s']:.3f} s",
+    )  # fmt: skip
+    record.target(
+        "4-bit token agreement", agreed["int4_agreement"], at_least=MIN_AGREEMENT, fmt=".3f",
+        detail=f"bf16 engine {agreed['bf16_agreement']:.3f}; identical answers "
+        f"{agreed['int4_identical_answers']:.2f} (bf16 {agreed['bf16_identical_answers']:.2f})",
+    )  # fmt: skip
+    record.target(
+        f"saturated throughput / matmul peak (batch {args.batch})", served["gflops"] / peak,
+        at_least=MIN_OF_PEAK,
+        detail=f"today's path {served_today['gflops'] / peak:.2f}; engine "
+        f"{served['rps'] / served_today['rps']:.2f}x today's req/s",
+    )  # fmt: skip
+    record.target("peak RSS, default models", rss_gb, at_most=MAX_RSS_GB, unit=" GB")
+    return record.finish(args.check)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
