@@ -14,9 +14,10 @@ own `generate`) the function is plain SDPA, so the model keeps working as before
 
 from __future__ import annotations
 
+import math
+import mmap
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
@@ -49,13 +50,14 @@ class DecodePlan:
 
 
 def _zeroed(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Zeroed storage.  On the CPU it comes from calloc, whose fresh pages the OS maps
+    """Zeroed storage.  On the CPU it is an anonymous memory map, whose pages the OS maps
     lazily: memory becomes resident only where keys are written, so a cache sized for the
-    longest prompts costs what the prompts actually use."""
+    longest prompts costs what the prompts actually use.  (numpy's and torch's large
+    allocations ask for 2 MB huge pages, which made a slot's first key cost 2 MB.)"""
     if device.type != "cpu":
         return torch.zeros(shape, dtype=dtype, device=device)
-    raw = np.zeros(int(np.prod(shape)) * dtype.itemsize, dtype=np.uint8)
-    return torch.from_numpy(raw).view(dtype).view(shape)
+    size = math.prod(shape) * dtype.itemsize
+    return torch.frombuffer(mmap.mmap(-1, size), dtype=dtype).view(shape)
 
 
 class SlotCache:
