@@ -53,7 +53,7 @@ class ModelConfig:
     engine: bool = True  # the step-level engine; false = transformers' generate
     engine_slots: int = 32  # sequences the engine decodes together at most
     int4_decode: bool = True  # decode with the GGUF's own 4-bit blocks (CPU, GGUF models)
-    int4_max_rows: int = 8  # above this many rows a layer multiplies with its dense weight
+    int4_max_rows: int = 12  # above this many rows a layer multiplies with its dense weight
     max_prefill_tokens: int = 2048  # prompt tokens packed into one prefill at most
     simulated: SimulatedCost | None = None  # set by model=simulated (generator: simulated)
 
