@@ -68,6 +68,18 @@ def test_eos_is_held_back_until_the_minimum_with_ignore_eos(cache_dir):
     assert engine == as_tuples(generator.generate_with_transformers(prompts))
 
 
+def test_a_sequence_leaves_at_eos_and_its_slot_serves_the_next(cache_dir):
+    generator = tiny_generator(cache_dir, "model.engine_slots=1", "model.max_new_tokens=12")
+    engine = generator.engine
+    ids = generator.encode(prompts_of(generator))
+    free_run = engine.generate([generator.sequence(ids[2])])[0].tokens
+    engine.eos_token_id = free_run[3]  # the fourth token it chooses now ends it
+    alone = engine.generate([generator.sequence(ids[1])])[0].tokens
+    first, second = engine.generate([generator.sequence(ids[2]), generator.sequence(ids[1])])
+    assert first.finish == "eos" and first.tokens == free_run[: free_run.index(free_run[3]) + 1]
+    assert second.tokens == alone and not engine.busy  # the freed slot, reused
+
+
 def test_a_cancelled_sequence_frees_its_slot_and_changes_no_other_answer(cache_dir):
     generator = tiny_generator(cache_dir, "model.engine_slots=3", "model.max_new_tokens=12")
     engine = generator.engine
