@@ -21,7 +21,9 @@ from matplotlib.axes import Axes
 from matplotlib.lines import Line2D
 from matplotlib.ticker import FixedLocator, FuncFormatter, LogLocator, NullFormatter
 
-VARIANT_COLOURS = {"base": "tab:blue", "batched": "tab:orange", "scaling": "tab:green"}
+VARIANT_COLOURS = {
+    "base": "tab:blue", "batched": "tab:orange", "scaling": "tab:green", "continuous": "tab:red"
+}  # fmt: skip
 OTHER_COLOURS = ("tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan", "tab:gray")
 MIN_OK_FRACTION = 0.99
 LATENCY_STATS = (("latency_mean_s", "mean"), ("latency_p50_s", "p50"),
