@@ -121,7 +121,7 @@ def test_a_departed_clients_request_leaves_the_engine(start_continuous):
 
 
 def test_sigterm_drains_the_running_batch_then_exits(start_continuous):
-    server = start_continuous("model.ignore_eos=true", "model.max_new_tokens=400")
+    server = start_continuous(*LONG)
     threads, results = send_in_background(server.url, [{"query": HOVER}] * 3)
     wait_for(lambda: stats(server.url)["running"] == 3, 60, "three requests decoding")
     os.killpg(server.process.pid, signal.SIGTERM)
@@ -129,7 +129,7 @@ def test_sigterm_drains_the_running_batch_then_exits(start_continuous):
     assert post(server.url, {"query": HOVER}).status_code == 503
     for thread in threads:
         thread.join(120)
-    assert [results[i].json()["new_tokens"] for i in range(3)] == [400, 400, 400]
+    assert [results[i].json()["new_tokens"] for i in range(3)] == [1500, 1500, 1500]
     assert server.process.wait(30) == 0
 
 
