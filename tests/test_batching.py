@@ -272,8 +272,9 @@ ADMISSIONS = {
     "batches-fill-up": dict(batch=4, measured={4: 8.0}, timeout=17, admitted=8, retry=7),
     # after one pathological batch an idle batcher still admits one (its batch is measured)
     "idle-admits": dict(batch=1, measured={1: 100.0}, timeout=5, admitted=1, retry=195),
-    # nothing measured yet: only the queue's bound refuses
-    "unmeasured": dict(batch=1, measured={}, timeout=0.001, admitted=64, retry=1),
+    # nothing measured yet: only the queue's bound refuses (a deadline long enough that no
+    # request expires, and is dropped, while a slow machine fills the queue)
+    "unmeasured": dict(batch=1, measured={}, timeout=3600, admitted=64, retry=1),
 }
 
 
