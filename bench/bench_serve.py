@@ -28,6 +28,7 @@ import itertools
 import statistics
 import sys
 import time
+from collections.abc import Callable
 
 import aiohttp
 import psutil
@@ -41,18 +42,21 @@ FIXED_WORK = ["model.ignore_eos=true"]
 BURST_GAP_S = 0.1
 
 
-async def completion_times(url: str, clients: int, seconds: float) -> tuple[list[float], int]:
-    """Closed loop: `clients` workers each post, wait, post again, for `seconds`.  The
-    instants of the successful completions, and the count of failures."""
+async def completion_times(
+    url: str, clients: int, enough: Callable[[list[float]], bool], give_up_s: float
+) -> tuple[list[float], int]:
+    """Closed loop: `clients` workers each post, wait, post again, until the completion
+    instants so far are `enough` or `give_up_s` have passed.  The instants of the
+    successful completions, and the count of failures."""
     queries = demo_queries(64)
     done: list[float] = []
     failures = 0
-    stop_at = time.perf_counter() + seconds
+    give_up_at = time.perf_counter() + give_up_s
 
     async def worker(n: int, session: aiohttp.ClientSession) -> None:
         nonlocal failures
         i = n
-        while time.perf_counter() < stop_at:
+        while not enough(done) and time.perf_counter() < give_up_at:
             body = {"query": queries[i % len(queries)], "k": 2}
             async with session.post(f"{url}/rag", json=body) as response:
                 await response.read()
@@ -88,23 +92,36 @@ def offline_rps(pipeline: RAGPipeline, batch: int, seconds: float, round_: int) 
     return done / (time.perf_counter() - started)
 
 
-def window_rate(times: list[float], start: float, window: float) -> float:
-    """Completions per second from the first burst end after `start` to the first burst
-    end `window` seconds later: (completions after the one, up to the other) / (time
-    between them)."""
+def window(times: list[float], start: float, seconds: float) -> tuple[float, float] | None:
+    """The first burst end after `start` and the first burst end `seconds` later, or None
+    while the completions hold no such pair."""
     ends = [t for t in burst_ends(times) if t >= start]
-    if not ends or ends[-1] < ends[0] + window:
-        raise RuntimeError(f"{len(ends)} bursts in {len(times)} completions: too few for a window")
-    a = ends[0]
-    b = next(t for t in ends if t >= a + window)
-    return sum(1 for t in times if a < t <= b) / (b - a)
+    later = [t for t in ends if ends and t >= ends[0] + seconds]
+    return (ends[0], later[0]) if later else None
 
 
-def saturated_rps(url: str, clients: int, warmup_s: float, window: float) -> tuple[float, int]:
-    """Saturated throughput over one window after `warmup_s`; and the failures."""
-    started = time.perf_counter()
-    times, failures = asyncio.run(completion_times(url, clients, warmup_s + 1.3 * window))
-    return window_rate(times, started + warmup_s, window), failures
+def saturated_rps(url: str, clients: int, warmup_s: float, seconds: float) -> tuple[float, int]:
+    """Saturated throughput from one burst end after `warmup_s` to the first burst end
+    `seconds` later (completions after the one, up to the other, over the time between:
+    batches end in bursts, so a window cut anywhere else counts part of one); and the
+    failures.  Runs for as long as that takes on a slow machine."""
+    start = time.perf_counter() + warmup_s
+    times, failures = asyncio.run(
+        completion_times(
+            url,
+            clients,
+            lambda done: window(done, start, seconds) is not None,
+            give_up_s=10 * (warmup_s + seconds),
+        )
+    )
+    bounds = window(times, start, seconds)
+    if bounds is None:
+        raise RuntimeError(
+            f"no {seconds:g} s window between burst ends in {len(times)} answers "
+            f"({failures} failures, {len(burst_ends(times))} burst ends)"
+        )
+    a, b = bounds
+    return sum(1 for t in times if a < t <= b) / (b - a), failures
 
 
 def rss_mb(pid: int) -> float:
