@@ -141,11 +141,13 @@ class ScalingConfig:
 
 @dataclass
 class SlurmReplicaConfig:
-    """Where replica jobs go when `launcher=slurm` (each one job with one GPU)."""
+    """Where replica jobs go when `launcher=slurm` (each one job with one GPU);
+    conf/variant/scaling.yaml takes partition, account, qos and setup from `site`; null
+    leaves the cluster's default."""
 
-    partition: str = ""
-    account: str = ""
-    qos: str = ""
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
     gres: str = "gpu:1"
     cpus_per_task: int = 4
     mem_gb: int = 16

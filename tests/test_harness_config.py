@@ -82,6 +82,21 @@ def test_slurm_launcher_asks_for_an_a6000_and_takes_site_settings():
     assert launcher["setup"] == ["module load x"]
 
 
+def test_scaling_replica_jobs_go_where_the_site_says_unless_told_otherwise():
+    site = ("variant=scaling", "site.partition=gpu", "site.qos=short", "site.setup=[module load x]")
+    replica_jobs = sweep_config(*site).variant.scaling.slurm
+    assert (replica_jobs.partition, replica_jobs.qos, replica_jobs.account) == (
+        "gpu",
+        "short",
+        None,
+    )
+    assert list(replica_jobs.setup) == ["module load x"]
+    assert (
+        sweep_config(*site, "variant.scaling.slurm.partition=a6000").variant.scaling.slurm.partition
+        == "a6000"
+    )
+
+
 def test_search_and_slo_compose():
     cfg = sweep_config("+search=max_rps", "slo.p99_s=2", "variant=base")
     assert cfg.search.name == "max_rps"
