@@ -164,6 +164,7 @@ class ServerConfig:
     k_max: int = 10
     max_connections: int = 1024  # concurrent connections; beyond it a request gets 503
     head_timeout_s: float = 10.0  # a connection must send a full request head within this
+    body_timeout_s: float = 10.0  # and then the whole body within this (408 if not)
     drain_timeout_s: float = 30.0
     warmup: bool = True
     log_level: str = "warning"

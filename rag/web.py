@@ -4,7 +4,9 @@ proxy in front of it (an ASGI app served by uvicorn).  Torch-free.
 - One error format: `{"detail": "<what went wrong>"}`, never more than a short excerpt of
   the input it complains about.
 - A request body is counted as it arrives, whatever its framing (Content-Length or chunked),
-  and refused with 413 past the limit; the rest is never read, so memory stays flat.
+  and refused with 413 past the limit; the rest is never read, so memory stays flat.  A
+  body that has not all arrived in time is refused with 408, so a client that dribbles it
+  cannot hold a connection.
 - JSON is parsed strictly: NaN, Infinity and numbers that overflow to them are bad input.
 - A cap on concurrent connections (503 beyond it) and a time limit for each request head, so
   clients that open connections and send nothing (or half a head) cannot hold the server.
@@ -100,22 +102,31 @@ def require_json(content_type: str | None) -> None:
         )
 
 
-class _BodyTooLarge(Exception):
-    pass
+class _BodyRefused(Exception):
+    def __init__(self, response: JSONResponse) -> None:
+        self.response = response
 
 
 class BodyLimit:
     """ASGI middleware: refuse a request body over `max_bytes` with 413, from its declared
-    Content-Length before reading it, or counted as it arrives whatever the framing.  The
-    413 closes the connection, so the rest of the body is never read."""
+    Content-Length before reading it, or counted as it arrives whatever the framing; and
+    one not all received `timeout_s` after the request began with 408.  Either closes the
+    connection, so the rest of the body is never read."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, timeout_s: float) -> None:
+        if max_bytes < 0 or timeout_s <= 0:
+            raise ValueError("max_bytes must be >= 0 and timeout_s > 0")
         self.app = app
         self.max_bytes = max_bytes
+        self.timeout_s = timeout_s
 
-    def _refuse(self, size: str) -> JSONResponse:
+    def _too_large(self, size: str) -> JSONResponse:
         detail = f"the request body is {size} bytes; the limit is {self.max_bytes}"
         return json_error(413, detail, {"Connection": "close"})
+
+    def _too_slow(self) -> JSONResponse:
+        detail = f"the request body did not arrive within {self.timeout_s:g} s"
+        return json_error(408, detail, {"Connection": "close"})
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -123,18 +134,27 @@ class BodyLimit:
             return
         declared = dict(scope["headers"]).get(b"content-length", b"")
         if declared.isdigit() and int(declared) > self.max_bytes:
-            await self._refuse(str(int(declared)))(scope, receive, send)
+            await self._too_large(str(int(declared)))(scope, receive, send)
             return
+        deadline = asyncio.get_running_loop().time() + self.timeout_s
         received = 0
+        body_complete = False
         started = False
 
         async def counting_receive() -> Message:
-            nonlocal received
-            message = await receive()
+            nonlocal received, body_complete
+            if body_complete:  # what follows is the disconnect, whenever it comes
+                return await receive()
+            try:
+                async with asyncio.timeout_at(deadline):
+                    message = await receive()
+            except TimeoutError:
+                raise _BodyRefused(self._too_slow()) from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_bytes:
-                    raise _BodyTooLarge
+                    raise _BodyRefused(self._too_large(f"over {self.max_bytes}"))
+                body_complete = not message.get("more_body", False)
             return message
 
         async def watching_send(message: Message) -> None:
@@ -144,10 +164,10 @@ class BodyLimit:
 
         try:
             await self.app(scope, counting_receive, watching_send)
-        except _BodyTooLarge:
+        except _BodyRefused as refused:
             if started:  # nothing left to say: the connection goes
                 raise
-            await self._refuse(f"over {self.max_bytes}")(scope, receive, send)
+            await refused.response(scope, receive, send)
 
 
 @dataclass

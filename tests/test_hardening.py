@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import psutil
 import pytest
+from raw_http import post_in_parts
 from server_metrics import metric
 
 from rag.cluster.process import ServerProcess
@@ -122,8 +123,8 @@ def test_the_openapi_document_states_the_real_contract(start_server, tmp_path):
     assert request["properties"]["query"]["maxLength"] == 300
     assert request["properties"]["k"]["maximum"] == 3  # capped by the corpus, not k_max
     rag = document["paths"]["/rag"]["post"]
-    assert set(rag["responses"]) == {"200", "413", "415", "422", "429", "503", "504"}
-    for status in ("413", "415", "422", "429", "503", "504"):
+    assert set(rag["responses"]) == {"200", "408", "413", "415", "422", "429", "503", "504"}
+    for status in ("408", "413", "415", "422", "429", "503", "504"):
         schema = rag["responses"][status]["content"]["application/json"]["schema"]
         assert schema == {"$ref": "#/components/schemas/Error"}
     assert rag["responses"]["429"]["headers"]["Retry-After"]["required"] is True
@@ -191,6 +192,22 @@ def test_half_sent_request_heads_are_dropped_in_bounded_time(start_server):
             sock.close()
     assert httpx.post(f"{running.url}/rag", json={"query": HOVER}).status_code == 200
     assert metric(running.url, "rag_head_timeouts_total") == 1500
+
+
+def test_a_body_that_does_not_arrive_in_time_gets_408_and_harms_no_one(start_server):
+    running = start_server("server.body_timeout_s=2")
+    body = b'{"query": "Which animals can hover in the air?", "k": 1}'
+    with ThreadPoolExecutor(2) as pool:
+        stalled = pool.submit(post_in_parts, running.port, len(body), [body[:20]], 0)
+        halves = [body[:20], body[20:]]
+        slow_but_in_time = pool.submit(post_in_parts, running.port, len(body), halves, 0.5)
+        served = httpx.post(f"{running.url}/rag", json={"query": HOVER}, timeout=30)
+        refused, answered = stalled.result(timeout=60), slow_but_in_time.result(timeout=60)
+    assert served.status_code == 200
+    assert answered.startswith(b"HTTP/1.1 200")
+    assert refused.startswith(b"HTTP/1.1 408")
+    assert refused.endswith(b'{"detail":"the request body did not arrive within 2 s"}')
+    assert metric(running.url, 'rag_requests_total{status="408"}') == 1
 
 
 SLOW = ["model.max_new_tokens=300", "model.ignore_eos=true", "variant=base"]

@@ -17,6 +17,7 @@ from collections.abc import Callable
 import httpx
 import pytest
 from cluster_helpers import alive, replicas, wait_for
+from raw_http import post_in_parts
 
 from rag.cluster.local import default_threads, replica_env, visible_gpus
 from rag.cluster.pool import Replica
@@ -92,7 +93,10 @@ def test_forwards_requests_to_replicas_and_stops_them_all(start_scaling, tmp_pat
 
 
 def test_bad_requests_get_json_errors_without_reaching_a_replica(start_scaling):
-    server = start_scaling()
+    server = start_scaling("server.body_timeout_s=2")
+    stalled = post_in_parts(server.port, 100, [b'{"query": '], gap_s=0)
+    assert stalled.startswith(b"HTTP/1.1 408")
+    assert stalled.endswith(b'{"detail": "the request body did not arrive within 2 s"}')
     too_big = (b"x" * 1024 for _ in range(100))  # chunked: no Content-Length to trust
     response = httpx.post(f"{server.url}/rag", content=too_big, timeout=30)
     assert response.status_code == 413 and "limit" in response.json()["detail"]

@@ -7,9 +7,10 @@ another; one that a replica accepted is never sent twice.  A client that disconn
 cancels its forwarded request (the replica then drops it before computing it).
 
 What it accepts is bounded as the server bounds it: the body is counted as it arrives
-(any framing) and refused past the largest valid request; connections beyond a cap get a
-503; a connection that does not send a full request head in time is closed; each hop has
-a timeout.  Errors are JSON with a `detail`, like the server's.
+(any framing) and refused past the largest valid request, or with 408 if it has not all
+arrived in time; connections beyond a cap get a 503; a connection that does not send a
+full request head in time is closed; each hop has a timeout.  Errors are JSON with a
+`detail`, like the server's.
 
 Registration (`/register`, `/unregister`) lets a replica started elsewhere (a SLURM job)
 report where it listens.  On loopback anyone local may call it; bound elsewhere, a shared
@@ -64,6 +65,7 @@ def error(status: int, detail: str, headers: dict[str, str] | None = None) -> we
 class BalancerSettings:
     policy: Any  # a rag.cluster.policies choice: .choose(ready replicas) -> replica
     max_body_bytes: int
+    body_timeout_s: float  # the whole body must arrive within this (408 if not)
     hop_timeout_s: float
     max_connections: int
     token: str  # "" = registration open (loopback only)
@@ -197,7 +199,14 @@ class Balancer:
         return web.json_response({"backend": self.settings.policy.choose(self.pool.ready).url})
 
     async def rag(self, request: web.Request) -> web.Response:
-        body = await request.read()  # counted as it arrives: 413 past client_max_size
+        try:
+            async with asyncio.timeout(self.settings.body_timeout_s):
+                body = await request.read()  # counted as it arrives: 413 past client_max_size
+        except TimeoutError:
+            seconds = self.settings.body_timeout_s
+            refusal = error(408, f"the request body did not arrive within {seconds:g} s")
+            refusal.force_close()  # the rest of the body is not waited for
+            return refusal
         headers = {"Content-Type": request.headers.get("Content-Type", "application/json")}
         tried: set[Replica] = set()
         for attempt in range(2):

@@ -103,6 +103,7 @@ class ScalingService:
                 policy=make_policy(scaling.policy),
                 # as the server's limit: a query's characters may take 12 bytes each as JSON
                 max_body_bytes=12 * cfg.server.max_query_chars + 1024,
+                body_timeout_s=cfg.server.body_timeout_s,
                 hop_timeout_s=scaling.hop_timeout_s,
                 max_connections=scaling.max_connections,
                 token=self.token,

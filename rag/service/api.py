@@ -60,6 +60,7 @@ RETRY_AFTER = {
 }
 
 RAG_ERRORS: dict[int | str, dict[str, Any]] = {
+    408: _error("The body did not all arrive within `server.body_timeout_s` of the request."),
     413: _error("The body is larger than any valid request (counted as it arrives)."),
     415: _error("The body is not declared as JSON (Content-Type: application/json)."),
     422: _error(

@@ -212,7 +212,7 @@ async def internal_error(request: Request, exc: Exception) -> JSONResponse:
 
 class CountResponses:
     """Count every /rag response by status, including the ones sent before the handler
-    runs (413 from BodyLimit)."""
+    runs (413 and 408 from BodyLimit)."""
 
     def __init__(self, app: Any, metrics: ServerMetrics) -> None:
         self.app = app
@@ -267,7 +267,11 @@ def create_app(cfg: Config) -> FastAPI:
     app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_exception_handler(Exception, internal_error)
     # A query's characters may each take up to 12 bytes as JSON escapes (surrogate pairs).
-    app.add_middleware(BodyLimit, max_bytes=12 * cfg.server.max_query_chars + 1024)
+    app.add_middleware(
+        BodyLimit,
+        max_bytes=12 * cfg.server.max_query_chars + 1024,
+        timeout_s=cfg.server.body_timeout_s,
+    )
     app.add_middleware(CountResponses, metrics=state.metrics)  # outermost: sees every status
     app.openapi = partial(openapi, app)  # type: ignore[method-assign]
     return app
