@@ -144,7 +144,7 @@ def test_int4_linear_multiplies_few_rows_in_4_bit_and_many_with_the_dense_weight
     raw = quants.quantize(weights, kind)
     dense = torch.nn.Linear(128, 64, bias=False)
     dense.weight.data = torch.from_numpy(quants.dequantize(raw, kind)) + 1.0  # tell them apart
-    layer = Int4Linear(dense, READERS[kind](raw), max_rows=4)
+    layer = Int4Linear.from_blocks(dense, READERS[kind](raw), max_rows=4)
     x = torch.randn(2, 2, 128)  # 4 rows
     exact = x @ torch.from_numpy(quants.dequantize(raw, kind)).T
     torch.testing.assert_close(layer(x), exact, rtol=1e-3, atol=1e-3)
@@ -169,7 +169,10 @@ def test_engine_gives_generates_greedy_tokens_on_the_default_model(cache_dir):
 def test_the_default_model_decodes_its_gguf_layers_in_4_bit(cache_dir):
     generator = load_generator(compose([f"model.cache_dir={cache_dir}"]).model)
     layers = [m for m in generator.model.modules() if isinstance(m, Int4Linear)]
-    config = generator.model.config
-    assert len(layers) == 7 * config.num_hidden_layers + 1  # q k v o gate up down, LM head
+    decoder_layers = generator.model.model.layers
+    fused = [m for d in decoder_layers for m in (d.self_attn.qkv_proj, d.mlp.gate_up_proj)]
+    assert all(isinstance(m, Int4Linear) for m in fused)  # the decode step's fused matmuls
+    # q k v o gate up down, LM head, and the fused q/k/v and gate/up
+    assert len(layers) == 7 * len(decoder_layers) + 1 + len(fused)
     (answer,) = generator.generate(prompts_of(generator)[1:2])
     assert "bee" in answer.text.lower() or "dance" in answer.text.lower()

@@ -36,7 +36,7 @@ from rag.config import ModelConfig
 from rag.service.embedder import Embedder
 from rag.service.engine.engine import Engine, TokenChooser
 from rag.service.engine.int4 import use_int4_for_decode
-from rag.service.engine.runner import SlotModel, UnsupportedModel
+from rag.service.engine.runner import SlotModel, UnsupportedModel, check_supported
 from rag.service.generator import Generator
 from rag.storage import cache_dir, publishing
 
@@ -281,13 +281,14 @@ def build_engine(
     """The step-level engine over `model`, with 4-bit decode where the GGUF allows it;
     None (transformers' generate) for a model family the engine does not drive."""
     try:
-        slots = SlotModel(model, cfg.engine_slots, cfg.max_prompt_tokens + cfg.max_new_tokens)
+        check_supported(model)
     except UnsupportedModel as exc:
         log.warning("%s; generating with transformers' generate", exc)
         return None
     if cfg.int4_decode and source.gguf_file and model.device.type == "cpu":
         assert source.path is not None
         use_int4_for_decode(model, source.path / source.gguf_file, cfg.int4_max_rows)
+    slots = SlotModel(model, cfg.engine_slots, cfg.max_prompt_tokens + cfg.max_new_tokens)
     eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
     chooser = TokenChooser(cfg.temperature, cfg.top_p, cfg.seed)
     return Engine(slots, eos, chooser, cfg.max_prefill_tokens)

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from gguf import GGMLQuantizationType, GGUFReader
 from torch.utils.flop_counter import register_flop_formula
 from transformers import PreTrainedModel
@@ -84,35 +85,53 @@ READERS = {GGMLQuantizationType.Q4_1: _q4_1, GGMLQuantizationType.Q8_0: _q8_0}
 
 class Int4Linear(torch.nn.Module):
     """A linear layer that multiplies up to `max_rows` rows with 4-bit weights (summing
-    the parts, one or two) and more rows with the dense weight it replaces."""
+    the parts, one or two: `packed[i]` with `scales_zeros[i]`) and more rows with the dense
+    weight it replaces."""
 
-    def __init__(self, dense: torch.nn.Linear, parts: list[Blocks], max_rows: int) -> None:
+    def __init__(
+        self,
+        dense: torch.nn.Linear,
+        packed: list[torch.Tensor],
+        scales_zeros: list[torch.Tensor],
+        max_rows: int,
+    ) -> None:
         super().__init__()
         self.dense = dense
         self.max_rows = max_rows
         self.out_features = dense.out_features
+        self.packed = packed
+        self.scales_zeros = scales_zeros
+
+    @classmethod
+    def from_blocks(cls, dense: torch.nn.Linear, parts: list[Blocks], max_rows: int) -> Int4Linear:
         dtype = dense.weight.dtype
-        self.packed = [
+        packed = [
             torch.ops.aten._convert_weight_to_int4pack_for_cpu(
                 torch.from_numpy(p.codes.astype(np.int32)), 2
             )
             for p in parts
         ]
-        self.scales_zeros = [
+        scales_zeros = [
             torch.from_numpy(np.stack([p.scales.T, p.zeros.T], axis=-1)).to(dtype).contiguous()
             for p in parts
         ]
+        return cls(dense, packed, scales_zeros, max_rows)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1]).contiguous()
+        return self.multiply(flat).reshape(*x.shape[:-1], self.out_features)
+
+    def multiply(self, flat: torch.Tensor) -> torch.Tensor:
+        """The output for contiguous rows [rows, in] (`forward` without nn.Module's call
+        and reshapes, which cost a few microseconds a call)."""
         if flat.shape[0] > self.max_rows:
-            return self.dense(x)
+            return F.linear(flat, self.dense.weight, self.dense.bias)
         out = INT4_MM(flat, self.packed[0], GROUP, self.scales_zeros[0])
         for packed, scales_zeros in zip(self.packed[1:], self.scales_zeros[1:], strict=True):
             out = out + INT4_MM(flat, packed, GROUP, scales_zeros)
         if self.dense.bias is not None:
             out = out + self.dense.bias
-        return out.reshape(*x.shape[:-1], self.out_features)
+        return out
 
 
 def read_blocks(gguf_path: Path, model: PreTrainedModel) -> Iterator[tuple[str, list[Blocks]]]:
@@ -177,7 +196,8 @@ def use_int4_for_decode(model: PreTrainedModel, gguf_path: Path, max_rows: int) 
             raise ValueError(f"GGUF blocks of {source} do not reproduce the loaded weight")
         for module_name in modules:
             parent, attribute = _parent(model, module_name)
-            setattr(parent, attribute, Int4Linear(getattr(parent, attribute), parts, max_rows))
+            layer = Int4Linear.from_blocks(getattr(parent, attribute), parts, max_rows)
+            setattr(parent, attribute, layer)
             replaced += 1
     return replaced
 

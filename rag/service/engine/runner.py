@@ -1,8 +1,9 @@
 """One forward pass of a transformers decoder over the slot cache: a packed prefill of some
 prompts, or one decode step of every active slot.
 
-The model's own modules do the work (embedding, rotary tables, decoder layers, norm, LM
-head); this only lays out the tokens and hands each layer the step's plan.  Families whose
+At prefill the model's own modules do the work (embedding, rotary tables, decoder layers,
+norm, LM head); this only lays out the tokens and hands each layer the step's plan.  A
+decode step goes through `Decoder`, the same arithmetic in fewer operations.  Families whose
 layers follow the Llama pattern (an attention module calling the cache and the configured
 attention function) are accepted; others keep transformers' `generate`.
 """
@@ -14,6 +15,7 @@ from collections.abc import Sequence
 import torch
 from transformers import PreTrainedModel
 
+from rag.service.engine.decode import Decoder
 from rag.service.engine.slots import ATTENTION, DecodePlan, PrefillPlan, SlotCache
 
 SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
@@ -35,7 +37,10 @@ def check_supported(model: PreTrainedModel) -> None:
 
 
 class SlotModel:
-    """A causal LM whose keys and values live in `slots` fixed slots of `positions`."""
+    """A causal LM whose keys and values live in `slots` fixed slots of `positions`.
+
+    Build it after any change to the model's linear layers (4-bit decode): its decode step
+    concatenates their weights."""
 
     def __init__(self, model: PreTrainedModel, slots: int, positions: int) -> None:
         check_supported(model)
@@ -55,6 +60,7 @@ class SlotModel:
             model.dtype,
             model.device,
         )
+        self.decoder = Decoder(model, self.cache)
 
     def _long(self, values: Sequence[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long, device=self.device)
@@ -84,16 +90,16 @@ class SlotModel:
         rows = len(last_tokens)
         where = self._long(positions)
         span = max(positions) + 1
-        mask = torch.arange(span, device=self.device)[None, :] <= where[:, None]
-        plan = DecodePlan(self._long(range(rows)), where, span, mask[:, None, None, :])
-        return self._forward(self._long(last_tokens)[:, None], where[:, None], plan, None)
+        mask = None
+        if min(positions) < max(positions):
+            mask = (torch.arange(span, device=self.device)[None, :] <= where[:, None])[
+                :, None, None, :
+            ]
+        plan = DecodePlan(self._long(range(rows)), where, span, mask)
+        return self.decoder(self._long(last_tokens), plan)
 
     def _forward(
-        self,
-        ids: torch.Tensor,
-        positions: torch.Tensor,
-        plan: PrefillPlan | DecodePlan,
-        last: torch.Tensor | None,
+        self, ids: torch.Tensor, positions: torch.Tensor, plan: PrefillPlan, last: torch.Tensor
     ) -> torch.Tensor:
         inner = self.model.model
         hidden = inner.embed_tokens(ids)
@@ -108,7 +114,5 @@ class SlotModel:
                 plan=plan,
                 slots=self.cache,
             )
-        hidden = hidden.reshape(-1, hidden.shape[-1])
-        if last is not None:
-            hidden = hidden[last]
+        hidden = hidden.reshape(-1, hidden.shape[-1])[last]
         return self.model.lm_head(inner.norm(hidden))

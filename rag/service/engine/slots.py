@@ -6,10 +6,11 @@ a view, so nothing is concatenated or copied per step.  Active sequences occupy 
 0..n-1 (the engine moves the last one into a hole when one leaves), so a decode step reads
 `[:n, :span]`, a view.
 
-The model's own attention modules drive it, as they drive a transformers Cache: they call
-`update` and then the attention function registered here under ATTENTION, passing along
-the forward's keyword arguments, which carry the step's plan.  Without a plan (transformers'
-own `generate`) the function is plain SDPA, so the model keeps working as before.
+At prefill the model's own attention modules drive it, as they drive a transformers Cache:
+they call `update` and then the attention function registered here under ATTENTION,
+passing along the forward's keyword arguments, which carry the step's plan.  Without a plan
+(transformers' own `generate`) the function is plain SDPA, so the model keeps working as
+before.  The decode step (`decode.py`) calls `store_decode` and `decode_attention` itself.
 """
 
 from __future__ import annotations
@@ -41,12 +42,13 @@ class PrefillPlan:
 @dataclass(frozen=True)
 class DecodePlan:
     """One new token for each of slots 0..rows-1, at `positions` ([rows]); each attends to
-    its own first positions + 1 keys (`mask`: [rows, 1, 1, span])."""
+    its own first positions + 1 keys (`mask`: [rows, 1, 1, span]; None when every row
+    sees all `span`)."""
 
     rows: torch.Tensor
     positions: torch.Tensor
     span: int
-    mask: torch.Tensor
+    mask: torch.Tensor | None
 
 
 def _zeroed(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -85,19 +87,21 @@ class SlotCache:
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, kwargs=None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store a step's keys and values ([batch, kv_heads, tokens, head_dim]) where its
+        """Store a prefill's keys and values ([1, kv_heads, tokens, head_dim]) where its
         plan says; the attention function reads them back from the slots."""
-        plan = kwargs["plan"]
-        keys, values = key_states.transpose(1, 2), value_states.transpose(1, 2)
-        if isinstance(plan, PrefillPlan):
-            where = (plan.slot_of_token, plan.position_of_token)
-            self.keys[layer_idx].index_put_(where, keys[0])
-            self.values[layer_idx].index_put_(where, values[0])
-        else:
-            where = (plan.rows, plan.positions)
-            self.keys[layer_idx].index_put_(where, keys[:, 0])
-            self.values[layer_idx].index_put_(where, values[:, 0])
+        plan: PrefillPlan = kwargs["plan"]
+        where = (plan.slot_of_token, plan.position_of_token)
+        self.keys[layer_idx].index_put_(where, key_states[0].transpose(0, 1))
+        self.values[layer_idx].index_put_(where, value_states[0].transpose(0, 1))
         return key_states, value_states
+
+    def store_decode(
+        self, layer: int, plan: DecodePlan, keys: torch.Tensor, values: torch.Tensor
+    ) -> None:
+        """Store a decode step's keys and values ([rows, kv_heads, head_dim])."""
+        where = (plan.rows, plan.positions)
+        self.keys[layer].index_put_(where, keys)
+        self.values[layer].index_put_(where, values)
 
     def move(self, source: int, target: int, length: int) -> None:
         """Copy a sequence's first `length` positions from one slot to another."""
@@ -114,10 +118,12 @@ class SlotCache:
         self.values[:, slot, : values.shape[1]] = values
 
 
-def _decode_attention(
+def decode_attention(
     cache: SlotCache, layer: int, plan: DecodePlan, query: torch.Tensor, scale: float
 ) -> torch.Tensor:
-    rows, heads, _, head_dim = query.shape
+    """Each row's query ([rows, heads, head_dim]) over its slot's keys; [rows, heads x
+    head_dim]."""
+    rows, heads, head_dim = query.shape
     keys = cache.keys[layer, :rows, : plan.span].transpose(1, 2)
     values = cache.values[layer, :rows, : plan.span].transpose(1, 2)
     kv_heads = keys.shape[1]
@@ -125,7 +131,7 @@ def _decode_attention(
     # queries, so grouped-query attention needs no repeated keys.
     grouped = query.reshape(rows, kv_heads, heads // kv_heads, head_dim)
     out = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=plan.mask, scale=scale)
-    return out.reshape(rows, 1, heads, head_dim)
+    return out.reshape(rows, heads * head_dim)
 
 
 def _prefill_attention(
@@ -164,9 +170,7 @@ def slot_attention(
         )
     cache: SlotCache = kwargs["slots"]
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    if isinstance(plan, PrefillPlan):
-        return _prefill_attention(cache, module.layer_idx, plan, query, scale), None
-    return _decode_attention(cache, module.layer_idx, plan, query, scale), None
+    return _prefill_attention(cache, module.layer_idx, plan, query, scale), None
 
 
 AttentionInterface.register(ATTENTION, slot_attention)

@@ -1,0 +1,127 @@
+"""The engine's decode step (fused projections, fewer operations) computes what the model's
+own layers compute: layers fused into one matmul give their outputs side by side, and
+every model family the engine drives decodes the greedy tokens of transformers' generate."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType, quants
+from transformers import (
+    AutoModelForCausalLM,
+    LlamaConfig,
+    MistralConfig,
+    PreTrainedModel,
+    Qwen2Config,
+    Qwen3Config,
+)
+
+from rag.service.engine.engine import Engine, Sequence
+from rag.service.engine.fused import fuse
+from rag.service.engine.int4 import READERS, Int4Linear
+from rag.service.engine.runner import SlotModel
+
+
+def q4_layer(out_features: int, seed: int, kind=GGMLQuantizationType.Q4_1) -> Int4Linear:
+    weights = np.random.default_rng(seed).standard_normal((out_features, 128))
+    raw = quants.quantize(weights.astype(np.float32), kind)
+    dense = torch.nn.Linear(128, out_features, bias=False)
+    dense.weight.data = torch.from_numpy(quants.dequantize(raw, kind)) + 1.0  # tell them apart
+    return Int4Linear.from_blocks(dense, READERS[kind](raw), max_rows=4)
+
+
+@pytest.mark.parametrize("kind", [GGMLQuantizationType.Q4_1, GGMLQuantizationType.Q8_0])
+def test_fused_4_bit_layers_give_each_layers_output_side_by_side(kind):
+    layers = [q4_layer(n, seed, kind) for seed, n in enumerate((64, 128, 64))]
+    few, many = torch.randn(3, 128), torch.randn(6, 128)
+    alone = [(layer(few), layer(many)) for layer in layers]
+    fused = fuse(layers)
+    assert isinstance(fused, Int4Linear)
+    assert torch.equal(fused(few), torch.cat([a for a, _ in alone], dim=-1))
+    torch.testing.assert_close(fused(many), torch.cat([b for _, b in alone], dim=-1))
+    for layer, (a, b) in zip(layers, alone, strict=True):  # the layers now read views
+        assert torch.equal(layer(few), a) and torch.equal(layer(many), b)
+
+
+def test_layers_that_cannot_be_packed_together_are_fused_dense():
+    """Packed rows come in blocks of 64; 4-bit layers of other sizes, or mixed with a
+    dense one, are fused from their dense weights."""
+    odd = [q4_layer(n, seed) for seed, n in enumerate((64, 96))]
+    plain = torch.nn.Linear(128, 32)
+    mixed = [q4_layer(64, 2), plain]
+    x = torch.randn(2, 128)
+    for layers in (odd, mixed):
+        dense = [layer.dense if isinstance(layer, Int4Linear) else layer for layer in layers]
+        expected = torch.cat([layer(x) for layer in dense], dim=-1)
+        fused = fuse(layers)
+        assert type(fused) is torch.nn.Linear
+        torch.testing.assert_close(fused(x), expected)
+    assert plain.weight.untyped_storage().data_ptr() == fused.weight.untyped_storage().data_ptr()
+
+
+FAMILIES = {
+    "llama": LlamaConfig(),
+    "mistral": MistralConfig(),
+    "qwen2": Qwen2Config(),  # biased q, k and v
+    "qwen3": Qwen3Config(),  # normalised query and key heads
+}
+
+
+def tiny_model(family: str) -> PreTrainedModel:
+    config = FAMILIES[family]
+    config.update(
+        dict(
+            vocab_size=300,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            eos_token_id=2,
+            initializer_range=0.3,  # attention far from uniform, so positions matter
+        )
+    )
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        for module in model.modules():  # random biases and norms, so that they matter
+            if isinstance(module, torch.nn.Linear) and module.bias is not None:
+                module.bias.normal_()
+            if type(module).__name__.endswith("RMSNorm"):
+                module.weight.uniform_(0.5, 1.5)
+    return model
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_every_family_decodes_generates_greedy_tokens(family):
+    model = tiny_model(family)
+    engine = Engine(SlotModel(model, slots=3, positions=64), eos_token_id=2)
+    rng = np.random.default_rng(1)
+    prompts = [rng.integers(3, 300, size=n).tolist() for n in (1, 5, 17, 30)]
+    expected = []
+    for prompt in prompts:
+        out = model.generate(
+            torch.tensor([prompt]), max_new_tokens=10, do_sample=False, eos_token_id=2,
+            pad_token_id=0, attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+        )  # fmt: skip
+        expected.append(out[0, len(prompt) :].tolist())
+    answers = engine.generate([Sequence(p, max_new_tokens=10) for p in prompts])
+    assert [a.tokens for a in answers] == expected
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_every_family_decodes_the_logits_of_its_own_forward(family):
+    """Rows at different positions in one step: each gets the logits the model's own
+    forward gives over its whole prompt."""
+    model = tiny_model(family)
+    slots = SlotModel(model, slots=3, positions=64)
+    rng = np.random.default_rng(2)
+    prompts = [rng.integers(3, 300, size=n).tolist() for n in (4, 19, 9)]
+    for slot, prompt in enumerate(prompts):
+        slots.prefill([(slot, prompt[:-1], 0)])
+    logits = slots.decode([p[-1] for p in prompts], [len(p) - 1 for p in prompts])
+    with torch.inference_mode():
+        expected = [model(torch.tensor([p])).logits[0, -1] for p in prompts]
+    torch.testing.assert_close(logits, torch.stack(expected), rtol=1e-4, atol=1e-4)
