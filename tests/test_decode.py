@@ -112,16 +112,22 @@ def test_every_family_decodes_generates_greedy_tokens(family):
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
-def test_every_family_decodes_the_logits_of_its_own_forward(family):
-    """Rows at different positions in one step: each gets the logits the model's own
-    forward gives over its whole prompt."""
+def test_every_family_steps_to_the_logits_of_its_own_forward(family):
+    """Packed prompts, a prompt prefilled in the same pass as two decoded rows, then rows at
+    different positions: each token gets the logits of the model's own forward over its
+    whole sequence."""
     model = tiny_model(family)
     slots = SlotModel(model, slots=3, positions=64)
     rng = np.random.default_rng(2)
-    prompts = [rng.integers(3, 300, size=n).tolist() for n in (4, 19, 9)]
-    for slot, prompt in enumerate(prompts):
-        slots.prefill([(slot, prompt[:-1], 0)])
-    logits = slots.decode([p[-1] for p in prompts], [len(p) - 1 for p in prompts])
-    with torch.inference_mode():
-        expected = [model(torch.tensor([p])).logits[0, -1] for p in prompts]
-    torch.testing.assert_close(logits, torch.stack(expected), rtol=1e-4, atol=1e-4)
+    a, b, c = (rng.integers(3, 300, size=n).tolist() for n in (4, 19, 9))
+
+    def last_logits(*sequences: list[int]) -> torch.Tensor:
+        with torch.inference_mode():
+            return torch.stack([model(torch.tensor([s])).logits[0, -1] for s in sequences])
+
+    slots.prefill([(0, a[:-1], 0), (1, b[:-1], 0)])
+    mixed = slots.step([(2, c, 0)], [a[-1], b[-1]], [len(a) - 1, len(b) - 1])
+    torch.testing.assert_close(mixed, last_logits(c, a, b), rtol=1e-4, atol=1e-4)
+    decoded = slots.decode([7, 8, 9], [len(a), len(b), len(c)])
+    expected = last_logits([*a, 7], [*b, 8], [*c, 9])
+    torch.testing.assert_close(decoded, expected, rtol=1e-4, atol=1e-4)

@@ -93,8 +93,8 @@ def test_a_cancelled_sequence_frees_its_slot_and_changes_no_other_answer(cache_d
     while engine.busy:
         engine.step()
     assert [s.finish for s in sequences] == ["cancelled", "length", "length", "cancelled"]
-    # A sequence's first step gives two tokens (its prefill's and a decode's), later ones one.
-    assert len(sequences[0].tokens) == 3 and sequences[3].tokens == []
+    # A sequence's first step gives its prefill's token, each later one a decoded token.
+    assert len(sequences[0].tokens) == 2 and sequences[3].tokens == []
     assert [s.tokens for s in sequences[1:3]] == alone[1:3]
 
 
@@ -105,10 +105,13 @@ def test_a_step_reports_what_it_did(cache_dir):
     for prompt in ids:
         engine.submit(generator.sequence(prompt))
     first = engine.step()
-    assert (first.prefilled, first.decoded) == (2, 2)
+    assert (first.prefilled, first.decoded) == (2, 0)
     assert first.prefill_tokens == sum(len(i) - len(engine.prefix) for i in ids)
-    second = engine.step()  # tokens 3 of 3
-    assert second.prefilled == 0 and len(second.finished) == 2 and not engine.busy
+    engine.submit(generator.sequence(ids[0]))
+    second = engine.step()  # the newcomer's prefill in the same pass as tokens 2 of 3
+    assert (second.prefilled, second.decoded, second.finished) == (1, 2, [])
+    third = engine.step()  # tokens 3 of 3
+    assert third.prefilled == 0 and len(third.finished) == 2 and engine.busy
 
 
 def test_a_prompt_too_long_for_a_slot_is_refused_before_it_runs(cache_dir):

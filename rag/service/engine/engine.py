@@ -1,10 +1,10 @@
 """A step-level generation engine: sequences enter free KV slots, decode together one
 token per step, and leave at EOS or their token limit.
 
-`step()` is one iteration: prefill some waiting sequences (packed, up to a token budget)
-into free slots, then one decode step over every active slot.  A batch of prompts
-(`generate`) and a server that admits requests between steps (continuous batching) both
-drive it; neither waits for the longest sequence to finish before a slot is reused.
+`step()` is one iteration: one forward pass that prefills some waiting sequences (packed,
+up to a token budget) into free slots and decodes one token for every running slot.  A
+batch of prompts (`generate`) and a server that admits requests between steps (continuous
+batching) both drive it; neither waits for the longest sequence to finish before a slot is reused.
 
 A shared prompt prefix (the system prompt and the chat template's opening) can be computed
 once and copied into each new slot, so prefill reads only what differs.
@@ -141,27 +141,27 @@ class Engine:
 
     @torch.inference_mode()
     def step(self) -> StepReport:
-        """Prefill what fits of the waiting sequences, then decode every active slot once."""
+        """Prefill what fits of the waiting sequences and decode every running one once,
+        in one forward pass; a newcomer's first token comes from its prefill."""
         report = StepReport()
+        running = list(self.active)
         admitted = self._admit()
-        if admitted:
-            feeds = []
-            for sequence in admitted:
-                past = self._reuse_prefix(sequence)
-                feeds.append((sequence.slot, sequence.prompt[past:], past))
-                sequence.cached = len(sequence.prompt)
-            report.prefilled = len(admitted)
-            report.prefill_tokens = sum(len(ids) for _, ids, _ in feeds)
-            logits = self.model.prefill(feeds)
-            self._advance(admitted, logits, report)
-        if self.active:
-            report.decoded = len(self.active)
-            logits = self.model.decode(
-                [s.tokens[-1] for s in self.active], [s.cached for s in self.active]
-            )
-            for sequence in self.active:
-                sequence.cached += 1
-            self._advance(list(self.active), logits, report)
+        if not running and not admitted:
+            return report
+        feeds = []
+        for sequence in admitted:
+            past = self._reuse_prefix(sequence)
+            feeds.append((sequence.slot, sequence.prompt[past:], past))
+            sequence.cached = len(sequence.prompt)
+        report.prefilled = len(admitted)
+        report.prefill_tokens = sum(len(ids) for _, ids, _ in feeds)
+        report.decoded = len(running)
+        logits = self.model.step(
+            feeds, [s.tokens[-1] for s in running], [s.cached for s in running]
+        )
+        for sequence in running:
+            sequence.cached += 1
+        self._advance(admitted + running, logits, report)
         return report
 
     def _admit(self) -> list[Sequence]:

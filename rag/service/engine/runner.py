@@ -1,11 +1,9 @@
 """One forward pass of a transformers decoder over the slot cache: a packed prefill of some
 prompts, or one decode step of every active slot.
 
-At prefill the model's own modules do the work (embedding, rotary tables, decoder layers,
-norm, LM head); this only lays out the tokens and hands each layer the step's plan.  A
-decode step goes through `Decoder`, the same arithmetic in fewer operations.  Families whose
-layers follow the Llama pattern (an attention module calling the cache and the configured
-attention function) are accepted; others keep transformers' `generate`.
+This lays out the tokens and the step's plan; `Forward` does the arithmetic with the
+model's own weights, norms and rotary tables.  Families whose layers follow the Llama
+pattern are accepted; others keep transformers' `generate`.
 """
 
 from __future__ import annotations
@@ -15,8 +13,8 @@ from collections.abc import Sequence
 import torch
 from transformers import PreTrainedModel
 
-from rag.service.engine.decode import Decoder
-from rag.service.engine.slots import ATTENTION, DecodePlan, PrefillPlan, SlotCache
+from rag.service.engine.forward import Forward
+from rag.service.engine.slots import SlotCache, StepPlan
 
 SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 
@@ -39,12 +37,11 @@ def check_supported(model: PreTrainedModel) -> None:
 class SlotModel:
     """A causal LM whose keys and values live in `slots` fixed slots of `positions`.
 
-    Build it after any change to the model's linear layers (4-bit decode): its decode step
-    concatenates their weights."""
+    Build it after any change to the model's linear layers (4-bit decode): its forward
+    pass concatenates their weights."""
 
     def __init__(self, model: PreTrainedModel, slots: int, positions: int) -> None:
         check_supported(model)
-        model.set_attn_implementation(ATTENTION)
         config = model.config
         head_dim = getattr(config, "head_dim", None) or (
             config.hidden_size // config.num_attention_heads
@@ -60,59 +57,55 @@ class SlotModel:
             model.dtype,
             model.device,
         )
-        self.decoder = Decoder(model, self.cache)
+        self.forward = Forward(model, self.cache)
 
     def _long(self, values: Sequence[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long, device=self.device)
 
-    @torch.inference_mode()
     def prefill(self, prompts: Sequence[tuple[int, Sequence[int], int]]) -> torch.Tensor:
-        """Feed each (slot, tokens, past) into its slot after `past` positions already
-        there, all prompts packed into one row of tokens (no padding); the logits of each
-        prompt's last token, [prompts, vocab]."""
+        """The logits [prompts, vocab] of each prompt's last token (see `step`)."""
+        return self.step(prompts, [], [])
+
+    def decode(self, last_tokens: Sequence[int], positions: Sequence[int]) -> torch.Tensor:
+        """The logits [rows, vocab] of one new token for each of slots 0..rows-1 (see `step`)."""
+        return self.step([], last_tokens, positions)
+
+    @torch.inference_mode()
+    def step(
+        self,
+        prompts: Sequence[tuple[int, Sequence[int], int]],
+        last_tokens: Sequence[int],
+        positions: Sequence[int],
+    ) -> torch.Tensor:
+        """One forward pass: feed each prompt (slot, tokens, past) into its slot after
+        `past` positions already there, and one new token for each of slots 0..rows-1
+        (`last_tokens` at `positions`), all packed into one row of tokens (no padding); the
+        logits [prompts + rows, vocab] of each prompt's last token, then of each row.
+
+        Prompts and rows share each matmul: a row costs a few more of the prompt's
+        compute-bound rows instead of a step of its own reading every weight."""
         tokens: list[int] = []
         slot_of_token: list[int] = []
-        positions: list[int] = []
-        spans = []
+        position_of_token: list[int] = []
+        spans, last = [], []
         for slot, ids, past in prompts:
             spans.append((slot, len(tokens), len(ids), past))
             tokens.extend(ids)
             slot_of_token.extend([slot] * len(ids))
-            positions.extend(range(past, past + len(ids)))
-        plan = PrefillPlan(self._long(slot_of_token), self._long(positions), tuple(spans))
-        last = self._long([start + count - 1 for _, start, count, _ in spans])
-        ids, where = self._long(tokens)[None], plan.position_of_token[None]
-        return self._forward(ids, where, plan, last)
-
-    @torch.inference_mode()
-    def decode(self, last_tokens: Sequence[int], positions: Sequence[int]) -> torch.Tensor:
-        """One new token for each of slots 0..n-1 at its position; the logits [n, vocab]."""
+            position_of_token.extend(range(past, past + len(ids)))
+            last.append(len(tokens) - 1)
         rows = len(last_tokens)
-        where = self._long(positions)
-        span = max(positions) + 1
+        last.extend(range(len(tokens), len(tokens) + rows))
+        tokens.extend(last_tokens)
+        slot_of_token.extend(range(rows))
+        position_of_token.extend(positions)
+        span = max(positions, default=-1) + 1
         mask = None
-        if min(positions) < max(positions):
-            mask = (torch.arange(span, device=self.device)[None, :] <= where[:, None])[
-                :, None, None, :
-            ]
-        plan = DecodePlan(self._long(range(rows)), where, span, mask)
-        return self.decoder(self._long(last_tokens), plan)
-
-    def _forward(
-        self, ids: torch.Tensor, positions: torch.Tensor, plan: PrefillPlan, last: torch.Tensor
-    ) -> torch.Tensor:
-        inner = self.model.model
-        hidden = inner.embed_tokens(ids)
-        rotary = inner.rotary_emb(hidden, position_ids=positions)
-        for layer in inner.layers:
-            hidden = layer(
-                hidden,
-                attention_mask=None,
-                position_embeddings=rotary,
-                position_ids=positions,
-                cache=self.cache,
-                plan=plan,
-                slots=self.cache,
-            )
-        hidden = hidden.reshape(-1, hidden.shape[-1])[last]
-        return self.model.lm_head(inner.norm(hidden))
+        if rows and min(positions) < max(positions):
+            where = self._long(positions)
+            visible = torch.arange(span, device=self.device)[None, :] <= where[:, None]
+            mask = visible[:, None, None, :]
+        plan = StepPlan(
+            self._long(slot_of_token), self._long(position_of_token), tuple(spans), rows, span, mask
+        )
+        return self.forward(self._long(tokens), plan, self._long(last))

@@ -1,14 +1,13 @@
-"""One decode step (one new token for each active slot) through the model's own weights,
-in few tensor operations.
+"""One forward pass over the slot cache (prompts prefilled, slots decoded, or both at once)
+through the model's own weights, in few tensor operations.
 
 At a few rows, a decode step's matmuls stream the weights in about half of the step; the
 rest is the fixed cost of each operation and of the Python around it, which transformers'
 layers spend generously (per-module calls, separate q/k/v and gate/up projections, rotary
-embedding applied to q and k apart).  This step does the same arithmetic with fewer
-calls: q/k/v and gate/up as one matmul each (`fused`), the rotary embedding over q and k
-at once, keys and values written straight into the slots.  The numbers are those of the
-layers it replaces (their norms, activation and rotary tables are called as they are),
-so greedy tokens do not change; prefill keeps the layers themselves.
+embedding applied to q and k apart).  This pass does the same arithmetic with fewer calls:
+q/k/v and gate/up as one matmul each (`fused`), the rotary embedding over q and k at once,
+keys and values written straight into the slots.  The numbers are those of the layers it
+replaces (their norms, activation and rotary tables are called as they are).
 """
 
 from __future__ import annotations
@@ -19,11 +18,11 @@ from transformers import PreTrainedModel
 
 from rag.service.engine.fused import fuse
 from rag.service.engine.int4 import Int4Linear
-from rag.service.engine.slots import DecodePlan, SlotCache, decode_attention
+from rag.service.engine.slots import SlotCache, StepPlan, attention
 
 
-class Decoder:
-    """The decode step of a Llama-pattern model (llama, mistral, qwen2, qwen3) over a slot
+class Forward:
+    """The forward pass of a Llama-pattern model (llama, mistral, qwen2, qwen3) over a slot
     cache.  Building it adds `qkv_proj` to each attention module and `gate_up_proj` to each
     MLP (views of the layers' weights, no copy)."""
 
@@ -39,11 +38,12 @@ class Decoder:
             attention.qkv_proj = fuse([attention.q_proj, attention.k_proj, attention.v_proj])
             mlp.gate_up_proj = fuse([mlp.gate_proj, mlp.up_proj])
 
-    def __call__(self, tokens: torch.Tensor, plan: DecodePlan) -> torch.Tensor:
-        """The logits [rows, vocab] after `tokens` ([rows]) at the plan's positions."""
+    def __call__(self, tokens: torch.Tensor, plan: StepPlan, last: torch.Tensor) -> torch.Tensor:
+        """The logits [len(last), vocab] after the tokens at `last` ([tokens] in, packed as
+        the plan says)."""
         inner = self.model.model
         hidden = inner.embed_tokens(tokens)
-        cos, sin = inner.rotary_emb(hidden, position_ids=plan.positions[:, None])
+        cos, sin = inner.rotary_emb(hidden, position_ids=plan.position_of_token[:, None])
         half = self.head_dim // 2
         # rotate_half(x) x sin == swap_halves(x) x (-sin1, sin2): one flip, no cat per layer.
         signed_sin = torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)
@@ -52,6 +52,8 @@ class Decoder:
             hidden = hidden + self._attention(index, layer.self_attn, normed, cos, signed_sin, plan)
             normed = layer.post_attention_layernorm(hidden)
             hidden = hidden + self._mlp(layer.mlp, normed)
+        if last.shape[0] != hidden.shape[0]:  # (as many means every token: no gather)
+            hidden = hidden[last]
         return project(self.model.lm_head, inner.norm(hidden))
 
     def _attention(
@@ -61,17 +63,17 @@ class Decoder:
         x: torch.Tensor,
         cos: torch.Tensor,
         signed_sin: torch.Tensor,
-        plan: DecodePlan,
+        plan: StepPlan,
     ) -> torch.Tensor:
-        rows, heads, kv_heads, dim = x.shape[0], self.heads, self.kv_heads, self.head_dim
-        qkv = project(module.qkv_proj, x).view(rows, heads + 2 * kv_heads, dim)
+        tokens, heads, kv_heads, dim = x.shape[0], self.heads, self.kv_heads, self.head_dim
+        qkv = project(module.qkv_proj, x).view(tokens, heads + 2 * kv_heads, dim)
         qk, values = qkv[:, : heads + kv_heads], qkv[:, heads + kv_heads :]
         if hasattr(module, "q_norm"):  # qwen3 normalises each head's query and key
             qk = torch.cat([module.q_norm(qk[:, :heads]), module.k_norm(qk[:, heads:])], dim=1)
-        swapped = qk.view(rows, heads + kv_heads, 2, dim // 2).flip(2).view(qk.shape)
+        swapped = qk.view(tokens, heads + kv_heads, 2, dim // 2).flip(2).view(qk.shape)
         qk = qk * cos + swapped * signed_sin
-        self.cache.store_decode(index, plan, qk[:, heads:], values)
-        attended = decode_attention(self.cache, index, plan, qk[:, :heads], module.scaling)
+        self.cache.store(index, plan, qk[:, heads:], values)
+        attended = attention(self.cache, index, plan, qk[:, :heads], module.scaling)
         return project(module.o_proj, attended)
 
     def _mlp(self, module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
