@@ -9,7 +9,8 @@ counting as infinitely late.  Targets, as the median of per-round ratios continu
 batched: p50 <= 0.5, p99 <= 0.7, throughput >= 1.0.  Both servers run the engine (the
 default), so the difference is the batching alone.
 
-    python bench/bench_continuous.py [--seconds 40] [--rounds 2] [--load 0.7] [--check]
+    python bench/bench_continuous.py [--seconds 40] [--rounds 2] [--load 0.7]
+        [--continuous OVERRIDE ...] [--check]
 """
 
 from __future__ import annotations
@@ -57,6 +58,10 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--load", type=float, default=0.7, help="x batched capacity")
     parser.add_argument("--saturate-seconds", type=float, default=15.0)
+    parser.add_argument(
+        "--continuous", nargs="*", default=[], metavar="OVERRIDE",
+        help="config overrides for the continuous server only (e.g. model.max_prefill_tokens=256)",
+    )  # fmt: skip
     add_check_option(parser)
     args = parser.parse_args()
     record = BenchRecord("continuous", vars(args))
@@ -64,7 +69,7 @@ def main() -> int:
 
     with (
         ServerProcess(["variant=batched"]) as batched,
-        ServerProcess(["variant=continuous"]) as continuous,
+        ServerProcess(["variant=continuous", *args.continuous]) as continuous,
     ):
         urls = {"batched": batched.url, "continuous": continuous.url}
         clients = 2 * httpx.get(f"{batched.url}/stats").json()["max_batch_size"]
