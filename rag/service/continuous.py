@@ -3,10 +3,11 @@ generation engine between its steps.
 
 Each step, the newcomers that fit in free slots are embedded and retrieved together, their
 prompts prefilled in the same forward pass as the running batch's next tokens, and from
-then on they decode with the running batch, one token per step; a request leaves as soon as it ends (EOS or its token limit).  Short answers do not
-wait for long ones, and a newcomer waits for one step, not a whole batch.  The engine runs
-on the compute thread, one step per call; between steps this loop admits newcomers, takes
-out requests whose caller left, and hands finished answers back.
+then on they decode with the running batch, one token per step; a request leaves as soon
+as it ends (EOS or its token limit).  Short answers do not wait for long ones, and a
+newcomer waits for one step, not a whole batch.  The engine runs on the compute thread,
+one step per call; between steps this loop admits newcomers, takes out requests whose
+caller left, and hands finished answers back.
 
 The HTTP side sees the batcher's contract (`submit`, drain, the counters), and admission
 is by deadline as there: a request that could not be answered before its deadline behind

@@ -105,7 +105,11 @@ class SlotModel:
             where = self._long(positions)
             visible = torch.arange(span, device=self.device)[None, :] <= where[:, None]
             mask = visible[:, None, None, :]
-        plan = StepPlan(
-            self._long(slot_of_token), self._long(position_of_token), tuple(spans), rows, span, mask
+        keys, values = (
+            c[:, :rows, :span].transpose(2, 3) for c in (self.cache.keys, self.cache.values)
         )
+        plan = StepPlan(
+            self._long(slot_of_token), self._long(position_of_token), tuple(spans), rows, span,
+            mask, keys, values,
+        )  # fmt: skip
         return self.forward(self._long(tokens), plan, self._long(last))

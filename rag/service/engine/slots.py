@@ -24,7 +24,9 @@ class StepPlan:
     (`spans`: slot, first packed token, count, positions already in the slot from a reused
     prefix), then one token for each of slots 0..rows-1 being decoded.  Each token's keys go
     to (`slot_of_token`, `position_of_token`).  A decoded row attends to its slot's first
-    position + 1 keys (`mask`: [rows, 1, 1, span]; None when every row sees all `span`)."""
+    position + 1 keys (`mask`: [rows, 1, 1, span]; None when every row sees all `span`),
+    read through `decode_keys` and `decode_values` ([layers, rows, kv_heads, span,
+    head_dim] views of the cache, taken once per step rather than once per layer)."""
 
     slot_of_token: torch.Tensor
     position_of_token: torch.Tensor
@@ -32,6 +34,8 @@ class StepPlan:
     rows: int
     span: int
     mask: torch.Tensor | None
+    decode_keys: torch.Tensor
+    decode_values: torch.Tensor
 
 
 def _zeroed(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -119,8 +123,7 @@ def _decode_attention(
 ) -> torch.Tensor:
     """One query per decoded row ([rows, heads, head_dim]); [rows, heads x head_dim]."""
     rows, heads, head_dim = query.shape
-    keys = cache.keys[layer, :rows, : plan.span].transpose(1, 2)
-    values = cache.values[layer, :rows, : plan.span].transpose(1, 2)
+    keys, values = plan.decode_keys[layer], plan.decode_values[layer]
     kv_heads = keys.shape[1]
     # One query token per row: the query heads sharing a key head act as that head's
     # queries, so grouped-query attention needs no repeated keys.
