@@ -1,5 +1,5 @@
-"""One forward pass of a transformers decoder over the slot cache: a packed prefill of some
-prompts, or one decode step of every active slot.
+"""One forward pass of a transformers decoder over the slot cache: some prompts prefilled
+and every active slot decoded one token, packed together.
 
 This lays out the tokens and the step's plan; `Forward` does the arithmetic with the
 model's own weights, norms and rotary tables.  Families whose layers follow the Llama
