@@ -12,6 +12,10 @@ on the default models, side by side in one process.
 3. saturated throughput of `answer_batch` at `--batch` on the engine, FLOP/s by torch's
    FlopCounterMode over the same batch, against the bf16 matmul peak measured in this
    process (target >= 60 %); today's path at the same batch beside it;
+   beside it, where the batch's time goes on the engine: its prefill passes against the
+   matmul peak, its decode-only steps' bytes (weights as read at that many rows, keys and
+   values of every row) against the stream bandwidth, and the FLOP rate the batch would
+   reach if both ran at those ceilings (a roofline: what the kernels leave on the table);
 4. peak RSS of a process that loads the default pipeline and answers a batch and a single
    request on the engine (target <= 1.5 GB).
 
@@ -31,7 +35,7 @@ from contextlib import contextmanager
 
 import torch
 from bench_pipeline import demo_queries
-from record import BenchRecord, add_check_option, matmul_peak_gflops
+from record import BenchRecord, add_check_option, matmul_peak_gflops, stream_gbs
 from torch.utils.flop_counter import FlopCounterMode
 
 from rag.config import compose
@@ -185,6 +189,81 @@ def throughput(pipeline: RAGPipeline, batch: int) -> dict[str, float]:
     return {"rps": batch / best, "gflops": flops.get_total_flops() / best / 1e9}
 
 
+def read_bytes(linear: torch.nn.Module, rows: int) -> int:
+    """The weight bytes a linear layer reads to multiply `rows` rows."""
+    if isinstance(linear, Int4Linear) and rows <= linear.max_rows:
+        return sum(t.nbytes for t in (*linear.packed, *linear.scales_zeros))
+    dense = linear.dense if isinstance(linear, Int4Linear) else linear
+    return dense.weight.nbytes
+
+
+def weight_bytes(model: torch.nn.Module, rows: int) -> int:
+    """The weight bytes one pass of the engine's forward reads at `rows` rows."""
+    layers = [
+        linear
+        for layer in model.model.layers
+        for linear in (
+            layer.self_attn.qkv_proj, layer.self_attn.o_proj,
+            layer.mlp.gate_up_proj, layer.mlp.down_proj,
+        )
+    ]  # fmt: skip
+    return sum(read_bytes(linear, rows) for linear in (*layers, model.lm_head))
+
+
+def breakdown(generator: Generator, prompts: list[str], peak: float) -> dict[str, float]:
+    """A batch of `prompts` (32 tokens each) on the engine, step by step: the passes that
+    prefill (compute-bound: FLOP/s against the matmul peak) and the decode-only steps
+    (bandwidth-bound: the bytes each reads against the stream bandwidth); and the ceiling,
+    the FLOP rate of the batch were each at its bound.  FLOPs are counted in a second run of
+    the same steps, since counting slows each operation."""
+    engine = generator.engine
+    assert engine is not None
+    model = generator.model
+    kv_bytes = 2 * engine.model.cache.keys[:, 0, 0].nbytes  # one position, every layer
+
+    def run(between: Callable[[], float]) -> list[tuple[bool, int, int, float]]:
+        steps = []
+        sequences = [generator.sequence(ids, 32) for ids in generator.encode(prompts)]
+        for sequence in sequences:
+            sequence.min_new_tokens = 32
+            engine.submit(sequence)
+        while engine.busy:
+            rows = len(engine.active)
+            span = max((s.cached for s in engine.active), default=-1) + 1
+            before = between()
+            report = engine.step()
+            steps.append((bool(report.prefilled), rows, span, between() - before))
+        return steps
+
+    timed = run(time.perf_counter)
+    with FlopCounterMode(display=False) as counter:
+        counted = run(counter.get_total_flops)
+    flops = [c[3] for c in counted]
+    prefill = [(t[3], f) for t, f in zip(timed, flops, strict=True) if t[0]]
+    decode = [(t[3], f, t[1], t[2]) for t, f in zip(timed, flops, strict=True) if not t[0]]
+    bandwidth = stream_gbs() * 1e9
+    as_read = sum(weight_bytes(model, rows) + rows * span * kv_bytes for _, _, rows, span in decode)
+    as_int4 = sum(weight_bytes(model, 1) + rows * span * kv_bytes for _, _, rows, span in decode)
+    prefill_s, prefill_flops = (sum(x) for x in zip(*prefill, strict=True))
+    decode_s = sum(d[0] for d in decode)
+    total = sum(flops)
+    compute_floor = prefill_flops / (peak * 1e9)
+    return {
+        "prefill_s": prefill_s,
+        "prefill_of_peak": prefill_flops / prefill_s / (peak * 1e9),
+        "decode_steps": len(decode),
+        "decode_s": decode_s,
+        "decode_gbs": as_read / decode_s / 1e9,
+        "stream_gbs": bandwidth / 1e9,
+        "decode_floor_s": as_read / bandwidth,
+        "of_peak": total / (prefill_s + decode_s) / (peak * 1e9),
+        "ceiling_of_peak": total / (compute_floor + as_read / bandwidth) / (peak * 1e9),
+        "ceiling_of_peak_int4_every_row": total
+        / (compute_floor + as_int4 / bandwidth)
+        / (peak * 1e9),
+    }
+
+
 def child_peak_rss_gb(batch: int) -> float:
     """Peak RSS of a fresh process that loads the default pipeline and answers a batch and
     one request on the engine."""
@@ -229,6 +308,7 @@ def main() -> int:
     fixed = compose(["model.ignore_eos=true"]).model
     engine.cfg, today.cfg = fixed, fixed  # every request generates max_new_tokens
     served = throughput(pipeline, args.batch)
+    where = breakdown(engine, rag_prompts(pipeline, args.batch, start=args.batch), peak_before)
     pipeline.generator = today
     served_today = throughput(pipeline, args.batch)
     peak = max(peak_before, matmul_peak_gflops(dtype))
@@ -237,6 +317,7 @@ def main() -> int:
         "latency": timed,
         "agreement": agreed,
         "throughput": {"engine": served, "today": served_today},
+        "batch_breakdown": where,
         "peak_rss_gb": rss_gb,
         "max_rss_of_this_process_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
         "torch_threads": torch.get_num_threads(),
@@ -250,6 +331,16 @@ def main() -> int:
         f"batch {args.batch}: engine {served['rps']:.2f} req/s, {served['gflops']:.0f} GFLOP/s; "
         f"today {served_today['rps']:.2f} req/s, {served_today['gflops']:.0f} GFLOP/s; "
         f"matmul peak {peak:.0f} GFLOP/s ({dtype})",
+        flush=True,
+    )
+    print(
+        f"batch {args.batch} on the engine: prefill passes {where['prefill_s']:.2f} s at "
+        f"{where['prefill_of_peak']:.0%} of the matmul peak; {where['decode_steps']} decode "
+        f"steps {where['decode_s']:.2f} s reading {where['decode_gbs']:.0f} GB/s of the "
+        f"{where['stream_gbs']:.0f} GB/s this machine streams (floor "
+        f"{where['decode_floor_s']:.2f} s); roofline ceiling {where['ceiling_of_peak']:.0%} "
+        f"of peak ({where['ceiling_of_peak_int4_every_row']:.0%} with 4-bit weights at "
+        "every row count)",
         flush=True,
     )
     record.target(
@@ -269,7 +360,8 @@ def main() -> int:
         f"saturated throughput / matmul peak (batch {args.batch})", served["gflops"] / peak,
         at_least=MIN_OF_PEAK,
         detail=f"today's path {served_today['gflops'] / peak:.2f}; engine "
-        f"{served['rps'] / served_today['rps']:.2f}x today's req/s",
+        f"{served['rps'] / served_today['rps']:.2f}x today's req/s; roofline ceiling of the "
+        f"engine's batch {where['ceiling_of_peak']:.2f}",
     )  # fmt: skip
     record.target("peak RSS, default models", rss_gb, at_most=MAX_RSS_GB, unit=" GB")
     return record.finish(args.check)

@@ -51,6 +51,21 @@ def matmul_peak_gflops(dtype: str, size: int = 2048, repeats: int = 10) -> float
     return 2 * size**3 / best / 1e9
 
 
+def stream_gbs(megabytes: int = 512, repeats: int = 5) -> float:
+    """The best GB/s of reading a tensor far larger than the caches once (a sum), in this
+    process with its thread setting: the ceiling of a step that streams weights and keys."""
+    import torch
+
+    data = torch.ones(megabytes << 19, dtype=torch.bfloat16)
+    data.sum()
+    best = math.inf
+    for _ in range(repeats):
+        started = time.perf_counter()
+        data.sum()
+        best = min(best, time.perf_counter() - started)
+    return data.nbytes / best / 1e9
+
+
 class BenchRecord:
     """The targets and results of one benchmark run, and the environment around it."""
 
