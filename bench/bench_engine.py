@@ -239,28 +239,36 @@ def breakdown(generator: Generator, prompts: list[str], peak: float) -> dict[str
     with FlopCounterMode(display=False) as counter:
         counted = run(counter.get_total_flops)
     flops = [c[3] for c in counted]
+    peak_flops, bandwidth = peak * 1e9, stream_gbs() * 1e9
     prefill = [(t[3], f) for t, f in zip(timed, flops, strict=True) if t[0]]
     decode = [(t[3], f, t[1], t[2]) for t, f in zip(timed, flops, strict=True) if not t[0]]
-    bandwidth = stream_gbs() * 1e9
-    as_read = sum(weight_bytes(model, rows) + rows * span * kv_bytes for _, _, rows, span in decode)
-    as_int4 = sum(weight_bytes(model, 1) + rows * span * kv_bytes for _, _, rows, span in decode)
     prefill_s, prefill_flops = (sum(x) for x in zip(*prefill, strict=True))
     decode_s = sum(d[0] for d in decode)
+    read = sum(weight_bytes(model, rows) + rows * span * kv_bytes for _, _, rows, span in decode)
+
+    def decode_floor(weights_at_rows: Callable[[int], int]) -> float:
+        """The decode steps' seconds were each at its bound: FLOPs at the matmul peak, or
+        bytes at the stream bandwidth, whichever takes longer."""
+        return sum(
+            max(f / peak_flops, (weights_at_rows(rows) + rows * span * kv_bytes) / bandwidth)
+            for _, f, rows, span in decode
+        )
+
+    as_read = decode_floor(lambda rows: weight_bytes(model, rows))
+    as_int4 = decode_floor(lambda rows: weight_bytes(model, 1))
+    prefill_floor = prefill_flops / peak_flops
     total = sum(flops)
-    compute_floor = prefill_flops / (peak * 1e9)
     return {
         "prefill_s": prefill_s,
-        "prefill_of_peak": prefill_flops / prefill_s / (peak * 1e9),
+        "prefill_of_peak": prefill_flops / prefill_s / peak_flops,
         "decode_steps": len(decode),
         "decode_s": decode_s,
-        "decode_gbs": as_read / decode_s / 1e9,
+        "decode_gbs": read / decode_s / 1e9,
         "stream_gbs": bandwidth / 1e9,
-        "decode_floor_s": as_read / bandwidth,
-        "of_peak": total / (prefill_s + decode_s) / (peak * 1e9),
-        "ceiling_of_peak": total / (compute_floor + as_read / bandwidth) / (peak * 1e9),
-        "ceiling_of_peak_int4_every_row": total
-        / (compute_floor + as_int4 / bandwidth)
-        / (peak * 1e9),
+        "decode_floor_s": as_read,
+        "of_peak": total / (prefill_s + decode_s) / peak_flops,
+        "ceiling_of_peak": total / (prefill_floor + as_read) / peak_flops,
+        "ceiling_of_peak_int4_every_row": total / (prefill_floor + as_int4) / peak_flops,
     }
 
 
