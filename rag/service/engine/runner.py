@@ -14,7 +14,7 @@ import torch
 from transformers import PreTrainedModel
 
 from rag.service.engine.forward import Forward
-from rag.service.engine.slots import SlotCache, StepPlan
+from rag.service.engine.slots import SlotCache, StepPlan, causal_mask
 
 SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 
@@ -109,7 +109,8 @@ class SlotModel:
             c[:, :rows, :span].transpose(2, 3) for c in (self.cache.keys, self.cache.values)
         )
         plan = StepPlan(
-            self._long(slot_of_token), self._long(position_of_token), tuple(spans), rows, span,
-            mask, keys, values,
+            self._long(slot_of_token), self._long(position_of_token), tuple(spans),
+            tuple(causal_mask(count, past, self.device) for _, _, count, past in spans),
+            rows, span, mask, keys, values,
         )  # fmt: skip
         return self.forward(self._long(tokens), plan, self._long(last))
