@@ -9,7 +9,7 @@ counting as infinitely late.  Targets, as the median of per-round ratios continu
 batched: p50 <= 0.5, p99 <= 0.7, throughput >= 1.0.  Both servers run the engine (the
 default), so the difference is the batching alone.
 
-    python bench/bench_continuous.py [--seconds 40] [--rounds 2] [--load 0.7]
+    python bench/bench_continuous.py [--seconds 40] [--rounds 2] [--load 0.7 | --rps R]
         [--continuous OVERRIDE ...] [--check]
 """
 
@@ -57,6 +57,10 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=40.0, help="schedule length per run")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--load", type=float, default=0.7, help="x batched capacity")
+    parser.add_argument(
+        "--rps", type=float, default=0.0,
+        help="a fixed offered load instead (runs of different capacity stay comparable)",
+    )  # fmt: skip
     parser.add_argument("--saturate-seconds", type=float, default=15.0)
     parser.add_argument(
         "--continuous", nargs="*", default=[], metavar="OVERRIDE",
@@ -75,7 +79,7 @@ def main() -> int:
         clients = 2 * httpx.get(f"{batched.url}/stats").json()["max_batch_size"]
         os.nice(CLIENT_NICENESS)  # this process only: the servers started before
         capacity = saturated_rps(batched.url, clients, 5.0, args.saturate_seconds)[0]
-        rps = args.load * capacity
+        rps = args.rps or args.load * capacity
         print(f"batched capacity {capacity:.2f} answers/s; load poisson {rps:.2f}/s", flush=True)
         rounds: list[dict] = []
         for n in range(args.rounds):
