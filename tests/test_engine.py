@@ -13,6 +13,7 @@ from gguf import GGMLQuantizationType, quants
 from rag.config import compose
 from rag.service.engine.engine import Sequence
 from rag.service.engine.int4 import READERS, Int4Linear
+from rag.service.engine.slots import causal_mask, eager_attention, sdpa_attention
 from rag.service.generator import Generator
 from rag.service.models import load_generator
 
@@ -179,3 +180,25 @@ def test_the_default_model_decodes_its_gguf_layers_in_4_bit(cache_dir):
     assert len(layers) == 7 * len(decoder_layers) + 1 + len(fused)
     (answer,) = generator.generate(prompts_of(generator)[1:2])
     assert "bee" in answer.text.lower() or "dance" in answer.text.lower()
+
+
+@pytest.mark.parametrize("past", [0, 5])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_eager_prompt_attention_computes_what_sdpa_computes(past, dtype):
+    """The CPU's prompt attention against SDPA (the other devices' path) on the same
+    grouped-query inputs, with and without reused prefix positions."""
+    generator = torch.Generator().manual_seed(0)
+    count, heads, kv_heads, head_dim = 7, 6, 2, 8
+    query = torch.randn(count, heads, head_dim, generator=generator).to(dtype)
+    keys, values = (
+        torch.randn(past + count, kv_heads, head_dim, generator=generator).to(dtype)
+        for _ in range(2)
+    )
+    mask = causal_mask(count, past, torch.device("cpu"))
+    eager = eager_attention(query, keys, values, mask, 0.3)
+    sdpa = sdpa_attention(query, keys, values, mask, 0.3)
+    assert eager.shape == (count, heads, head_dim)
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(eager.float(), sdpa.float(), atol=tolerance, rtol=tolerance)
+    # the first prompt token sees the reused positions and itself only
+    assert torch.isinf(mask[0, past + 1 :]).all() and (mask[0, : past + 1] == 0).all()

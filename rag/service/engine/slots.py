@@ -105,7 +105,7 @@ def attention(
     for (slot, start, count, past), mask in zip(plan.spans, plan.span_masks, strict=True):
         keys = cache.keys[layer, slot, : past + count]
         values = cache.values[layer, slot, : past + count]
-        out[start : start + count] = _prompt_attention(
+        out[start : start + count] = prompt_attention(
             query[start : start + count], keys, values, mask, scale
         )
     out = out.view(query.shape[0], -1)
@@ -121,22 +121,23 @@ def causal_mask(count: int, past: int, device: torch.device) -> torch.Tensor:
     return torch.full((count, past + count), -math.inf, device=device).triu(past + 1)
 
 
-def _prompt_attention(
+def prompt_attention(
     query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, scale: float
 ) -> torch.Tensor:
     """A prompt's queries [count, heads, head_dim] over its slot's keys and values [past +
-    count, kv_heads, head_dim]; [count, heads, head_dim].
+    count, kv_heads, head_dim] under its `causal_mask`; [count, heads, head_dim].  On the
+    CPU `eager_attention`, elsewhere SDPA, whose GPU kernels are the fast ones."""
+    if query.device.type == "cpu":
+        return eager_attention(query, keys, values, mask, scale)
+    return sdpa_attention(query, keys, values, mask, scale)
 
-    On the CPU, transformers' eager arithmetic (scores in the model's dtype, softmax in
-    float32) as two batched matmuls, one per key head with the query heads that share it
-    stacked: at prompt lengths of a few hundred, about twice as fast as SDPA's flash kernel.
-    Elsewhere SDPA, whose GPU kernels are the fast ones."""
-    if query.device.type != "cpu":
-        q, k, v = (t.transpose(0, 1)[None] for t in (query, keys, values))
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask.to(q.dtype), scale=scale, enable_gqa=True
-        )
-        return out[0].transpose(0, 1)
+
+def eager_attention(
+    query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """transformers' eager arithmetic (scores in the model's dtype, softmax in float32) as
+    two batched matmuls, one per key head with the query heads sharing it stacked: on the
+    CPU, at prompt lengths of a few hundred, about twice as fast as SDPA's flash kernel."""
     count, heads, head_dim = query.shape
     kv_heads, total = keys.shape[1], keys.shape[0]
     group = heads // kv_heads
@@ -146,6 +147,17 @@ def _prompt_attention(
     weights = (scores * scale + mask).softmax(-1).to(query.dtype)
     out = torch.bmm(weights.view(kv_heads, group * count, total), values.transpose(0, 1))
     return out.view(kv_heads, group, count, head_dim).permute(2, 0, 1, 3).reshape(query.shape)
+
+
+def sdpa_attention(
+    query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """`eager_attention`'s result through torch's scaled_dot_product_attention."""
+    q, k, v = (t.transpose(0, 1)[None] for t in (query, keys, values))
+    out = F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask.to(q.dtype), scale=scale, enable_gqa=True
+    )
+    return out[0].transpose(0, 1)
 
 
 def _decode_attention(
