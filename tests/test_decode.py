@@ -18,6 +18,7 @@ from transformers import (
 )
 
 from rag.service.engine.engine import Engine, Sequence
+from rag.service.engine.forward import rms_norm
 from rag.service.engine.fused import fuse
 from rag.service.engine.int4 import READERS, Int4Linear
 from rag.service.engine.runner import SlotModel
@@ -131,3 +132,15 @@ def test_every_family_steps_to_the_logits_of_its_own_forward(family):
     decoded = slots.decode([7, 8, 9], [len(a), len(b), len(c)])
     expected = last_logits([*a, 7], [*b, 8], [*c, 9])
     torch.testing.assert_close(decoded, expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm_gives_the_models_own_norm_bit_for_bit(dtype):
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    generator = torch.Generator().manual_seed(0)
+    norm = LlamaRMSNorm(64, eps=1e-5).to(dtype)
+    norm.weight.data = torch.randn(64, generator=generator).to(dtype)
+    for rows in (1, 20, 700):
+        x = (torch.randn(rows, 64, generator=generator) * 3).to(dtype)
+        assert torch.equal(rms_norm(norm, x), norm(x))
