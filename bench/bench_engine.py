@@ -244,18 +244,22 @@ def breakdown(generator: Generator, prompts: list[str], peak: float) -> dict[str
     decode = [(t[3], f, t[1], t[2]) for t, f in zip(timed, flops, strict=True) if not t[0]]
     prefill_s, prefill_flops = (sum(x) for x in zip(*prefill, strict=True))
     decode_s = sum(d[0] for d in decode)
-    read = sum(weight_bytes(model, rows) + rows * span * kv_bytes for _, _, rows, span in decode)
 
-    def decode_floor(weights_at_rows: Callable[[int], int]) -> float:
+    def step_bytes(rows: int, span: int, weight_rows: int) -> int:
+        """A decode step's bytes: its weights as read at `weight_rows` rows, then the keys
+        and values of every row."""
+        return weight_bytes(model, weight_rows) + rows * span * kv_bytes
+
+    def decode_floor(int4_every_row: bool) -> float:
         """The decode steps' seconds were each at its bound: FLOPs at the matmul peak, or
         bytes at the stream bandwidth, whichever takes longer."""
         return sum(
-            max(f / peak_flops, (weights_at_rows(rows) + rows * span * kv_bytes) / bandwidth)
+            max(f / peak_flops, step_bytes(rows, span, 1 if int4_every_row else rows) / bandwidth)
             for _, f, rows, span in decode
         )
 
-    as_read = decode_floor(lambda rows: weight_bytes(model, rows))
-    as_int4 = decode_floor(lambda rows: weight_bytes(model, 1))
+    read = sum(step_bytes(rows, span, rows) for _, _, rows, span in decode)
+    as_read, as_int4 = decode_floor(False), decode_floor(True)
     prefill_floor = prefill_flops / peak_flops
     total = sum(flops)
     return {
