@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import math
 import os
 import sys
@@ -24,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from rag.loadgen.files import machine
+from rag.storage import write_json
 
 RECORD_DIR = Path(__file__).resolve().parent.parent / "outputs" / "bench"
 PACKAGES = ("torch", "transformers", "numpy", "aiohttp", "uvloop")
@@ -125,7 +125,6 @@ class BenchRecord:
             self.environment.setdefault("torch_threads", torch.get_num_threads())
         self.environment["load_average_after"] = os.getloadavg()
         self.environment["seconds"] = round(time.perf_counter() - self.started, 1)
-        RECORD_DIR.mkdir(parents=True, exist_ok=True)
         stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
         path = RECORD_DIR / f"{self.bench}-{stamp}.json"
         record = {
@@ -136,7 +135,7 @@ class BenchRecord:
             "results": self.results,
             "environment": self.environment,
         }
-        path.write_text(json.dumps(record, indent=2, default=str) + "\n")
+        write_json(path, record)
         verdict = f"MISSED: {', '.join(self.missed)}" if self.missed else "all targets met"
         print(f"# {verdict}; record: {path.relative_to(RECORD_DIR.parent.parent)}")
         return 1 if check and self.missed else 0

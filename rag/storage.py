@@ -1,20 +1,24 @@
-"""Files that another process may read while they are written: published whole or not at all,
-under one cache root.
+"""Every file ragbench writes, published whole or not at all, under one cache root.
 
-A reader (a parent polling for a port file, a second server loading a cache) must see either
-nothing or the complete file or folder, never half of it, so everything is written under a
-temporary name beside its target and renamed into place (rename is atomic on one file
-system).  Torch-free: servers, launchers and caches share it.
+A reader (a parent polling for a port file, a second server loading a cache, a plot of a
+run still going) must see either nothing or the complete file or folder, never half of it,
+so everything is written under a temporary name beside its target and renamed into place
+(rename is atomic on one file system); the CSV and JSON helpers are the one way results are
+written.  Torch-free: servers, launchers, the load generator and caches share it.
 """
 
 from __future__ import annotations
 
+import csv
+import io
+import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import platformdirs
 
@@ -39,6 +43,20 @@ def write_atomically(path: Path, data: bytes | str) -> None:
     except BaseException:
         Path(staging).unlink(missing_ok=True)
         raise
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    """`data` as indented JSON (values JSON cannot hold as their string), atomically."""
+    write_atomically(path, json.dumps(data, indent=2, default=str) + "\n")
+
+
+def write_csv(path: Path, rows: Iterable[dict[str, Any]], columns: Sequence[str]) -> None:
+    """Rows as CSV with a header, atomically; missing values and None are empty cells."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(columns), restval="", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    write_atomically(path, buffer.getvalue())
 
 
 @contextmanager

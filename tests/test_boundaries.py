@@ -14,7 +14,7 @@ HEAVY = ("torch", "transformers", "faiss")
 
 # package -> the rag packages it may pull in besides itself
 TORCH_FREE = {
-    "rag.loadgen": set(),
+    "rag.loadgen": {"rag.storage"},  # its run files are written atomically
     "rag.cluster": {"rag.storage"},
     # balancer, autoscaler, launchers
     "rag.cluster.scaling": {"rag.cluster", "rag.config", "rag.loadgen", "rag.storage"},
@@ -30,7 +30,7 @@ TORCH_FREE = {
         "rag.storage",
     },
     # The port opens before torch loads; the config schema holds the load settings.
-    "rag.service.app": {"rag.config", "rag.loadgen", "rag.service", "rag.web"},
+    "rag.service.app": {"rag.config", "rag.loadgen", "rag.service", "rag.storage", "rag.web"},
 }
 
 

@@ -30,12 +30,11 @@ from rag.harness.files import (
     file_tail,
     is_finished,
     now,
-    write_csv_atomic,
     write_failure,
-    write_json_atomic,
 )
 from rag.harness.search import run_search
 from rag.loadgen import ROW_COLUMNS, LoadConfig, run_load_async
+from rag.storage import write_csv, write_json
 
 log = logging.getLogger("rag.harness")
 SERVER_LOG = "server.log"
@@ -184,10 +183,10 @@ def _write(point: Point, rows: Rows, summary: dict[str, Any], meta: dict[str, An
     columns = point.columns()
     request_rows = [{**columns, **row} for row in rows]
     extra = sorted(set().union(*rows) - set(ROW_COLUMNS) - set(columns)) if rows else []
-    write_csv_atomic(point.folder / "requests.csv", request_rows, [*columns, *ROW_COLUMNS, *extra])
-    write_json_atomic(point.folder / "meta.json", meta)
+    write_csv(point.folder / "requests.csv", request_rows, [*columns, *ROW_COLUMNS, *extra])
+    write_json(point.folder / "meta.json", meta)
     row = {**columns, **summary}
-    write_csv_atomic(point.folder / SUMMARY, [row], list(row))  # last: marks the point done
+    write_csv(point.folder / SUMMARY, [row], list(row))  # last: marks the point done
 
 
 def _describe(summary: dict[str, Any]) -> str:

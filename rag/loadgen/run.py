@@ -18,10 +18,11 @@ from typing import Any
 import numpy as np
 
 from rag.loadgen.config import LoadConfig
-from rag.loadgen.files import environment, output_paths, write_csv, write_json
+from rag.loadgen.files import environment, output_paths
 from rag.loadgen.schedule import Schedule, build_schedule, load_queries, write_schedule
 from rag.loadgen.sender import ROW_COLUMNS, Sender
 from rag.loadgen.stats import summarise
+from rag.storage import write_csv, write_json
 
 Rows = list[dict[str, Any]]
 log = logging.getLogger("rag.loadgen")
@@ -140,11 +141,10 @@ def _columns(rows: Rows) -> list[str]:
 def write_run(run: Plan, out: str, rows: Rows, summary: dict[str, Any]) -> None:
     """requests.csv at `out`, and summary.csv, schedule.csv and meta.json beside it."""
     paths = output_paths(out)
-    paths["requests"].parent.mkdir(parents=True, exist_ok=True)
     write_schedule(run.schedule, paths["schedule"])
-    write_json(run.meta, paths["meta"])
-    write_csv(rows, _columns(rows), paths["requests"])
-    write_csv([summary], list(summary), paths["summary"])
+    write_json(paths["meta"], run.meta)
+    write_csv(paths["requests"], rows, _columns(rows))
+    write_csv(paths["summary"], [summary], list(summary))
 
 
 async def run_load_async(

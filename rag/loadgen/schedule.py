@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from rag.storage import write_csv
+
 TIMING_MODES = ("ideal", "poisson", "gamma", "trace")
 BUILTIN_QUERIES = Path(__file__).resolve().parent.parent / "data" / "queries.txt"
 
@@ -166,8 +168,8 @@ def build_schedule(
 
 def write_schedule(schedule: Schedule, path: Path) -> None:
     """Save the schedule; the file replays with timing_mode=trace."""
-    with open(path, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["request_id", "scheduled_s", "query"])
-        for i, (offset, query) in enumerate(zip(schedule.offsets, schedule.queries, strict=True)):
-            writer.writerow([i, repr(float(offset)), query])
+    rows = (
+        {"request_id": i, "scheduled_s": repr(float(offset)), "query": query}
+        for i, (offset, query) in enumerate(zip(schedule.offsets, schedule.queries, strict=True))
+    )
+    write_csv(path, rows, ["request_id", "scheduled_s", "query"])

@@ -38,7 +38,7 @@ from rag.service.engine.engine import Engine, TokenChooser
 from rag.service.engine.int4 import use_int4_for_decode
 from rag.service.engine.runner import SlotModel, UnsupportedModel, check_supported
 from rag.service.generator import Generator
-from rag.storage import cache_dir, publishing
+from rag.storage import cache_dir, publishing, write_json
 
 log = logging.getLogger(__name__)
 transformers.utils.logging.disable_progress_bar()  # bars would flood server logs
@@ -160,7 +160,7 @@ def _write_manifest(folder: Path) -> None:
     digests = {
         p.name: _file_digest(p) for p in sorted(folder.iterdir()) if p.name != CACHE_MANIFEST
     }
-    (folder / CACHE_MANIFEST).write_text(json.dumps(digests, indent=1))
+    write_json(folder / CACHE_MANIFEST, digests)
 
 
 def dequantized_cache(source: ResolvedSource, cfg: ModelConfig) -> Path:
