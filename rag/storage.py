@@ -1,10 +1,14 @@
-"""Every file ragbench writes, published whole or not at all, under one cache root.
+"""Every file ragbench writes: published whole or not at all, under one cache root, and
+scratch folders that outlive no process.
 
 A reader (a parent polling for a port file, a second server loading a cache, a plot of a
 run still going) must see either nothing or the complete file or folder, never half of it,
 so everything is written under a temporary name beside its target and renamed into place
 (rename is atomic on one file system); the CSV and JSON helpers are the one way results are
-written.  Torch-free: servers, launchers, the load generator and caches share it.
+written.  A process's scratch files (a port file, an unnamed run's folder) go in a private
+per-user runtime folder, in an entry named after the owner's PID: what a process killed
+before it could clean up leaves there, the next one removes.  Torch-free: servers,
+launchers, the load generator and caches share it.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -75,3 +80,49 @@ def publishing(target: Path) -> Iterator[Path]:
                 raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def scratch_folder(kind: str) -> tempfile.TemporaryDirectory:
+    """A new private folder for this process's scratch files, `<kind>-<pid>-<random>` in the
+    user's runtime folder; the caller removes it (`cleanup()` or `with`).  Entries whose
+    process is gone are removed first: what a SIGKILLed predecessor left."""
+    root = runtime_root()
+    remove_orphans(root)
+    return tempfile.TemporaryDirectory(prefix=f"{kind}-{os.getpid()}-", dir=root)
+
+
+def runtime_root() -> Path:
+    """The user's private runtime folder for ragbench ($XDG_RUNTIME_DIR/ragbench where the
+    session has a usable one, else a checked per-user folder in the temp dir)."""
+    with warnings.catch_warnings():  # no XDG_RUNTIME_DIR (a cron job, a SLURM job) is normal
+        warnings.simplefilter("ignore", platformdirs.RuntimeDirWarning)
+        return platformdirs.user_runtime_path(APP_NAME, ensure_exists=True)
+
+
+def remove_orphans(root: Path) -> list[Path]:
+    """Remove the entries of `root` whose owner (the PID in the name) no longer runs."""
+    removed = []
+    for entry in root.iterdir():
+        pid = owner_pid(entry.name)
+        if pid is not None and not process_exists(pid):
+            shutil.rmtree(entry, ignore_errors=True)
+            removed.append(entry)
+    return removed
+
+
+def owner_pid(name: str) -> int | None:
+    """The PID in a scratch folder's name `<kind>-<pid>-<random>` (None for anything else)."""
+    parts = name.split("-")
+    return int(parts[1]) if len(parts) >= 3 and parts[1].isdigit() else None
+
+
+def process_exists(pid: int) -> bool:
+    """Whether a process with this PID runs (a PID taken over by a newer process counts:
+    its folder waits for that one to end)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True

@@ -16,11 +16,9 @@ import gc
 import logging
 import os
 import secrets
-import shutil
 import signal
 import socket
 import sys
-import tempfile
 import time
 from collections.abc import Coroutine
 from contextlib import suppress
@@ -37,6 +35,7 @@ from rag.cluster.policies import make_policy
 from rag.cluster.pool import Launcher, Replica, ReplicaPool, State
 from rag.cluster.process import write_port_file
 from rag.config import Config, ScalingConfig, compose_from_argv
+from rag.storage import scratch_folder
 
 log = logging.getLogger("rag.cluster")
 
@@ -256,8 +255,8 @@ def main(argv: list[str] | None = None) -> int:
         sys.exit("config error: variant=scaling needs its variant.scaling settings")
     if cfg.variant.scaling.replica_variant not in REPLICA_VARIANTS:
         sys.exit(f"config error: variant.scaling.replica_variant must be one of {REPLICA_VARIANTS}")
-    temporary = not cfg.run_dir
-    run_dir = Path(cfg.run_dir or tempfile.mkdtemp(prefix="ragbench-scaling-"))
+    scratch = None if cfg.run_dir else scratch_folder("scaling")  # no run_dir: one of its own
+    run_dir = Path(scratch.name if scratch else cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     try:
         service = ScalingService(cfg, args, run_dir)
@@ -268,8 +267,8 @@ def main(argv: list[str] | None = None) -> int:
             return _run(service.run())
         return 0
     finally:
-        if temporary:
-            shutil.rmtree(run_dir, ignore_errors=True)
+        if scratch:
+            scratch.cleanup()
 
 
 def _run(coroutine: Coroutine[Any, Any, int]) -> int:

@@ -20,7 +20,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
 from collections.abc import Callable
@@ -39,6 +38,7 @@ from rag.cluster.process import (
     stop_group,
 )
 from rag.config import SlurmReplicaConfig
+from rag.storage import scratch_folder
 
 log = logging.getLogger("rag.cluster")
 
@@ -61,7 +61,7 @@ def serve_replica(
     """The job: serve one replica on this node and tell the balancer where it listens."""
     on_loopback = is_loopback(balancer.split("//", 1)[1].rsplit(":", 1)[0].strip("[]"))
     host = "127.0.0.1" if on_loopback else "0.0.0.0"
-    with tempfile.TemporaryDirectory(prefix="ragbench-replica-") as folder:
+    with scratch_folder("replica") as folder:
         port_file = Path(folder) / "port"
         command = server_command("rag.serve", overrides, host, port_file)
         process = spawn(command, Path(log_path), {}, before_exec=die_with_parent)
