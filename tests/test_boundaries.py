@@ -24,6 +24,7 @@ TORCH_FREE = {
     "rag.harness.report": {"rag.harness", "rag.storage"},
     "hydra_plugins.ragbench_launcher.slurm_sweep": {
         "hydra_plugins.ragbench_launcher",
+        "rag.cluster",
         "rag.config",
         "rag.loadgen",
         "rag.harness",

@@ -78,6 +78,9 @@ def test_slurm_launcher_asks_for_an_a6000_and_takes_site_settings():
     cfg = sweep_config("hydra/launcher=slurm", "site.partition=gpu", "site.setup=[module load x]")
     launcher = OmegaConf.to_container(cfg.hydra.launcher, resolve=True)
     assert launcher["gres"] == "gpu:a6000:1"
+    # CPUs and memory left to the launcher: an A6000 job's, or less where the nodes have less
+    assert launcher["cpus_per_task"] is None and launcher["mem_gb"] is None
+    assert (launcher["default_cpus_per_task"], launcher["default_mem_gb"]) == (4, 32)
     assert launcher["partition"] == "gpu"
     assert launcher["setup"] == ["module load x"]
 
