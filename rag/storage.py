@@ -93,7 +93,8 @@ def scratch_folder(kind: str) -> tempfile.TemporaryDirectory:
 
 def runtime_root() -> Path:
     """The user's private runtime folder for ragbench ($XDG_RUNTIME_DIR/ragbench where the
-    session has a usable one, else a checked per-user folder in the temp dir)."""
+    session has a usable one, else a checked per-user folder in the temp dir): local to
+    this machine, so the PIDs in its entries' names are this machine's."""
     with warnings.catch_warnings():  # no XDG_RUNTIME_DIR (a cron job, a SLURM job) is normal
         warnings.simplefilter("ignore", platformdirs.RuntimeDirWarning)
         return platformdirs.user_runtime_path(APP_NAME, ensure_exists=True)
