@@ -2,12 +2,13 @@
 # default models) and `make test`.  Both create .venv and install into it first.
 # `make bench` runs every benchmark one after another (each loads both cores) and fails if
 # one misses a target; `make clean-cache` removes the dequantised models and embeddings.
+# `make gpu-bundle` downloads what bench/gpu_check.sh installs on a lent GPU machine.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint bench clean-cache
+.PHONY: install demo test lint bench clean-cache gpu-bundle
 
 $(STAMP): requirements.txt requirements-models.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -37,3 +38,6 @@ bench: install
 clean-cache: install
 	$(BIN)/python -c "import shutil; from rag.storage import cache_dir; \
 		print('removing', cache_dir()); shutil.rmtree(cache_dir(), ignore_errors=True)"
+
+gpu-bundle: install
+	$(BIN)/python bench/gpu_bundle.py build

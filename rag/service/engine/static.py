@@ -11,9 +11,11 @@ rows..bucket-1 hold nothing that anyone reads, and a slot is rewritten from posi
 when a sequence enters it.
 
 The same step runs eagerly on any device (`graphs=False`): on the CPU it is checked to
-give the dynamic step's tokens.  With graphs (CUDA only), each (rows bucket, span bucket)
-is captured on first use and replayed after; the graphs share one memory pool, and a
-replay's logits are read before the next replay overwrites them.
+give the dynamic step's tokens.  With graphs (CUDA only), every (rows bucket, span bucket)
+is captured when the step is built, while no slot holds a sequence (a capture runs the
+step once, writing keys into the slots), largest first so that the others fit in the
+memory pool they all share; a replay's logits are read before the next replay overwrites
+them.
 """
 
 from __future__ import annotations
@@ -57,6 +59,12 @@ class StaticDecode:
         self.span_index = torch.arange(cache.positions, device=device)
         self.captured: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.pool: tuple[int, int] | None = None
+        if graphs:
+            with torch.inference_mode():
+                for span in reversed(self.span_buckets):
+                    for bucket in reversed(self.row_buckets):
+                        self.inputs[1, :bucket] = span - 1
+                        self._capture(bucket, span)
 
     def __call__(self, last_tokens: Sequence[int], positions: Sequence[int]) -> torch.Tensor:
         """The logits [rows, vocab] of one new token for each of slots 0..rows-1."""
@@ -72,7 +80,7 @@ class StaticDecode:
         self.inputs[:, :bucket].copy_(host, non_blocking=True)
         if not self.graphs:
             return self._run(bucket, span)[:rows]
-        graph, logits = self.captured.get((bucket, span)) or self._capture(bucket, span)
+        graph, logits = self.captured[(bucket, span)]
         graph.replay()
         return logits[:rows]
 
