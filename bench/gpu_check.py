@@ -37,6 +37,7 @@ from gpu_bundle import DEFAULT_BUNDLE, PIP_TARGET, REPO, problems
 
 BUDGET_S = 450
 KILL_GRACE_S = 10
+MIN_STAGE_S = 5  # a stage is not started with less of the budget left
 TARGET_LINE = re.compile(r"\[target [^]]*\]\s+(met|MISSED)")
 PYTEST_LINE = re.compile(r"^=+ .*\b(passed|failed|skipped|error)\b.* =+$")
 ENVIRONMENT = """\
@@ -82,7 +83,7 @@ STAGES = [
     ),
     Stage(
         "continuous", 170,
-        ["bench/bench_continuous.py", "--model", "a6000-shaped", "--seconds", "20",
+        ["bench/bench_continuous.py", "--model", "a6000-shaped", "--seconds", "15",
          "--rounds", "2", "--saturate-seconds", "8", "--burst-gap", "0.02",
          "--continuous", "variant.max_batch_size=32"],
         ["bench/bench_continuous.py", "--model", "tiny", "--override", "model.ignore_eos=true",
@@ -102,6 +103,7 @@ def install(bundle: Path, site: Path, log: Path) -> None:
     ]  # fmt: skip
     with log.open("w") as out:
         subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, check=True)
+        out.write("installed: " + " ".join(sorted(p.name for p in site.iterdir())) + "\n")
 
 
 def run_stage(command: list[str], limit_s: float, env: dict, log: Path) -> str:
@@ -215,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
         command = stage.dry_command if args.dry_run else stage.command
         command = [part.format(work=work) for part in command]
         begun = time.monotonic()
-        if limit < 5:
+        if left < MIN_STAGE_S:
             status = "not run: the budget is spent"
             (work / "logs" / f"{stage.name}.log").write_text(status + "\n")
         else:
