@@ -207,6 +207,9 @@ def main(argv: list[str] | None = None) -> int:
         f"gpu_check {'dry run' if args.dry_run else 'run'}, {time.strftime('%Y-%m-%d %H:%M:%S')}",
         f"python {sys.version.split()[0]} ({sys.executable}); bundle installed in {site}"
         + ("" if carried_usable else " (not used: this is not CPython 3.12)"),
+        "models: "
+        + ("tiny, on the CPU" if args.dry_run else "a6000-shaped")
+        + ": random weights; tokenizers borrowed, for timing only",
     ]
     print(*header, sep="\n", flush=True)
     results = []
