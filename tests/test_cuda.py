@@ -12,6 +12,7 @@ only where generate's two candidates were that close (`assert_greedy_matches`)."
 
 from __future__ import annotations
 
+import gc
 import threading
 
 import httpx
@@ -138,7 +139,9 @@ def test_prompt_attention_runs_on_the_flash_kernel(past):
         flash = sdpa_attention(query, keys, values, 0.1)
     mask = causal_mask(count, past, query.device)
     eager = eager_attention(query, keys, values, mask, 0.1)
-    torch.testing.assert_close(flash.float(), eager.float(), atol=2e-3, rtol=2e-3)
+    # (eager rounds its fp16 scores before the softmax; a misaligned causal bias would
+    # differ by tenths in the first rows)
+    torch.testing.assert_close(flash.float(), eager.float(), atol=1e-2, rtol=1e-2)
 
 
 @pytest.mark.parametrize("variant", ["batched", "continuous"])
@@ -180,9 +183,11 @@ def send_together(url: str, count: int) -> list[httpx.Response]:
 
 def test_peak_gpu_memory_of_the_a6000_shaped_generator_is_bounded(cache_dir, capsys):
     """Weights, the slot cache and at most 2 GiB more, with every slot full of long
-    prompts; reported whatever it is."""
+    prompts; reported whatever it is (above what this process held before)."""
+    gc.collect()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
     cfg = compose(["model=a6000-shaped", f"model.cache_dir={cache_dir}"]).model
     generator = load_generator(cfg)
     weights = sum(p.nbytes for p in generator.model.parameters())
@@ -190,7 +195,7 @@ def test_peak_gpu_memory_of_the_a6000_shaped_generator_is_bounded(cache_dir, cap
     prompt = generator.render(cfg.system_prompt, "Context:\n" + "Bees dance. " * 300)
     slots = generator.engine.slots
     answers = generator.generate([prompt] * slots)
-    peak = torch.cuda.max_memory_allocated()
+    peak = torch.cuda.max_memory_allocated() - before
     with capsys.disabled():
         print(
             f"\npeak GPU memory {peak / 2**30:.2f} GiB: weights {weights / 2**30:.2f}, "
