@@ -73,11 +73,12 @@ async def completion_times(
     return sorted(done), failures
 
 
-def burst_ends(times: list[float]) -> list[float]:
+def burst_ends(times: list[float], gap_s: float = BURST_GAP_S) -> list[float]:
     """The instants where a burst of completions ends: no other completion follows within
-    BURST_GAP_S.  A batch's answers are written together and arrive within milliseconds;
-    batches (and, unbatched, single answers) are a good part of a second apart or more."""
-    return [a for a, b in itertools.pairwise(times) if b - a > BURST_GAP_S]
+    `gap_s`.  A batch's answers are written together and arrive within milliseconds; on a
+    CPU, batches (and, unbatched, single answers) are a good part of a second apart or more
+    (on a GPU, a tenth of a second or less: give a smaller gap)."""
+    return [a for a, b in itertools.pairwise(times) if b - a > gap_s]
 
 
 def offline_rps(pipeline: RAGPipeline, batch: int, seconds: float, round_: int) -> float:
@@ -92,15 +93,19 @@ def offline_rps(pipeline: RAGPipeline, batch: int, seconds: float, round_: int) 
     return done / (time.perf_counter() - started)
 
 
-def window(times: list[float], start: float, seconds: float) -> tuple[float, float] | None:
+def window(
+    times: list[float], start: float, seconds: float, gap_s: float = BURST_GAP_S
+) -> tuple[float, float] | None:
     """The first burst end after `start` and the first burst end `seconds` later, or None
     while the completions hold no such pair."""
-    ends = [t for t in burst_ends(times) if t >= start]
+    ends = [t for t in burst_ends(times, gap_s) if t >= start]
     later = [t for t in ends if ends and t >= ends[0] + seconds]
     return (ends[0], later[0]) if later else None
 
 
-def saturated_rps(url: str, clients: int, warmup_s: float, seconds: float) -> tuple[float, int]:
+def saturated_rps(
+    url: str, clients: int, warmup_s: float, seconds: float, gap_s: float = BURST_GAP_S
+) -> tuple[float, int]:
     """Saturated throughput from one burst end after `warmup_s` to the first burst end
     `seconds` later (completions after the one, up to the other, over the time between:
     batches end in bursts, so a window cut anywhere else counts part of one); and the
@@ -110,15 +115,15 @@ def saturated_rps(url: str, clients: int, warmup_s: float, seconds: float) -> tu
         completion_times(
             url,
             clients,
-            lambda done: window(done, start, seconds) is not None,
+            lambda done: window(done, start, seconds, gap_s) is not None,
             give_up_s=10 * (warmup_s + seconds),
         )
     )
-    bounds = window(times, start, seconds)
+    bounds = window(times, start, seconds, gap_s)
     if bounds is None:
         raise RuntimeError(
             f"no {seconds:g} s window between burst ends in {len(times)} answers "
-            f"({failures} failures, {len(burst_ends(times))} burst ends)"
+            f"({failures} failures, {len(burst_ends(times, gap_s))} burst ends)"
         )
     a, b = bounds
     return sum(1 for t in times if a < t <= b) / (b - a), failures

@@ -28,6 +28,7 @@ class ModelConfig:
 
     A model source is one of: `package:<module>/<relative path>` (a file or folder shipped
     inside an installed package), `tiny:<family>` (a small random model built at run time),
+    `shaped:<hub model>` (random weights in that model's architecture, built on the device),
     a local path, or a hub id (`org/name`).
     """
 
@@ -55,6 +56,9 @@ class ModelConfig:
     int4_decode: bool = True  # decode with the GGUF's own 4-bit blocks (CPU, GGUF models)
     int4_max_rows: int = 12  # above this many rows a layer multiplies with its dense weight
     max_prefill_tokens: int = 2048  # prompt tokens packed into one prefill at most
+    # A decode-only step: dynamic (shaped by its rows), static (padded to fixed shapes), or
+    # graphs (the static step replayed from CUDA graphs); auto = graphs on CUDA, else dynamic.
+    decode_step: str = "auto"
     simulated: SimulatedCost | None = None  # set by model=simulated (generator: simulated)
 
 
