@@ -99,9 +99,18 @@ def tokens_per_second(generator: Generator, prompts: list[str]) -> float:
     return len(prompts) * NEW_TOKENS / best
 
 
-def counted_flops(call: Callable[[], object]) -> int:
-    with FlopCounterMode(display=False) as counter:
-        call()
+def counted_flops(generator: Generator, call: Callable[[], object]) -> int:
+    """The FLOPs of `call`, its prompt attention masked (the same arithmetic: torch's counter
+    cannot follow SDPA's causal bias tensor)."""
+    assert generator.engine is not None
+    slots = generator.engine.model
+    masked = slots.masked_prompts
+    slots.masked_prompts = True
+    try:
+        with FlopCounterMode(display=False) as counter:
+            call()
+    finally:
+        slots.masked_prompts = masked
     return counter.get_total_flops()
 
 
@@ -149,7 +158,7 @@ def gpu_suite(args: argparse.Namespace, record: BenchRecord) -> None:
     generators = {"engine": engine, "generate": today}
     rates = {name: tokens_per_second(g, prompts) for name, g in generators.items()}
     with decode_path(engine, "dynamic"):
-        flops = counted_flops(lambda: engine.generate(prompts, NEW_TOKENS))
+        flops = counted_flops(engine, lambda: engine.generate(prompts, NEW_TOKENS))
     engine_gflops = flops / (args.batch * NEW_TOKENS / rates["engine"]) / 1e9
 
     single = rag_prompts(pipeline, LATENCY_PROMPTS, start=300)

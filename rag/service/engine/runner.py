@@ -58,6 +58,10 @@ class SlotModel:
         )
         self.model = model
         self.device = model.device
+        # Prompt attention as `eager_attention` under an explicit mask: the CPU's fast path;
+        # elsewhere SDPA's kernels are faster, but torch's FLOP counter cannot follow their
+        # causal bias, so counting FLOPs on a GPU turns this on.
+        self.masked_prompts = self.device.type == "cpu"
         self.cache = SlotCache(
             config.num_hidden_layers,
             slots,
@@ -138,5 +142,5 @@ class SlotModel:
         return self.forward(self._long(tokens), plan, self._long(last))
 
     def _prompt_mask(self, count: int, past: int) -> torch.Tensor | None:
-        """The CPU's prompt attention takes a mask; SDPA elsewhere knows the causal shape."""
-        return causal_mask(count, past, self.device) if self.device.type == "cpu" else None
+        """Masked prompt attention takes a mask; SDPA knows the causal shape itself."""
+        return causal_mask(count, past, self.device) if self.masked_prompts else None
