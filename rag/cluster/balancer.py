@@ -27,25 +27,23 @@ import hmac
 import ipaddress
 import logging
 import urllib.parse
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import aiohttp
 import uvicorn
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
-from starlette.applications import Starlette
-from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
 from yarl import URL
 
 from rag.cluster.pool import Replica, ReplicaPool, State
 from rag.web import (
-    ERROR_HANDLERS,
+    ASGIApp,
     BadJSON,
     BodyLimit,
+    BodyRefused,
     ConnectionGuard,
     CountResponses,
     NotJSON,
@@ -56,6 +54,7 @@ from rag.web import (
     require_json,
     unless_client_leaves,
 )
+from rag.web.asgi import Receive, Scope, Send
 
 log = logging.getLogger("rag.cluster")
 
@@ -153,6 +152,11 @@ class BalancerMetrics:
         self.requests.labels(str(status)).inc()
 
 
+class Route(NamedTuple):
+    methods: frozenset[str]
+    handler: Callable[[Request], Awaitable[Response]]
+
+
 class QuietServer(uvicorn.Server):
     """uvicorn, leaving signals to the process that runs it (the scaling service drains its
     replicas on SIGTERM, after the balancer has stopped)."""
@@ -170,32 +174,44 @@ class Balancer:
         self.metrics = BalancerMetrics(pool, self.guard)
         self.hop_timeout = aiohttp.ClientTimeout(total=settings.hop_timeout_s)
         self.server: uvicorn.Server | None = None
+        get, post = frozenset({"GET", "HEAD"}), frozenset({"POST"})
+        self.routes = {
+            "/rag": Route(post, self.rag),
+            "/assign": Route(get, self.assign),
+            "/ping": Route(get, self.ping),
+            "/ready": Route(get, self.ready),
+            "/metrics": Route(get, self.prometheus),
+            "/replicas": Route(get, self.replicas),
+            "/stats": Route(get, self.stats),
+            "/register": Route(post, self.register),
+            "/unregister": Route(post, self.unregister),
+        }
         self._serving: asyncio.Task[None] | None = None
 
-    def app(self) -> Starlette:
-        routes = [
-            Route("/rag", self.rag, methods=["POST"]),
-            Route("/assign", self.assign),
-            Route("/ping", self.ping),
-            Route("/ready", self.ready),
-            Route("/metrics", self.prometheus),
-            Route("/replicas", self.replicas),
-            Route("/stats", self.stats),
-            Route("/register", self.register, methods=["POST"]),
-            Route("/unregister", self.unregister, methods=["POST"]),
-        ]
+    def app(self) -> ASGIApp:
+        """The balancer as uvicorn runs it: every /rag answer counted, every body bounded."""
         settings = self.settings
-        middleware = [
-            Middleware(CountResponses, path="/rag", count=self.metrics.count_response),
-            Middleware(
-                BodyLimit, max_bytes=settings.max_body_bytes, timeout_s=settings.body_timeout_s
-            ),
-        ]
-        return Starlette(
-            routes=routes,
-            middleware=middleware,
-            exception_handlers=ERROR_HANDLERS,  # type: ignore[arg-type]
-        )
+        bounded = BodyLimit(self._dispatch, settings.max_body_bytes, settings.body_timeout_s)
+        return CountResponses(bounded, "/rag", self.metrics.count_response)
+
+    async def _dispatch(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """A route by path and method (a dict look-up: the proxy's hot path stays short);
+        every answer, an unexpected error's too, in the one error format."""
+        route = self.routes.get(scope["path"])
+        if route is None:
+            response: Response = json_error(404, "Not Found")
+        elif scope["method"] not in route.methods:
+            allow = ", ".join(sorted(route.methods))
+            response = json_error(405, "Method Not Allowed", {"Allow": allow})
+        else:
+            try:
+                response = await route.handler(Request(scope, receive))
+            except BodyRefused:
+                raise  # BodyLimit answers it
+            except Exception as exc:
+                log.exception("unhandled error on %s", scope["path"])
+                response = json_error(500, f"internal error: {type(exc).__name__}")
+        await response(scope, receive, send)
 
     async def start(self, host: str, port: int) -> int:
         """Listen on host:port (0 = a free port); returns the port once it serves."""

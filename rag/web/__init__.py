@@ -9,7 +9,7 @@ Torch-free.
 - `serving`: the open-files limit, the listening socket, uvicorn's settings.
 """
 
-from rag.web.asgi import BodyLimit, CountResponses, unless_client_leaves
+from rag.web.asgi import ASGIApp, BodyLimit, BodyRefused, CountResponses, unless_client_leaves
 from rag.web.errors import (
     ERROR_HANDLERS,
     BadJSON,
@@ -27,8 +27,10 @@ __all__ = [
     "ERROR_HANDLERS",
     "HEAD_MAX_BYTES",
     "MAX_HEADERS",
+    "ASGIApp",
     "BadJSON",
     "BodyLimit",
+    "BodyRefused",
     "ConnectionGuard",
     "CountResponses",
     "Error",

@@ -26,7 +26,10 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 T = TypeVar("T")
 
 
-class _BodyRefused(Exception):
+class BodyRefused(Exception):
+    """Raised from `receive` inside the app: BodyLimit answers with `response` (an app that
+    catches every exception must let this one through)."""
+
     def __init__(self, response: JSONResponse) -> None:
         self.response = response
 
@@ -73,11 +76,11 @@ class BodyLimit:
                 async with asyncio.timeout_at(deadline):
                     message = await receive()
             except TimeoutError:
-                raise _BodyRefused(self._too_slow()) from None
+                raise BodyRefused(self._too_slow()) from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_bytes:
-                    raise _BodyRefused(self._too_large(f"over {self.max_bytes}"))
+                    raise BodyRefused(self._too_large(f"over {self.max_bytes}"))
                 body_complete = not message.get("more_body", False)
             return message
 
@@ -88,7 +91,7 @@ class BodyLimit:
 
         try:
             await self.app(scope, counting_receive, watching_send)
-        except _BodyRefused as refused:
+        except BodyRefused as refused:
             if started:  # nothing left to say: the connection goes
                 raise
             await refused.response(scope, receive, send)
@@ -119,15 +122,29 @@ class CountResponses:
 async def unless_client_leaves(work: Awaitable[T], receive: Receive) -> T | None:
     """`work`'s result, or None if the client disconnected first (then `work` is
     cancelled).  Call once the request body has been read: the next ASGI message can only
-    be the disconnect."""
-    task = asyncio.ensure_future(work)
+    be the disconnect.  `work` runs in the calling task (one watcher task is all it costs)."""
+    current = asyncio.current_task()
+    assert current is not None
+    left = finished = False
+
+    def cancel_work(watcher: asyncio.Task[None]) -> None:
+        nonlocal left
+        if not (finished or watcher.cancelled()):
+            left = True
+            current.cancel()
+
     watcher = asyncio.ensure_future(_client_gone(receive))
-    await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-    watcher.cancel()
-    if not task.done():
-        task.cancel()
+    watcher.add_done_callback(cancel_work)
+    try:
+        return await work
+    except asyncio.CancelledError:
+        if not left:
+            raise
+        current.uncancel()
         return None
-    return task.result()
+    finally:
+        finished = True
+        watcher.cancel()
 
 
 async def _client_gone(receive: Receive) -> None:

@@ -75,6 +75,7 @@ class _LingeringTransport:
         self._transport = transport
         self._unread = unread
         self._closing = False
+        self.write = transport.write  # on every answer: no look-up through __getattr__
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._transport, name)
@@ -146,6 +147,7 @@ class GuardedProtocol(HttpToolsProtocol):
     _stage = _Stage.IDLE
     _counted = False  # counted in guard.open
     _head_timer: asyncio.TimerHandle | None = None
+    _head_due: float | None = None  # loop time by which a request head must be complete
     _head_bytes = 0
     _headers = 0
 
@@ -182,8 +184,11 @@ class GuardedProtocol(HttpToolsProtocol):
     # --- the request head -----------------------------------------------------------------
 
     def _expect_head(self) -> None:
-        self._stop_head_timer()
-        self._head_timer = self.loop.call_later(self.guard.head_timeout_s, self._no_head)
+        """A head is due within the head timeout from now.  One timer per connection,
+        re-armed only when it fires early (a request's head and answer cost no timer)."""
+        self._head_due = self.loop.time() + self.guard.head_timeout_s
+        if self._head_timer is None:
+            self._head_timer = self.loop.call_at(self._head_due, self._no_head)
 
     def _stop_head_timer(self) -> None:
         if self._head_timer is not None:
@@ -193,12 +198,17 @@ class GuardedProtocol(HttpToolsProtocol):
     def _no_head(self) -> None:
         """Too late for a head: closed, or reset when part of one came (there is nothing
         to answer, so no reason to linger)."""
-        if self._stage in (_Stage.IDLE, _Stage.HEAD) and not self.transport.is_closing():
-            self.guard.timed_out += 1
-            if self._stage is _Stage.HEAD:
-                self.transport.abort()
-            else:
-                self.transport.close()
+        self._head_timer = None
+        if self._head_due is None or self.transport.is_closing():
+            return  # a head came in time; the next answer sets a new due time
+        if self.loop.time() < self._head_due:
+            self._head_timer = self.loop.call_at(self._head_due, self._no_head)
+            return
+        self.guard.timed_out += 1
+        if self._stage is _Stage.HEAD:
+            self.transport.abort()
+        else:
+            self.transport.close()
 
     def data_received(self, data: bytes) -> None:
         if self._stage is _Stage.IDLE:
@@ -224,7 +234,7 @@ class GuardedProtocol(HttpToolsProtocol):
         super().on_header(name, value)
 
     def on_headers_complete(self) -> None:
-        self._stop_head_timer()
+        self._head_due = None
         self._stage = _Stage.BODY
         guard = self.guard
         if guard.over_cap and not guard.make_room():
