@@ -8,8 +8,9 @@ one, with its pool and health checks, over that one backend) in another; nginx (
 `nginx-light` or `nginx`, started here as a reverse proxy with keep-alive upstreams) in a
 third; with `--against REV`, the balancer as it was at git revision REV (its `rag` package
 taken with `git archive`) in a fourth.  The load generator sends an ideal 1,000 requests/s
-schedule to each in turn, for several rounds, and the added latency is each proxy's
-percentile minus the direct one's in the same round (median over rounds).  Targets: the
+schedule to each in turn, for several rounds (the proxies' order rotating), and the added
+latency is each proxy's percentile minus the direct one's in the same round (median over
+rounds).  Targets: the
 balancer adds <= 0.5 ms at p50 and <= 1.5 ms at p99, and with `--against`, no more at p50
 than REV's balancer.  nginx's and REV's own figures are reported, not judged.
 """
@@ -262,8 +263,11 @@ def main() -> int:
         for url in targets.values():
             measure(url, 200, 1.0)  # warm connections and caches, not judged
         rounds: list[dict[str, dict[str, float]]] = []
+        proxies = [name for name in targets if name != "direct"]
         for n in range(args.rounds):
-            figures = {name: measure(url, args.rate, args.seconds) for name, url in targets.items()}
+            # Direct first, then the proxies in a rotating order: none always runs second.
+            order = ["direct", *proxies[n % len(proxies) :], *proxies[: n % len(proxies)]]
+            figures = {name: measure(targets[name], args.rate, args.seconds) for name in order}
             rounds.append(figures)
             print(
                 f"# round {n + 1}: "

@@ -51,6 +51,7 @@ from rag.web import (
     guarded_config,
     json_error,
     parse_json,
+    read_body,
     require_json,
     unless_client_leaves,
 )
@@ -280,7 +281,7 @@ class Balancer:
             require_json(request.headers.get("content-type"))
         except NotJSON as exc:
             return json_error(415, str(exc))
-        body = await request.body()
+        body = await read_body(request.receive)
         headers = {"Content-Type": request.headers["content-type"]}
         response = await unless_client_leaves(self._route(body, headers), request.receive)
         return response if response is not None else Response(status_code=CLIENT_GONE)

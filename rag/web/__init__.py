@@ -9,7 +9,14 @@ Torch-free.
 - `serving`: the open-files limit, the listening socket, uvicorn's settings.
 """
 
-from rag.web.asgi import ASGIApp, BodyLimit, BodyRefused, CountResponses, unless_client_leaves
+from rag.web.asgi import (
+    ASGIApp,
+    BodyLimit,
+    BodyRefused,
+    CountResponses,
+    read_body,
+    unless_client_leaves,
+)
 from rag.web.errors import (
     ERROR_HANDLERS,
     BadJSON,
@@ -42,6 +49,7 @@ __all__ = [
     "json_error",
     "parse_json",
     "raise_open_files_limit",
+    "read_body",
     "require_json",
     "unless_client_leaves",
 ]

@@ -119,6 +119,19 @@ class CountResponses:
         await self.app(scope, receive, counting_send)
 
 
+async def read_body(receive: Receive) -> bytes:
+    """The whole request body (bounded by BodyLimit), as the messages bring it."""
+    parts = []
+    more = True
+    while more:
+        message = await receive()
+        if message["type"] != "http.request":
+            break  # the client left
+        parts.append(message.get("body", b""))
+        more = message.get("more_body", False)
+    return b"".join(parts)
+
+
 async def unless_client_leaves(work: Awaitable[T], receive: Receive) -> T | None:
     """`work`'s result, or None if the client disconnected first (then `work` is
     cancelled).  Call once the request body has been read: the next ASGI message can only

@@ -51,12 +51,14 @@ def bind_socket(host: str, port: int) -> socket.socket:
 
 
 def guarded_config(app: Any, guard: ConnectionGuard, **settings: Any) -> uvicorn.Config:
-    """uvicorn with the guarded protocol, no access log, and logging left as configured."""
+    """uvicorn with the guarded protocol, no access log, logging left as configured, and
+    the client's address as the socket says (X-Forwarded-For is not trusted)."""
     return uvicorn.Config(
         app,
         http=guard.protocol(),
         access_log=False,
         log_config=None,
         server_header=False,
+        proxy_headers=False,
         **settings,
     )
