@@ -204,3 +204,15 @@ def _closed(sock: socket.socket) -> bool:
         return True
     finally:
         sock.setblocking(True)
+
+
+def test_a_client_leaving_mid_body_is_counted_and_not_logged_as_an_error(door):
+    """Counted as 499 (nginx's "client closed request"), never forwarded, no traceback."""
+    prefix = "balancer" if "variant=scaling" in door.overrides else "rag"
+    counted = f'{prefix}_requests_total{{status="499"}}'
+    before = metric(door.url, counted)
+    with socket.create_connection(("127.0.0.1", door.port), timeout=30) as sock:
+        sock.sendall(HEAD + b"Content-Length: 100\r\n\r\n" + b'{"query": "hov')
+    wait_for(lambda: metric(door.url, counted) == before + 1, 30, "the 499 counted")
+    assert door.log_path is not None
+    assert "Traceback" not in door.log_path.read_text()

@@ -34,12 +34,13 @@ from typing import Any, NamedTuple
 import aiohttp
 import uvicorn
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from yarl import URL
 
 from rag.cluster.pool import Replica, ReplicaPool, State
 from rag.web import (
+    CLIENT_GONE,
     ASGIApp,
     BadJSON,
     BodyLimit,
@@ -62,7 +63,6 @@ log = logging.getLogger("rag.cluster")
 SHUTDOWN_TIMEOUT_S = 15.0  # on stop, forwarded requests get this long to finish
 FORWARDED_HEADERS = ("Content-Type", "Retry-After")
 TOKEN_HEADER = "X-Ragbench-Token"
-CLIENT_GONE = 499  # nginx's code for "client closed request": counted, never sent
 
 
 def is_loopback(host: str) -> bool:
@@ -281,7 +281,10 @@ class Balancer:
             require_json(request.headers.get("content-type"))
         except NotJSON as exc:
             return json_error(415, str(exc))
-        body = await read_body(request.receive)
+        try:
+            body = await read_body(request.receive)
+        except ClientDisconnect:
+            return Response(status_code=CLIENT_GONE)
         headers = {"Content-Type": request.headers["content-type"]}
         response = await unless_client_leaves(self._route(body, headers), request.receive)
         return response if response is not None else Response(status_code=CLIENT_GONE)

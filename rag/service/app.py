@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from starlette.requests import ClientDisconnect
 
 from rag.config import Config
 from rag.service.api import RAG_ERRORS, RAG_REQUEST_BODY, RAGResponse, openapi_document
@@ -25,6 +26,7 @@ from rag.service.batching import Completed, DeadlineExceeded, Draining, Overload
 from rag.service.state import NotReady, ServerState
 from rag.service.validation import QueryRejected, read_request
 from rag.web import (
+    CLIENT_GONE,
     ERROR_HANDLERS,
     BadJSON,
     BodyLimit,
@@ -42,11 +44,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("rag.service")
 
-CLIENT_GONE = 499  # nginx's code for "client closed request": counted, never sent
 
 # Every way a /rag request ends without an answer, and the status that tells the client;
 # the exception's message is the `detail`.
 REFUSALS: dict[type[Exception], int] = {
+    ClientDisconnect: CLIENT_GONE,
     NotJSON: 415,
     BadJSON: 422,
     QueryRejected: 422,

@@ -10,6 +10,7 @@ Torch-free.
 """
 
 from rag.web.asgi import (
+    CLIENT_GONE,
     ASGIApp,
     BodyLimit,
     BodyRefused,
@@ -31,6 +32,7 @@ from rag.web.guard import HEAD_MAX_BYTES, MAX_HEADERS, ConnectionGuard
 from rag.web.serving import bind_socket, connection_cap, guarded_config, raise_open_files_limit
 
 __all__ = [
+    "CLIENT_GONE",
     "ERROR_HANDLERS",
     "HEAD_MAX_BYTES",
     "MAX_HEADERS",

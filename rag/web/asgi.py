@@ -14,6 +14,7 @@ import asyncio
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any, TypeVar
 
+from starlette.requests import ClientDisconnect
 from starlette.responses import JSONResponse
 
 from rag.web.errors import json_error
@@ -24,6 +25,7 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 T = TypeVar("T")
+CLIENT_GONE = 499  # nginx's code for "client closed request": counted, never sent
 
 
 class BodyRefused(Exception):
@@ -120,13 +122,14 @@ class CountResponses:
 
 
 async def read_body(receive: Receive) -> bytes:
-    """The whole request body (bounded by BodyLimit), as the messages bring it."""
+    """The whole request body (bounded by BodyLimit), as the messages bring it;
+    ClientDisconnect if the client leaves first."""
     parts = []
     more = True
     while more:
         message = await receive()
         if message["type"] != "http.request":
-            break  # the client left
+            raise ClientDisconnect
         parts.append(message.get("body", b""))
         more = message.get("more_body", False)
     return b"".join(parts)

@@ -88,8 +88,8 @@ class _LingeringTransport:
             return
         self._closing = True
         transport = self._transport
-        if not self._unread() or not transport.can_write_eof():
-            transport.close()
+        if transport.is_closing() or not self._unread() or not transport.can_write_eof():
+            transport.close()  # gone already, or nothing unread to cause a reset
             return
         transport.pause_reading()
         transport.write_eof()
