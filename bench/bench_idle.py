@@ -113,7 +113,7 @@ def door_figures(
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--hold", nargs=2, type=int, help=argparse.SUPPRESS)
-    parser.add_argument("--rate", type=float, default=20.0, help="ordinary requests/s")
+    parser.add_argument("--rate", type=float, default=5.0, help="ordinary requests/s")
     parser.add_argument("--seconds", type=float, default=10.0, help="length of each run")
     parser.add_argument("--crowds", type=int, nargs=2, default=CROWDS, help="idle connections")
     add_check_option(parser)

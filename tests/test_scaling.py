@@ -27,6 +27,7 @@ from rag.config import compose
 from rag.loadgen import LoadConfig, run_load
 
 QUERY = {"query": "Which animals can hover in the air?", "k": 1}
+JSON = {"Content-Type": "application/json"}
 # Fast autoscaler settings for tests: decisions every 0.5 s, short windows.
 FAST = [
     "variant.scaling.check_interval_s=0.5",
@@ -98,10 +99,10 @@ def test_bad_requests_get_json_errors_without_reaching_a_replica(start_scaling):
     assert stalled.startswith(b"HTTP/1.1 408")
     assert stalled.endswith(b'{"detail":"the request body did not arrive within 2 s"}')
     too_big = (b"x" * 1024 for _ in range(100))  # chunked: no Content-Length to trust
-    response = httpx.post(f"{server.url}/rag", content=too_big, timeout=30)
+    response = httpx.post(f"{server.url}/rag", content=too_big, headers=JSON, timeout=30)
     assert response.status_code == 413 and "limit" in response.json()["detail"]
     assert httpx.get(f"{server.url}/nowhere").json()["detail"]
-    bad = httpx.post(f"{server.url}/rag", content=b"{not json", timeout=30)
+    bad = httpx.post(f"{server.url}/rag", content=b"{not json", headers=JSON, timeout=30)
     assert bad.status_code == 422 and bad.json()["detail"]  # the replica's own answer
     assert replicas(server.url)[0]["requests"] == 1
 

@@ -75,7 +75,12 @@ class _LingeringTransport:
         self._transport = transport
         self._unread = unread
         self._closing = False
-        self.write = transport.write  # on every answer: no look-up through __getattr__
+
+    def write(self, data: bytes) -> None:
+        """Dropped once closing: an app still answering a request this guard has refused
+        (a bad chunk mid-body) must not write after the FIN."""
+        if not self._closing:
+            self._transport.write(data)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._transport, name)
