@@ -137,7 +137,7 @@ class ScalingConfig:
     health_interval_s: float = 0.5
     replica_start_timeout_s: float = 300.0
     hop_timeout_s: float = 75.0  # balancer -> replica, per request
-    max_connections: int = 4096  # concurrent client connections at the balancer; 503 beyond
+    max_connections: int = 0  # client connections at the balancer (0: as open files allow)
     gpus: str = ""  # local: GPU ids given round robin ("" = CUDA_VISIBLE_DEVICES, if any)
     mps_thread_percentage: int = 0  # local: CUDA MPS share per replica (0 = MPS not asked)
     slurm: SlurmReplicaConfig = field(default_factory=lambda: SlurmReplicaConfig())
@@ -166,7 +166,7 @@ class ServerConfig:
     max_query_chars: int = 2000
     k_default: int = 2
     k_max: int = 10
-    max_connections: int = 1024  # concurrent connections; beyond it a request gets 503
+    max_connections: int = 0  # open connections (0: as many as the open-files limit allows)
     head_timeout_s: float = 10.0  # a connection must send a full request head within this
     body_timeout_s: float = 10.0  # and then the whole body within this (408 if not)
     drain_timeout_s: float = 30.0

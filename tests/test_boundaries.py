@@ -17,7 +17,7 @@ TORCH_FREE = {
     "rag.loadgen": {"rag.storage"},  # its run files are written atomically
     "rag.cluster": {"rag.storage"},
     # balancer, autoscaler, launchers
-    "rag.cluster.scaling": {"rag.cluster", "rag.config", "rag.loadgen", "rag.storage"},
+    "rag.cluster.scaling": {"rag.cluster", "rag.config", "rag.loadgen", "rag.storage", "rag.web"},
     "rag.web": set(),  # the HTTP guards, shared by the server and the balancer
     "rag.storage": set(),
     "rag.harness.point": {"rag.config", "rag.loadgen", "rag.cluster", "rag.harness", "rag.storage"},

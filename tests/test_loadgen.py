@@ -305,16 +305,17 @@ def test_http_error_classes(tmp_path: Path):
 
 def test_assign_mode_asks_the_balancer_then_posts_to_the_backend():
     with LocalServer() as backend:
+        endpoint = f"{backend.url}/rag"
 
         async def assign(request: web.Request) -> web.Response:
-            return web.json_response({"backend": backend.url})
+            return web.json_response({"backend": endpoint})
 
         with LocalServer(assign) as balancer:
             rows, summary = run_load(config(balancer.url, num_requests=10, assign=True))
     assert balancer.hits == {"/assign": 10}
     assert backend.hits == {"/rag": 10}
     assert summary["ok"] == 10
-    assert all(r["backend"] == backend.url for r in rows)
+    assert all(r["backend"] == endpoint for r in rows)  # posted to as given
     assert all(r["server_replica"] == "r0" for r in rows)
 
 

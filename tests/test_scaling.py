@@ -27,6 +27,7 @@ from rag.config import compose
 from rag.loadgen import LoadConfig, run_load
 
 QUERY = {"query": "Which animals can hover in the air?", "k": 1}
+JSON = {"Content-Type": "application/json"}
 # Fast autoscaler settings for tests: decisions every 0.5 s, short windows.
 FAST = [
     "variant.scaling.check_interval_s=0.5",
@@ -96,12 +97,12 @@ def test_bad_requests_get_json_errors_without_reaching_a_replica(start_scaling):
     server = start_scaling("server.body_timeout_s=2")
     stalled = post_in_parts(server.port, 100, [b'{"query": '], gap_s=0)
     assert stalled.startswith(b"HTTP/1.1 408")
-    assert stalled.endswith(b'{"detail": "the request body did not arrive within 2 s"}')
+    assert stalled.endswith(b'{"detail":"the request body did not arrive within 2 s"}')
     too_big = (b"x" * 1024 for _ in range(100))  # chunked: no Content-Length to trust
-    response = httpx.post(f"{server.url}/rag", content=too_big, timeout=30)
+    response = httpx.post(f"{server.url}/rag", content=too_big, headers=JSON, timeout=30)
     assert response.status_code == 413 and "limit" in response.json()["detail"]
     assert httpx.get(f"{server.url}/nowhere").json()["detail"]
-    bad = httpx.post(f"{server.url}/rag", content=b"{not json", timeout=30)
+    bad = httpx.post(f"{server.url}/rag", content=b"{not json", headers=JSON, timeout=30)
     assert bad.status_code == 422 and bad.json()["detail"]  # the replica's own answer
     assert replicas(server.url)[0]["requests"] == 1
 
@@ -193,30 +194,6 @@ def test_scales_up_on_a_burst_and_back_down_without_flapping(start_scaling, tmp_
     assert ups and all(c < 0 for c in changes[first_down:])
     steady_rows = rows[: rows.index(next(r for r in rows if int(r["replicas_after"]) > 1))]
     assert len(steady_rows) >= 8  # the steady phase held one replica for >= 4 s
-
-
-def test_registration_needs_the_token_off_loopback(cache_overrides, tmp_path):
-    server = ServerProcess(
-        ["variant=scaling", "model=simulated", *cache_overrides, f"run_dir={tmp_path / 'run'}"],
-        host="0.0.0.0",  # bound to every interface; the test talks to it on loopback
-        env={"RAGBENCH_BALANCER_TOKEN": "s3cret"},
-        ready_timeout_s=120,
-    )
-    server.start()
-    try:
-        base = f"http://127.0.0.1:{server.port}"
-        body = {"replica": "r0", "url": "http://127.0.0.1:1"}
-        refused = httpx.post(f"{base}/register", json=body)
-        assert refused.status_code == 403 and "token" in refused.json()["detail"]
-        wrong = httpx.post(f"{base}/register", json=body, headers={"X-Ragbench-Token": "no"})
-        assert wrong.status_code == 403
-        assert httpx.post(f"{base}/unregister", json=body).status_code == 403
-        unknown = httpx.post(f"{base}/register", json={"replica": "r9", "url": "http://x:1"},
-                             headers={"X-Ragbench-Token": "s3cret"})  # fmt: skip
-        assert unknown.status_code == 422
-        assert replicas(base)[0]["state"] == "ready"  # untouched by the refused calls
-    finally:
-        server.stop()
 
 
 def test_a_killed_balancer_takes_its_replicas_with_it(start_scaling):

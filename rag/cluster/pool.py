@@ -60,21 +60,23 @@ class Replica:
         """Counts towards the replica count the autoscaler steers (starting ones too)."""
         return self.state in (State.STARTING, State.READY)
 
-    def describe(self) -> dict[str, Any]:
-        return {
+    def describe(self, private: bool = True) -> dict[str, Any]:
+        """What /replicas shows; `private` adds what only the machine's own users may see
+        (the process id, the job, and the reason it ended, which quotes its log)."""
+        public = {
             "id": self.id,
             "url": self.url,
-            "pid": self.pid,
-            "job_id": self.job_id or None,
             "state": self.state.value,
             "in_flight": self.in_flight,
             "requests": self.requests,
             "refused": self.refused,
             "requests_per_s": round(self.rps, 3),
             "errors": self.errors,
-            "reason": self.reason,
             "start_s": round(self.ready_at - self.launched_at, 3) if self.ready_at else None,
         }
+        if not private:
+            return public
+        return {**public, "pid": self.pid, "job_id": self.job_id or None, "reason": self.reason}
 
 
 class Launcher(Protocol):
@@ -83,6 +85,10 @@ class Launcher(Protocol):
     def launch(self, replica: Replica) -> None: ...
 
     def address(self, replica: Replica) -> str | None: ...
+
+    def expected_host(self, replica: Replica) -> str | None:
+        """The host a replica must register from, when the launcher knows it."""
+        ...
 
     def exited(self, replica: Replica) -> str | None: ...
 

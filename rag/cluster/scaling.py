@@ -29,13 +29,14 @@ import aiohttp
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
 from rag.cluster.autoscaler import Autoscaler, DecisionLog
-from rag.cluster.balancer import Balancer, BalancerSettings, is_loopback
+from rag.cluster.balancer import Balancer, BalancerSettings
 from rag.cluster.local import LocalLauncher, default_threads, visible_gpus
 from rag.cluster.policies import make_policy
 from rag.cluster.pool import Launcher, Replica, ReplicaPool, State
 from rag.cluster.process import write_port_file
 from rag.config import Config, ScalingConfig, compose_from_argv
 from rag.storage import scratch_folder
+from rag.web import connection_cap
 
 log = logging.getLogger("rag.cluster")
 
@@ -84,9 +85,8 @@ class ScalingService:
         self.decisions = DecisionLog(run_dir / "autoscaler.csv")
         self.deaths: list[str] = []  # since the last check, for the decision's reason
         self.url = ""  # where replicas reach the balancer, once it listens
-        self.token = (
-            "" if is_loopback(cfg.host) else os.environ.get(TOKEN_ENV) or secrets.token_hex(16)
-        )
+        # Registration always needs it; the launcher hands it to its own replicas.
+        self.token = os.environ.get(TOKEN_ENV) or secrets.token_hex(16)
         self.pool = ReplicaPool(
             self._launcher(argv),
             scaling.health_interval_s,
@@ -103,8 +103,10 @@ class ScalingService:
                 # as the server's limit: a query's characters may take 12 bytes each as JSON
                 max_body_bytes=12 * cfg.server.max_query_chars + 1024,
                 body_timeout_s=cfg.server.body_timeout_s,
+                head_timeout_s=cfg.server.head_timeout_s,
                 hop_timeout_s=scaling.hop_timeout_s,
-                max_connections=scaling.max_connections,
+                # each client connection may hold one to a replica too
+                max_connections=connection_cap(scaling.max_connections, files_per_connection=2),
                 token=self.token,
                 labels={
                     "variant": cfg.variant.name,

@@ -17,7 +17,7 @@ class LoadConfig:
 
     target: str = _option("http://127.0.0.1:8000", "service base URL (or the full POST URL)")
     path: str = _option("/rag", "endpoint path appended to a base URL")
-    assign: bool = _option(False, "two-step target: GET <target>/assign -> {backend}, then POST")
+    assign: bool = _option(False, "two-step: GET <target>/assign -> {backend}, then POST to it")
     timing_mode: str = _option("poisson", "ideal | poisson | gamma | trace")
     rps: float = _option(10.0, "target requests per second (ideal, poisson, gamma)")
     num_requests: int = _option(100, "requests in the schedule (0 = as many as fit duration)")

@@ -16,7 +16,7 @@ from rag.config import Config
 from rag.service.batching import Batcher, BatchRecord, Draining
 from rag.service.metrics import ServerMetrics
 from rag.service.validation import QueryLimits
-from rag.web import ConnectionGuard
+from rag.web import ConnectionGuard, connection_cap
 
 if TYPE_CHECKING:
     from rag.service.continuous import ContinuousBatcher
@@ -53,7 +53,8 @@ class ServerState:
 
     def __post_init__(self) -> None:
         server = self.cfg.server
-        self.connections = ConnectionGuard(server.max_connections, server.head_timeout_s)
+        cap = connection_cap(server.max_connections, files_per_connection=1)
+        self.connections = ConnectionGuard(cap, server.head_timeout_s)
         self.metrics = ServerMetrics(
             queue_depth=lambda: self.batcher.depth if self.batcher else 0,
             dropped=lambda: self.batcher.dropped + self.batcher.expired if self.batcher else 0,
