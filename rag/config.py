@@ -11,6 +11,7 @@ import hashlib
 import re
 import sys
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -92,19 +93,37 @@ class CorpusConfig:
     cache_dir: str = ""  # "" = the user's cache dir
 
 
+class ServerKind(StrEnum):
+    """What serves a variant's requests; each preset in conf/variant/ names its kind.
+    (Lower-case members: the config tree spells them so, and OmegaConf matches by name.)"""
+
+    one_at_a_time = "one_at_a_time"  # the batcher with batches of one that never wait
+    batcher = "batcher"  # a queue closed into batches (max_batch_size, max_wait_ms)
+    continuous = "continuous"  # requests join and leave the engine's running batch per step
+    balancer = "balancer"  # replicas of a server behind the balancer, sized by the autoscaler
+    external = "external"  # a server the sweep measures but does not start
+
+
 @dataclass
 class VariantConfig:
-    """How requests reach the pipeline: one at a time, through the batcher, or into the
-    engine's running batch (continuous)."""
+    """How requests reach the pipeline: one at a time, through the batcher, into the
+    engine's running batch (continuous), or through the balancer to replicas."""
 
     name: str = MISSING
-    batched: bool = True
-    continuous: bool = False  # requests join and leave the engine's running batch per step
+    kind: ServerKind = MISSING
     max_batch_size: int = 20  # continuous: the running batch at most
     max_wait_ms: float = 10.0
     max_queue: int = 512
     request_timeout_s: float = 60.0  # each request's deadline from its arrival
     scaling: ScalingConfig | None = None  # set by variant=scaling
+
+
+def batch_limits(variant: VariantConfig | DictConfig) -> tuple[int, float]:
+    """(max_batch_size, max_wait_ms) as the variant runs them: one at a time is batches
+    of one that never wait, whatever the keys say (a sweep may set them for every variant)."""
+    if variant.kind is ServerKind.one_at_a_time:
+        return 1, 0.0
+    return variant.max_batch_size, variant.max_wait_ms
 
 
 @dataclass

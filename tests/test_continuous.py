@@ -18,7 +18,7 @@ from server_metrics import metric
 
 from rag.cluster.pool import Replica
 from rag.cluster.scaling import replica_overrides
-from rag.config import compose
+from rag.config import ServerKind, compose
 
 HOVER = "Which animals can hover in the air?"
 LONG = ("model.ignore_eos=true", "model.max_new_tokens=1500")  # well over a second a request
@@ -144,7 +144,7 @@ def test_without_the_engine_the_variant_fails_at_start_with_a_clear_error(start_
 def test_a_scaling_replica_can_be_continuous(start_server, tmp_path):
     argv = ["model=tiny", "variant=scaling", "variant.scaling.replica_variant=continuous"]
     overrides = replica_overrides(argv, compose(argv), Replica("r0"))
-    assert compose(overrides).variant.continuous is True
+    assert compose(overrides).variant.kind is ServerKind.continuous
     server = start_server(
         *argv[1:],
         "variant.scaling.min_replicas=1",

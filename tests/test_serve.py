@@ -253,6 +253,16 @@ def test_port_in_use_is_a_clear_error():
     assert "Traceback" not in result.stderr
 
 
+def test_the_external_variant_is_not_started_here():
+    result = subprocess.run(
+        [sys.executable, "-m", "rag.serve", "variant=external", "port=0"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert "variant=external is a server ragbench does not start" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 @pytest.mark.packaged
 def test_default_server_answers_the_hover_query(start_server):
     server = start_server(model="smollm2-cpu", ready_timeout_s=300)

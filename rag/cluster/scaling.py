@@ -65,7 +65,6 @@ def replica_overrides(argv: list[str], cfg: Config, replica: Replica) -> list[st
     return [
         *shared,
         f"variant={v.scaling.replica_variant}",
-        f"variant.batched={v.batched}",
         f"variant.max_batch_size={v.max_batch_size}",
         f"variant.max_wait_ms={v.max_wait_ms}",
         f"variant.max_queue={v.max_queue}",

@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from rag.config import Config
+from rag.config import Config, ServerKind, batch_limits
 from rag.service.batching import Batcher, BatchRecord, Draining
 from rag.service.metrics import ServerMetrics
 from rag.service.validation import QueryLimits
@@ -102,10 +102,10 @@ class ServerState:
         )
 
     def _batcher_for(self, pipeline: RAGPipeline) -> Batcher | ContinuousBatcher:
-        """The variant's way into the pipeline: whole batches, or the engine's running
-        batch (continuous)."""
+        """The variant's way into the pipeline: whole batches (of one, one at a time), or
+        the engine's running batch (continuous)."""
         variant = self.cfg.variant
-        if variant.continuous:
+        if variant.kind is ServerKind.continuous:
             from rag.service.continuous import ContinuousBatcher  # the pipeline's imports
 
             return ContinuousBatcher(
@@ -115,10 +115,11 @@ class ServerState:
                 self.compute,
                 on_step=self._record_batch,
             )
+        max_batch_size, max_wait_ms = batch_limits(variant)
         return Batcher(
             lambda items: pipeline.answer_batch([q for q, _ in items], [k for _, k in items]),
-            max_batch_size=variant.max_batch_size if variant.batched else 1,
-            max_wait_s=variant.max_wait_ms / 1e3 if variant.batched else 0.0,
+            max_batch_size=max_batch_size,
+            max_wait_s=max_wait_ms / 1e3,
             max_queue=variant.max_queue,
             on_batch=self._record_batch,
             executor=self.compute,
