@@ -155,8 +155,8 @@ def _warm_up(point: Point, url: str) -> None:
     if n <= 0:
         return
     config = replace(
-        point.load_config(url), timing_mode="ideal", rps=1000.0, num_requests=n, duration=0.0,
-        max_in_flight=1, progress=False, tag="",
+        point.load_config(url), timing_mode="ideal", rps=1000.0, concurrency=0, num_requests=n,
+        duration=0.0, max_in_flight=1, progress=False, tag="",
     )  # fmt: skip
     rows, summary = _load(config)
     if summary["ok"] == 0:

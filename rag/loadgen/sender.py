@@ -105,6 +105,16 @@ def _error_class(exc: BaseException) -> str:
     return "client"
 
 
+def new_row(request_id: int, query: str, scheduled_s: float) -> dict[str, Any]:
+    """A request's row before it is sent: every column, its own filled in."""
+    return {
+        **dict.fromkeys(ROW_COLUMNS),
+        "request_id": request_id,
+        "query": query,
+        "scheduled_s": scheduled_s,
+    }
+
+
 def _server_fields(row: dict[str, Any], data: dict[str, Any]) -> None:
     """Copy what the server reports about itself into `server_*` columns."""
     timings = data.get("timings")
@@ -138,10 +148,11 @@ class Sender:
         stop_grace: float = 5.0,
     ) -> None:
         self.offsets = schedule.offsets
-        bodies = {q: json.dumps({"query": q, "k": k}).encode() for q in set(schedule.queries)}
-        self.bodies = [bodies[q] for q in schedule.queries]
+        self.k = k
+        self._encoded: dict[str, bytes] = {}
+        self.bodies = [self.body(q) for q in schedule.queries]
         self.rows: list[dict[str, Any]] = [
-            {**dict.fromkeys(ROW_COLUMNS), "request_id": i, "query": q, "scheduled_s": float(t)}
+            new_row(i, q, float(t))
             for i, (t, q) in enumerate(zip(schedule.offsets, schedule.queries, strict=True))
         ]
         self.url = endpoint(target, path)
@@ -159,6 +170,17 @@ class Sender:
         self.failed = 0
         self.recent: deque[float] = deque(maxlen=1000)  # latest latencies, for progress
         self.session: aiohttp.ClientSession
+
+    @property
+    def planned(self) -> int | None:
+        """Requests the run will send, when known before it ends."""
+        return len(self.rows)
+
+    def body(self, query: str) -> bytes:
+        """The JSON request body for `query` (encoded once per distinct query)."""
+        if query not in self._encoded:
+            self._encoded[query] = json.dumps({"query": query, "k": self.k}).encode()
+        return self._encoded[query]
 
     async def run(self, stop: asyncio.Event) -> bool:
         """Send the whole schedule (until `stop`), wait for what is in flight, then derive
