@@ -148,9 +148,13 @@ def test_a_killed_replica_costs_only_its_in_flight_requests_and_is_replaced(star
                             timeout=30, progress=False)  # fmt: skip
         result["rows"], result["summary"] = run_load(config)
 
+    def victim_busy() -> bool:
+        now = {r["id"]: r for r in replicas(server.url)}[victim["id"]]
+        return now["in_flight"] > 0 and now["requests"] >= 5
+
     sender = threading.Thread(target=load)
     sender.start()
-    time.sleep(2.0)
+    wait_for(victim_busy, 60, "the victim serving the load")
     os.kill(victim["pid"], signal.SIGKILL)
     sender.join(120)
     assert not sender.is_alive()
@@ -205,19 +209,22 @@ def test_a_killed_balancer_takes_its_replicas_with_it(start_scaling):
 
 
 def test_a_client_that_leaves_cancels_its_forwarded_request(start_scaling):
-    server = start_scaling("model.simulated.generate_fixed_ms=1500")
+    server = start_scaling("model.simulated.generate_fixed_ms=4000")
     replica_url = replicas(server.url)[0]["url"]
+
+    def replica_stats() -> dict:
+        return httpx.get(f"{replica_url}/stats", timeout=10).json()
+
     first = threading.Thread(target=lambda: httpx.post(f"{server.url}/rag", json=QUERY, timeout=30))
     first.start()
-    wait_for(lambda: replicas(server.url)[0]["in_flight"] == 1, 30, "the first forwarded")
-    time.sleep(0.3)  # past max_wait_ms: its batch is computing; the next one queues behind it
+    wait_for(lambda: replica_stats()["running"] == 1, 30, "the first one's batch computing")
     with socket.create_connection(("127.0.0.1", server.port)) as client:
         body = b'{"query": "Which animals can hover in the air?", "k": 1}'
         client.sendall(
             b"POST /rag HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
             b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
         )
-        time.sleep(0.3)
+        wait_for(lambda: replica_stats()["queue_depth"] == 1, 30, "the second one queued")
     first.join(30)
     wait_for(lambda: httpx.get(f"{replica_url}/stats").json()["dropped"] == 1, 30,
              "the replica dropped the abandoned request")  # fmt: skip
