@@ -2,13 +2,13 @@
 models with answers of natural length (EOS ends them, no `ignore_eos`), or on another
 model preset (`--model a6000-shaped` on a GPU: random weights, every answer 32 tokens).
 
-The batched server's capacity is measured first (closed loop, 2 x max_batch_size clients);
-then each round sends one poisson schedule at `--load` x that capacity to each server, the
-two one after the other in alternating order, the same seed for both (the same arrival
-times and queries).  Latency is from each request's scheduled send, a failed request
-counting as infinitely late.  Targets, as the median of per-round ratios continuous /
-batched: p50 <= 0.5, p99 <= 0.7, throughput >= 1.0.  Both servers run the engine (the
-default), so the difference is the batching alone.
+The batched server's capacity is measured first (the load generator's closed loop, 2 x
+max_batch_size users); then each round sends one poisson schedule at `--load` x that
+capacity to each server, the two one after the other in alternating order, the same seed
+for both (the same arrival times and queries).  Latency is from each request's scheduled
+send, a failed request counting as infinitely late.  Targets, as the median of per-round
+ratios continuous / batched: p50 <= 0.5, p99 <= 0.7, throughput >= 1.0.  Both servers run
+the engine (the default), so the difference is the batching alone.
 
     python bench/bench_continuous.py [--seconds 40] [--rounds 2] [--load 0.7 | --rps R]
         [--model PRESET] [--override OVERRIDE ...] [--continuous OVERRIDE ...]
