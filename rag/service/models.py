@@ -3,8 +3,8 @@
 One resolver serves both models.  A source is a file or folder inside an installed package
 (the offline default), a local path, a hub id, `tiny:` (a small random model for tests), or
 `shaped:` (random weights in a hub model's exact architecture, `rag.service.shaped`).
-A GGUF generator is dequantised once and cached as safetensors, because dequantising takes
-~15 s and a warm start should take about one.
+A GGUF generator is dequantised once and cached as safetensors, because dequantising is
+slow and a warm start should be quick.
 """
 
 from __future__ import annotations
@@ -177,7 +177,8 @@ def dequantized_cache(source: ResolvedSource, cfg: ModelConfig) -> Path:
     """
     assert source.path is not None and source.gguf_file is not None
     gguf = source.path / source.gguf_file
-    # Keyed by content (0.1 s for 94 MB): every checkout and venv shares one cache entry.
+    # Keyed by content (hashing is quick next to dequantising): every checkout and venv
+    # shares one cache entry.
     folder = cache_root(cfg) / f"{gguf.stem}-{_file_digest(gguf)[:16]}"
     if folder.exists():
         if _cache_is_complete(folder):

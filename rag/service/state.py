@@ -46,7 +46,7 @@ class ServerState:
     tasks: set[asyncio.Task] = field(default_factory=set)
     # All model work (loading, warm-up, batches) runs on this one thread: torch's OpenMP
     # pool belongs to the thread that first used it, and from any other thread the same
-    # batch ran 1.6x slower here (0.81 s vs 1.28 s for one SmolLM2 request in bf16).
+    # batch runs markedly slower.
     compute: ThreadPoolExecutor = field(
         default_factory=lambda: ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute")
     )
