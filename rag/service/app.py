@@ -1,10 +1,11 @@
 """The RAG HTTP app: `/rag`, health, metrics and stats over one batcher and pipeline.
 
 The handlers are plain functions that find the server's ServerState in `app.state.rag`.
-Both variants share one code path: requests go through a Batcher, with batches of one for
-`base`.  Models load in the background after the port opens, so `/ping` answers at once and
-`/ready` tells a launcher when the server is worth sending load to.  Every way a request is
-refused maps to its status in one table, REFUSALS, and every error is `{"detail": str}`.
+Every variant one server runs shares one code path: requests go through its batcher (batches
+of one for `base`, the engine's running batch for `continuous`).  Models load in the
+background after the port opens, so `/ping` answers at once and `/ready` tells a launcher
+when the server is worth sending load to.  Every way a request is refused maps to its status
+in one table, REFUSALS, and every error is `{"detail": str}`.
 """
 
 from __future__ import annotations

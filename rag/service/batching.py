@@ -1,5 +1,7 @@
 """A dynamic batcher for a blocking batch function, in the style of Ray Serve's
-`@serve.batch` and Triton's dynamic batcher.
+`@serve.batch` and Triton's dynamic batcher: between a server's HTTP handlers and its
+pipeline (the base and batched variants; `RequestQueue`, the part every serving loop
+shares, is also the continuous loop's).
 
 Requests wait in a bounded queue.  A batch closes when it holds `max_batch_size` live
 requests or when the *oldest* waiting request has waited `max_wait_s`, whichever comes
@@ -19,6 +21,9 @@ not (the fastest such a batch has run), so what was admitted is rarely dropped. 
 estimate comes from batches that ran, so none may stop batches from running: an idle
 batcher admits a request whatever its estimates say, and a request alone in the queue is
 computed (it delays no one, and its batch is measured afresh).
+
+Every time it reads, and every timed wait (a batch's `max_wait_s`, a request's deadline), is
+on the clock it is given (`rag.clock`), so tests run it on a fake one.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""One server process: `python -m rag.serve variant=base|batched port=... model=...`.
+"""One server process: `python -m rag.serve variant=base|batched|continuous port=...`, as
+started by hand, by the sweep for a point, or by the scaling variant for a replica.
 
 The port is bound before uvicorn starts (so port 0 yields a known free port, written to
 `port_file` for a launching parent), and SIGTERM drains before the process exits.

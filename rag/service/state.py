@@ -1,5 +1,8 @@
 """What the HTTP handlers of one server share: the pipeline once loaded, its batcher, the
-lifecycle (loading, ready, draining) and the metrics."""
+lifecycle (loading, ready, draining) and the metrics.
+
+The server process (rag.service.server) makes one; the handlers (rag.service.app) reach the
+pipeline only through the batcher it picks for the variant's kind."""
 
 from __future__ import annotations
 
