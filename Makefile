@@ -2,12 +2,13 @@
 # default models) and `make test`.  Both create .venv and install into it first.
 # `make bench` runs every benchmark one after another (each loads both cores) and fails if
 # one misses a target; `make clean-cache` removes the dequantised models and embeddings.
+# `make gpu-bundle` downloads what bench/gpu_check.sh installs on a lent GPU machine.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint bench clean-cache
+.PHONY: install demo test lint bench clean-cache check-core gpu-bundle
 
 $(STAMP): requirements.txt requirements-models.txt pyproject.toml setup.py rag/service/engine/kernels.cpp
 	$(PYTHON) -m venv $(VENV)
@@ -37,3 +38,18 @@ bench: install
 clean-cache: install
 	$(BIN)/python -c "import shutil; from rag.storage import cache_dir; \
 		print('removing', cache_dir()); shutil.rmtree(cache_dir(), ignore_errors=True)"
+
+# The torch-free core alone, as on a client machine that measures a server elsewhere: it
+# installs without torch and the load generator starts.
+CORE_VENV := $(or $(TMPDIR),/tmp)/ragbench-core-venv
+check-core:
+	rm -rf $(CORE_VENV)
+	$(PYTHON) -m venv $(CORE_VENV)
+	$(CORE_VENV)/bin/pip install -q .
+	cd / && $(CORE_VENV)/bin/python -m rag.loadgen --help > /dev/null
+	cd / && $(CORE_VENV)/bin/python -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('torch') is not None)"
+	rm -rf $(CORE_VENV) build
+	@echo "core install without torch: ok"
+
+gpu-bundle: install
+	$(BIN)/python bench/gpu_bundle.py build

@@ -6,7 +6,7 @@ package installs alone and the engine computes those steps with torch."""
 import platform
 import warnings
 
-from setuptools import setup
+from setuptools import Extension, setup
 
 
 def kernels() -> dict:
@@ -18,7 +18,7 @@ def kernels() -> dict:
         return {}
 
     class OptionalBuild(BuildExtension):
-        def build_extension(self, ext) -> None:  # noqa: ANN001
+        def build_extension(self, ext: Extension) -> None:
             try:
                 super().build_extension(ext)
             except Exception as exc:  # a missing compiler, an old one: torch takes over

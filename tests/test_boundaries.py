@@ -14,23 +14,39 @@ HEAVY = ("torch", "transformers", "faiss")
 
 # package -> the rag packages it may pull in besides itself
 TORCH_FREE = {
-    "rag.loadgen": set(),
+    "rag.loadgen": {"rag.storage"},  # its run files are written atomically
+    "rag.clock": set(),  # what the batchers and the replica pool read time from
     "rag.cluster": {"rag.storage"},
     # balancer, autoscaler, launchers
-    "rag.cluster.scaling": {"rag.cluster", "rag.config", "rag.loadgen", "rag.storage"},
+    "rag.cluster.scaling": {
+        "rag.clock",
+        "rag.cluster",
+        "rag.config",
+        "rag.loadgen",
+        "rag.storage",
+        "rag.web",
+    },
     "rag.web": set(),  # the HTTP guards, shared by the server and the balancer
     "rag.storage": set(),
     "rag.harness.point": {"rag.config", "rag.loadgen", "rag.cluster", "rag.harness", "rag.storage"},
     "rag.harness.report": {"rag.harness", "rag.storage"},
     "hydra_plugins.ragbench_launcher.slurm_sweep": {
         "hydra_plugins.ragbench_launcher",
+        "rag.cluster",
         "rag.config",
         "rag.loadgen",
         "rag.harness",
         "rag.storage",
     },
     # The port opens before torch loads; the config schema holds the load settings.
-    "rag.service.app": {"rag.config", "rag.loadgen", "rag.service", "rag.web"},
+    "rag.service.app": {
+        "rag.clock",
+        "rag.config",
+        "rag.loadgen",
+        "rag.service",
+        "rag.storage",
+        "rag.web",
+    },
 }
 
 

@@ -1,19 +1,22 @@
 """Replicas as real SLURM jobs on the local one-node cluster (`slurm/local-cluster.sh up`):
 submitted with submitit, each asking for one GPU (the cluster's one fake A6000, so one job
 runs at a time), registering with the balancer; one cancelled with scancel is noticed and
-replaced.  Skipped when no cluster is up; run inside `flock /tmp/ragbench-slurm.lock`
-with `slurm/local-cluster.sh up` (as .ci/run does)."""
+replaced, and jobs that can never start fail the variant at once.  Skipped when no cluster
+is up; run inside `flock /tmp/ragbench-slurm.lock` with `slurm/local-cluster.sh up` (as
+.ci/run does)."""
 
 from __future__ import annotations
 
 import shutil
 import subprocess
+import time
 
 import httpx
 import pytest
 from cluster_helpers import ready, replicas, wait_for
 
-from rag.cluster.process import ServerProcess
+from rag.cluster.process import ServerFailed, ServerProcess
+from rag.cluster.slurm_state import read_partition
 
 pytestmark = pytest.mark.slurm
 
@@ -75,3 +78,30 @@ def test_replicas_run_as_slurm_jobs_and_a_cancelled_one_is_replaced(
     wait_for(lambda: all(job_state(j) and "RUNNING" not in job_state(j) and
                          "PENDING" not in job_state(j) for j in jobs),
              60, "every replica job ended")  # fmt: skip
+
+
+def test_replica_jobs_that_can_never_start_fail_the_variant_at_once(
+    cluster, cache_overrides, tmp_path
+):
+    """Not at each replica's start deadline: SLURM's reason marks each job dead as soon as
+    it is read, and after three the variant gives up, quoting it."""
+    partition = read_partition(None)
+    assert partition is not None
+    server = ServerProcess(
+        [
+            "variant=scaling", "model=simulated", *cache_overrides, f"run_dir={tmp_path}",
+            "variant.scaling.launcher=slurm", "variant.scaling.slurm.mem_gb=1",
+            f"variant.scaling.slurm.cpus_per_task={partition.max_cpus + 64}",
+            "variant.scaling.slurm.gres=gpu:a6000:1", "variant.scaling.replica_start_timeout_s=600",
+        ],
+        ready_timeout_s=300,
+    )  # fmt: skip
+    started = time.monotonic()
+    with pytest.raises(ServerFailed) as failed:
+        server.start()
+    assert time.monotonic() - started < 60
+    message = str(failed.value)
+    assert "3 replicas died before any became ready" in message
+    assert "cannot start: PartitionConfig" in message
+    assert not subprocess.run(["squeue", "-h", "-n", "ragbench-replica"], capture_output=True,
+                              text=True, timeout=30).stdout.strip()  # fmt: skip

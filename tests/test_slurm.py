@@ -1,11 +1,13 @@
 """The sweep on a real SLURM cluster (slurm/local-cluster.sh up): bench.sbatch runs a
 sweep in one allocation, the SLURM launcher runs points as an array job on the (fake)
-A6000 gres, and a cancelled point becomes failure.json while the sweep finishes."""
+A6000 gres, with its default resources fitted to the node, a cancelled point or one that
+can never start becomes failure.json while the sweep finishes."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -15,6 +17,7 @@ import pandas as pd
 import pytest
 from sweep_helpers import REPO, SMALL, leftovers, points, sweep
 
+from rag.cluster.slurm_state import read_partition
 from rag.harness.report import aggregate
 
 pytestmark = pytest.mark.slurm
@@ -24,10 +27,14 @@ SLURM_LAUNCHER = ["hydra/launcher=slurm", "hydra.launcher.cpus_per_task=1",
 TERMINAL = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY")
 
 
-def job_state(job_id: str) -> str:
-    out = subprocess.run(["sacct", "-n", "-X", "-P", "-j", job_id, "-o", "State"],
+def sacct(job_id: str, field: str) -> str:
+    out = subprocess.run(["sacct", "-n", "-X", "-P", "-j", job_id, "-o", field],
                          capture_output=True, text=True, timeout=30).stdout  # fmt: skip
-    return out.split("\n")[0].split(" ")[0].strip()
+    return out.split("\n")[0].strip()
+
+
+def job_state(job_id: str) -> str:
+    return sacct(job_id, "State").split(" ")[0]
 
 
 def wait_until(condition, timeout_s: float, what: str, every_s: float = 0.5):
@@ -111,3 +118,62 @@ def test_a_cancelled_point_becomes_failure_json_and_the_sweep_finishes(
     (short_point,) = [p for p in points(tmp_path, "cx") if p != long_point]
     assert (short_point / "summary.csv").exists()
     wait_until(lambda: not leftovers(tmp_path), 30, "every process of the sweep gone")
+
+
+def test_the_launchers_defaults_fit_the_one_node_cluster(
+    tmp_path: Path, cache_overrides: list[str]
+):
+    """The example of slurm/README.md as written: no resources named, so each job asks
+    for the defaults lowered to what the node has; the second job waits for the node's
+    one GPU, and the progress line says so."""
+    partition = read_partition(None)
+    assert partition is not None
+    result = sweep(tmp_path, "hydra/launcher=slurm", "variant=base", "rps=2,3", "model=tiny",
+                   "num_requests=8", *cache_overrides, timeout=600)  # fmt: skip
+    output = result.stdout + result.stderr
+    assert "2/2 points finished (0 failed)" in output, output[-3000:]
+    assert re.search(r"1 pending \((Resources|Priority)\)", output), output[-3000:]
+    if partition.max_cpus < 4:
+        assert f"cpus_per_task: 4 by default, but partition {partition.name} has" in output
+    for folder in points(tmp_path, "default"):
+        assert pd.read_csv(folder / "summary.csv").iloc[0]["ok"] == 8
+        job = json.loads((folder / "meta.json").read_text())["slurm_job_id"]
+        assert sacct(job, "ReqCPUS") == str(min(4, partition.max_cpus))
+
+
+def test_a_job_that_can_never_start_becomes_failure_json_at_once(
+    tmp_path: Path, cache_overrides: list[str]
+):
+    partition = read_partition(None)
+    assert partition is not None
+    cpus = max(64, partition.max_cpus + 1)
+    started = time.monotonic()
+    result = sweep(tmp_path, "hydra/launcher=slurm", f"hydra.launcher.cpus_per_task={cpus}",
+                   "variant=base", "rps=2,3", "model=tiny", "num_requests=8", "tag=never",
+                   *cache_overrides, timeout=120)  # fmt: skip
+    assert time.monotonic() - started < 30
+    assert "2/2 points finished (2 failed)" in result.stdout + result.stderr
+    for folder in points(tmp_path, "never"):
+        failure = json.loads((folder / "failure.json").read_text())
+        assert "cannot start: PartitionConfig; cancelled" in failure["reason"], failure
+        assert f"asked for {cpus} CPUs" in failure["reason"]
+        assert (
+            f"partition {partition.name} has 1 node(s) of {partition.max_cpus} CPUs"
+            in (failure["reason"])
+        )
+        assert failure["asked"]["cpus_per_task"] == cpus
+        array = failure["slurm_job_id"].split("_")[0]  # cancelled before it was split
+        wait_until(lambda a=array: job_state(a) == "CANCELLED", 30, f"array {array} cancelled")
+
+
+def test_a_request_sbatch_refuses_fails_every_point(tmp_path: Path, cache_overrides: list[str]):
+    result = sweep(tmp_path, "hydra/launcher=slurm", "hydra.launcher.mem_gb=100000",
+                   "variant=base", "rps=2,3", "model=tiny", "tag=refused", *cache_overrides,
+                   timeout=120)  # fmt: skip
+    assert "sbatch refused the jobs" in result.stdout + result.stderr
+    folders = points(tmp_path, "refused")
+    assert len(folders) == 2
+    for folder in folders:
+        failure = json.loads((folder / "failure.json").read_text())
+        assert failure["reason"].startswith("sbatch refused the jobs: sbatch: error:"), failure
+        assert "asked for" in failure["reason"] and failure["slurm_job_id"] is None

@@ -28,13 +28,13 @@ from __future__ import annotations
 import csv
 import io
 import math
-import os
 import time
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
 from rag.config import ScalingConfig
+from rag.storage import write_atomically
 
 # As Kubernetes HPA's default: load within 10 % of the target changes nothing.
 TOLERANCE = 0.1
@@ -180,7 +180,6 @@ class DecisionLog:
         self._buffer = io.StringIO()
         self._writer = csv.writer(self._buffer, lineterminator="\n")
         self._writer.writerow(DECISION_COLUMNS)
-        path.parent.mkdir(parents=True, exist_ok=True)
         self._flush()
 
     def record(
@@ -212,6 +211,4 @@ class DecisionLog:
         self._flush()
 
     def _flush(self) -> None:
-        staging = self.path.with_name(f".{self.path.name}.{os.getpid()}")
-        staging.write_text(self._buffer.getvalue())
-        os.replace(staging, self.path)
+        write_atomically(self.path, self._buffer.getvalue())

@@ -91,6 +91,9 @@ class LocalLauncher:
         port = read_port(self._port_file(replica))
         return f"http://{self.host}:{port}" if port else None
 
+    def expected_host(self, replica: Replica) -> str | None:
+        return self.host
+
     def exited(self, replica: Replica) -> str | None:
         code = replica.handle.poll()
         if code is None:

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
-from rag.storage import write_atomically
+from rag.storage import scratch_folder, write_atomically
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 PR_SET_PDEATHSIG = 1
@@ -138,7 +138,7 @@ class ServerProcess:
         return f"http://{self.host}:{self.port}"
 
     def start(self) -> ServerProcess:
-        self._workdir = tempfile.TemporaryDirectory(prefix="ragbench-server-")
+        self._workdir = scratch_folder("server")  # the port file; the log unless one is given
         port_file = Path(self._workdir.name) / "port"
         if self.log_path is None:
             self.log_path = Path(self._workdir.name) / "server.log"

@@ -16,11 +16,9 @@ import gc
 import logging
 import os
 import secrets
-import shutil
 import signal
 import socket
 import sys
-import tempfile
 import time
 from collections.abc import Coroutine
 from contextlib import suppress
@@ -31,12 +29,14 @@ import aiohttp
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
 from rag.cluster.autoscaler import Autoscaler, DecisionLog
-from rag.cluster.balancer import Balancer, BalancerSettings, is_loopback
+from rag.cluster.balancer import Balancer, BalancerSettings
 from rag.cluster.local import LocalLauncher, default_threads, visible_gpus
 from rag.cluster.policies import make_policy
 from rag.cluster.pool import Launcher, Replica, ReplicaPool, State
 from rag.cluster.process import write_port_file
 from rag.config import Config, ScalingConfig, compose_from_argv
+from rag.storage import scratch_folder
+from rag.web import connection_cap
 
 log = logging.getLogger("rag.cluster")
 
@@ -65,7 +65,6 @@ def replica_overrides(argv: list[str], cfg: Config, replica: Replica) -> list[st
     return [
         *shared,
         f"variant={v.scaling.replica_variant}",
-        f"variant.batched={v.batched}",
         f"variant.max_batch_size={v.max_batch_size}",
         f"variant.max_wait_ms={v.max_wait_ms}",
         f"variant.max_queue={v.max_queue}",
@@ -85,9 +84,8 @@ class ScalingService:
         self.decisions = DecisionLog(run_dir / "autoscaler.csv")
         self.deaths: list[str] = []  # since the last check, for the decision's reason
         self.url = ""  # where replicas reach the balancer, once it listens
-        self.token = (
-            "" if is_loopback(cfg.host) else os.environ.get(TOKEN_ENV) or secrets.token_hex(16)
-        )
+        # Registration always needs it; the launcher hands it to its own replicas.
+        self.token = os.environ.get(TOKEN_ENV) or secrets.token_hex(16)
         self.pool = ReplicaPool(
             self._launcher(argv),
             scaling.health_interval_s,
@@ -104,8 +102,10 @@ class ScalingService:
                 # as the server's limit: a query's characters may take 12 bytes each as JSON
                 max_body_bytes=12 * cfg.server.max_query_chars + 1024,
                 body_timeout_s=cfg.server.body_timeout_s,
+                head_timeout_s=cfg.server.head_timeout_s,
                 hop_timeout_s=scaling.hop_timeout_s,
-                max_connections=scaling.max_connections,
+                # each client connection may hold one to a replica too
+                max_connections=connection_cap(scaling.max_connections, files_per_connection=2),
                 token=self.token,
                 labels={
                     "variant": cfg.variant.name,
@@ -256,8 +256,8 @@ def main(argv: list[str] | None = None) -> int:
         sys.exit("config error: variant=scaling needs its variant.scaling settings")
     if cfg.variant.scaling.replica_variant not in REPLICA_VARIANTS:
         sys.exit(f"config error: variant.scaling.replica_variant must be one of {REPLICA_VARIANTS}")
-    temporary = not cfg.run_dir
-    run_dir = Path(cfg.run_dir or tempfile.mkdtemp(prefix="ragbench-scaling-"))
+    scratch = None if cfg.run_dir else scratch_folder("scaling")  # no run_dir: one of its own
+    run_dir = Path(scratch.name if scratch else cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     try:
         service = ScalingService(cfg, args, run_dir)
@@ -268,8 +268,8 @@ def main(argv: list[str] | None = None) -> int:
             return _run(service.run())
         return 0
     finally:
-        if temporary:
-            shutil.rmtree(run_dir, ignore_errors=True)
+        if scratch:
+            scratch.cleanup()
 
 
 def _run(coroutine: Coroutine[Any, Any, int]) -> int:

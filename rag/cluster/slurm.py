@@ -2,13 +2,14 @@
 
 A job runs `serve_replica`: it starts `python -m rag.serve <replica overrides>` on its node,
 waits for the port, and registers `http://<node>:<port>` with the balancer (with the
-balancer's token when it is not on loopback); from then on the balancer's health checks
+balancer's token); from then on the balancer's health checks
 decide when it is ready.  SIGTERM (scancel, scale-down) is passed to the server, which
 drains; a job whose balancer has been unreachable for half a minute (killed before it
 could cancel its jobs) stops itself, so no replica outlives its balancer.  The launcher
-watches its jobs with one `sacct` (or, without accounting, `squeue`) call every few
-seconds, so a job that was cancelled or died before it registered is noticed too, and
-never waits on a job without a deadline.
+reads its jobs' states every few seconds (`rag.cluster.slurm_state`, as the sweep's SLURM
+launcher does), so a job that was cancelled or died before it registered is noticed too,
+as is one that can never start (it asks for more than the partition's nodes have): that
+replica is dead at once, with SLURM's reason, instead of at its start deadline.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
 from collections.abc import Callable
@@ -38,13 +38,13 @@ from rag.cluster.process import (
     spawn,
     stop_group,
 )
+from rag.cluster.slurm_state import JobState, read_states
 from rag.config import SlurmReplicaConfig
+from rag.storage import scratch_folder
 
 log = logging.getLogger("rag.cluster")
 
 POLL_S = 2.0  # how often the jobs' states are read
-ENDED = ("BOOT_FAIL", "CANCELLED", "COMPLETED", "DEADLINE", "FAILED", "NODE_FAIL",
-         "OUT_OF_MEMORY", "PREEMPTED", "TIMEOUT")  # fmt: skip
 STOP_TIMEOUT_S = 30.0
 BALANCER_CHECK_S = 5.0
 ORPHAN_AFTER_S = 30.0
@@ -61,7 +61,7 @@ def serve_replica(
     """The job: serve one replica on this node and tell the balancer where it listens."""
     on_loopback = is_loopback(balancer.split("//", 1)[1].rsplit(":", 1)[0].strip("[]"))
     host = "127.0.0.1" if on_loopback else "0.0.0.0"
-    with tempfile.TemporaryDirectory(prefix="ragbench-replica-") as folder:
+    with scratch_folder("replica") as folder:
         port_file = Path(folder) / "port"
         command = server_command("rag.serve", overrides, host, port_file)
         process = spawn(command, Path(log_path), {}, before_exec=die_with_parent)
@@ -130,8 +130,8 @@ class SlurmLauncher:
         if cfg.setup:
             options["slurm_setup"] = list(cfg.setup)
         self.executor.update_parameters(**options)
-        self.jobs: set[str] = set()
-        self.states: dict[str, str] = {}  # job id -> SLURM state, read every POLL_S
+        self.jobs: dict[str, Any] = {}  # job id -> submitit job
+        self.states: dict[str, JobState] = {}  # job id -> its state, read every POLL_S
         self._watcher: asyncio.Task | None = None
         self._submissions: dict[str, asyncio.Task] = {}  # replica id -> its sbatch call
 
@@ -154,17 +154,24 @@ class SlurmLauncher:
             return
         replica.handle = job
         replica.job_id = str(job.job_id)
-        self.jobs.add(replica.job_id)
+        self.jobs[replica.job_id] = job
         log.info("replica %s is SLURM job %s", replica.id, replica.job_id)
 
     def address(self, replica: Replica) -> str | None:
         return None  # the job registers its address itself
 
+    def expected_host(self, replica: Replica) -> str | None:
+        return None  # a job's node is not known here: its token vouches for it
+
     def exited(self, replica: Replica) -> str | None:
         if replica.handle is None:
             return replica.reason or None  # a failed submission; else not submitted yet
-        state = self.states.get(replica.job_id, "")
-        return f"SLURM job {replica.job_id} ended: {state}" if _ended(state) else None
+        state = self.states.get(replica.job_id)
+        if state and state.ended:
+            return f"SLURM job {replica.job_id} ended: {state.state}"
+        if state and state.never_starts:
+            return f"SLURM job {replica.job_id} cannot start: {state.reason}"
+        return None
 
     async def stop(self, replica: Replica) -> None:
         """scancel (SIGTERM: the replica drains), then wait for the job to end, bounded."""
@@ -179,36 +186,10 @@ class SlurmLauncher:
     async def _watch(self) -> None:
         while True:
             await asyncio.sleep(POLL_S)
-            running = [j for j in self.jobs if not _ended(self.states.get(j, ""))]
-            if running:
-                self.states.update(await read_states(running))
+            unended = [job for i, job in self.jobs.items() if not self._ended(i)]
+            if unended:  # nothing known when SLURM does not answer: the health checks go on
+                self.states.update(await asyncio.to_thread(read_states, unended))
 
-
-def _ended(state: str) -> bool:
-    """sacct says e.g. 'CANCELLED by 0'."""
-    return bool(state) and state.split()[0] in ENDED
-
-
-async def read_states(job_ids: list[str]) -> dict[str, str]:
-    """SLURM states by job id: sacct where accounting runs, else squeue (a job it no
-    longer lists has ended)."""
-    found = await _run("sacct", "-n", "-X", "-P", "-o", "JobID,State", "-j", ",".join(job_ids))
-    if found is not None:
-        return dict(line.split("|", 1) for line in found.splitlines() if "|" in line)
-    listed = await _run("squeue", "-h", "-o", "%i|%T", "-j", ",".join(job_ids))
-    if listed is None:
-        return {}  # nothing known this time; the health checks still watch ready replicas
-    states = dict(line.split("|", 1) for line in listed.splitlines() if "|" in line)
-    return {j: states.get(j, "COMPLETED") for j in job_ids}
-
-
-async def _run(*command: str) -> str | None:
-    """stdout of a SLURM command, or None when it failed; bounded by a timeout."""
-    try:
-        process = await asyncio.create_subprocess_exec(
-            *command, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL
-        )
-        stdout, _ = await asyncio.wait_for(process.communicate(), 30)
-    except (OSError, TimeoutError):
-        return None
-    return stdout.decode() if process.returncode == 0 else None
+    def _ended(self, job_id: str) -> bool:
+        state = self.states.get(job_id)
+        return state is not None and state.ended

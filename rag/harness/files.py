@@ -1,21 +1,19 @@
-"""Atomic files of a sweep point, and the failure record that replaces its results.
+"""A sweep point's files: which mark it finished, and the failure record that replaces its
+results.
 
-A point's files are written under a temporary name and renamed into place, so a job cut
-off mid-write never leaves a half file that looks complete; `summary.csv` is written last
-and marks a finished point.
+A point's files are written atomically (`rag.storage`), so a job cut off mid-write never
+leaves a half file that looks complete; `summary.csv` is written last and marks a finished
+point.
 """
 
 from __future__ import annotations
 
-import csv
 import datetime
-import io
 import json
-from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from rag.storage import write_atomically
+from rag.storage import write_json
 
 SUMMARY = "summary.csv"
 FAILURE = "failure.json"
@@ -26,19 +24,6 @@ def now() -> str:
     return datetime.datetime.now(datetime.UTC).isoformat(timespec="milliseconds")
 
 
-def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    write_atomically(path, json.dumps(data, indent=2, default=str) + "\n")
-
-
-def write_csv_atomic(path: Path, rows: Iterable[dict[str, Any]], columns: Sequence[str]) -> None:
-    """Rows as CSV; missing values and None are empty cells."""
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(columns), restval="", lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    write_atomically(path, buffer.getvalue())
-
-
 def is_finished(folder: Path) -> bool:
     return (folder / SUMMARY).is_file()
 
@@ -46,7 +31,7 @@ def is_finished(folder: Path) -> bool:
 def write_failure(folder: Path, reason: str, log_tail: str = "", **details: Any) -> None:
     """failure.json: why the point has no results, with the end of the relevant log."""
     record = {"reason": reason, "time": now(), **details, "log_tail": log_tail}
-    write_json_atomic(folder / FAILURE, record)
+    write_json(folder / FAILURE, record)
 
 
 def read_failure(folder: Path) -> dict[str, Any] | None:

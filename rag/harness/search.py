@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from rag.config import SearchConfig, SloConfig
-from rag.harness.files import write_csv_atomic
 from rag.loadgen import LoadConfig
+from rag.storage import write_csv
 
 log = logging.getLogger("rag.harness")
 Rows = list[dict[str, Any]]
@@ -84,7 +84,7 @@ def run_search(
         {"trial": i, "offered_rps": rate, "meets_slo": ok, "why": why, **summary}
         for i, (rate, _, summary, ok, why) in enumerate(trials)
     ]
-    write_csv_atomic(folder / "trials.csv", table, list(table[0]))
+    write_csv(folder / "trials.csv", table, list(table[0]))
     best = next((t for t in trials if t[0] == max_rps), min(trials, key=lambda t: t[0]))
     result = {
         "search": search.name,

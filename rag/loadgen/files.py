@@ -1,4 +1,5 @@
-"""Where a load run's results go, and the environment record that travels with them.
+"""Where a load run's results go, and the environment record that travels with them
+(the files themselves are written atomically by `rag.storage`).
 
 A figure is only comparable with the machine, software and settings that produced it, so
 every run writes meta.json next to its CSVs.
@@ -6,15 +7,13 @@ every run writes meta.json next to its CSVs.
 
 from __future__ import annotations
 
-import csv
 import datetime
-import json
 import os
 import platform
 import socket
 import subprocess
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -35,18 +34,6 @@ def output_paths(out: str) -> dict[str, Path]:
         "schedule": folder / f"{prefix}schedule.csv",
         "meta": folder / f"{prefix}meta.json",
     }
-
-
-def write_csv(rows: Iterable[dict[str, Any]], columns: Sequence[str], path: Path) -> None:
-    """Rows as CSV; missing values and None are empty cells."""
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(columns), restval="")
-        writer.writeheader()
-        writer.writerows(rows)
-
-
-def write_json(data: dict[str, Any], path: Path) -> None:
-    path.write_text(json.dumps(data, indent=2, default=str) + "\n")
 
 
 def _git(*args: str) -> str:
