@@ -24,7 +24,10 @@ The peer lives in its own virtual environment (--peer, its python); without it, 
 measured and the record says which paired record its verdicts come from.
 
     python bench/bench_peer.py [--peer /work/venvs/vllm/bin/python] [--repeats 3]
-        [--rounds 2] [--served] [--steps] [--check]
+        [--rounds 2] [--served] [--steps] [--override OVERRIDE ...] [--check]
+
+--override: config overrides for our engines in process (e.g. model.engine_slots=40), to
+measure an option against the peer in the same run.
 """
 
 from __future__ import annotations
@@ -87,8 +90,10 @@ def prompt_ids(count: int) -> list[list[int]]:
     return pipeline.generator.encode(rag_prompts(pipeline, count))
 
 
-def run_engine(engine: str, peer: str, prompts: Path, model: Path, extra: list[str]) -> dict:
-    """One engine in a fresh process: its JSON result."""
+def run_engine(
+    engine: str, peer: str, prompts: Path, model: Path, extra: list[str], overrides: list[str]
+) -> dict:
+    """One engine in a fresh process (ours under `overrides`): its JSON result."""
     with tempfile.NamedTemporaryFile(suffix=".json") as out:
         common = ["--prompts", str(prompts), "--out", out.name, *extra]
         if engine == "vllm":
@@ -97,6 +102,7 @@ def run_engine(engine: str, peer: str, prompts: Path, model: Path, extra: list[s
         else:
             int4 = "true" if engine == "ours" else "false"
             command = [sys.executable, __file__, "--child", int4, *common]
+            command += ["--override", *overrides] if overrides else []
             env = dict(os.environ)
         done = subprocess.run(command, env=env, capture_output=True, text=True)
         if done.returncode:
@@ -104,7 +110,15 @@ def run_engine(engine: str, peer: str, prompts: Path, model: Path, extra: list[s
         return json.loads(Path(out.name).read_text())
 
 
-def child(int4: str, prompts_path: str, out: str, batches: list[int], repeats: int, steps: bool):
+def child(
+    int4: str,
+    prompts_path: str,
+    out: str,
+    batches: list[int],
+    repeats: int,
+    steps: bool,
+    overrides: list[str],
+):
     """Our side of `run_engine`: the default generator with the engine, 4-bit decode on or
     off, timing `Engine.generate` and decoding the text, as vLLM's `LLM.generate` does."""
     import torch
@@ -115,7 +129,7 @@ def child(int4: str, prompts_path: str, out: str, batches: list[int], repeats: i
 
     prompts = json.loads(Path(prompts_path).read_text())
     started = time.perf_counter()
-    overrides = ["model.ignore_eos=true", f"model.int4_decode={int4}"]
+    overrides = ["model.ignore_eos=true", f"model.int4_decode={int4}", *overrides]
     generator = load_generator(compose(overrides).model)
     engine = generator.engine
     assert engine is not None
@@ -154,13 +168,15 @@ def child(int4: str, prompts_path: str, out: str, batches: list[int], repeats: i
     Path(out).write_text(json.dumps(result))
 
 
-def in_process(peer: str, prompts: Path, model: Path, rounds: int, repeats: int) -> list[dict]:
+def in_process(
+    peer: str, prompts: Path, model: Path, rounds: int, repeats: int, overrides: list[str]
+) -> list[dict]:
     """`rounds` rounds of every engine at every batch size, the order reversed each round."""
     extra = ["--batches", *map(str, BATCHES), "--repeats", str(repeats)]
     results = []
     for n in range(rounds):
         order = ENGINES if n % 2 == 0 else ENGINES[::-1]
-        results.append({e: run_engine(e, peer, prompts, model, extra) for e in order})
+        results.append({e: run_engine(e, peer, prompts, model, extra, overrides) for e in order})
         for engine in ENGINES:
             figures = ", ".join(
                 f"{b}: {statistics.median(results[-1][engine]['batches'][str(b)]['seconds']):.3f} s"
@@ -209,12 +225,12 @@ def step_summary(steps: list[dict]) -> dict[str, dict[str, float]]:
     return summary
 
 
-def where_time_goes(peer: str, prompts: Path, model: Path) -> dict:
+def where_time_goes(peer: str, prompts: Path, model: Path, overrides: list[str]) -> dict:
     """Each engine step by step at STEP_BATCHES: `step_summary` of each run."""
     extra = ["--batches", *map(str, STEP_BATCHES), "--steps"]
     found: dict = {}
     for engine in ENGINES:
-        runs = run_engine(engine, peer, prompts, model, extra)["batches"]
+        runs = run_engine(engine, peer, prompts, model, extra, overrides)["batches"]
         found[engine] = {b: step_summary(runs[str(b)]) for b in STEP_BATCHES}
         for b in STEP_BATCHES:
             for kind, s in found[engine][b].items():
@@ -388,6 +404,10 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--served", action="store_true", help="also the served comparison")
     parser.add_argument("--steps", action="store_true", help="where the time goes instead")
+    parser.add_argument(
+        "--override", nargs="*", default=[], metavar="OVERRIDE",
+        help="config overrides for our engines in process (e.g. model.engine_slots=40)",
+    )  # fmt: skip
     parser.add_argument("--child", choices=("true", "false"), help=argparse.SUPPRESS)
     parser.add_argument("--prompts", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
@@ -395,7 +415,10 @@ def main() -> int:
     add_check_option(parser)
     args = parser.parse_args()
     if args.child:
-        child(args.child, args.prompts, args.out, args.batches, args.repeats, args.steps)
+        child(
+            args.child, args.prompts, args.out, args.batches, args.repeats, args.steps,
+            args.override,
+        )  # fmt: skip
         return 0
     record = BenchRecord("peer", vars(args))
     if not has_peer(args.peer):
@@ -407,9 +430,9 @@ def main() -> int:
         prompts.write_text(json.dumps(ids))
         record.note(prompt_tokens=[len(i) for i in ids], peer_env=PEER_ENV)
         if args.steps:
-            record.results["steps"] = where_time_goes(args.peer, prompts, model)
+            record.results["steps"] = where_time_goes(args.peer, prompts, model, args.override)
             return record.finish()
-        rounds = in_process(args.peer, prompts, model, args.rounds, args.repeats)
+        rounds = in_process(args.peer, prompts, model, args.rounds, args.repeats, args.override)
         record.note(peer=rounds[0]["vllm"]["versions"])
         last = rounds[-1]
         record.results["in_process"] = [

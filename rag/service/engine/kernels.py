@@ -1,11 +1,14 @@
 """The engine's own CPU kernels (kernels.cpp, built with the package by setup.py), loaded
 as torch operators when the library was built and the CPU runs what it was compiled for
 (AVX2 and FMA); `available` says so, and callers keep a torch fallback for the rest.
+RAGBENCH_KERNELS=0 in the environment leaves them unloaded: the torch path, as on a
+machine where they were not built (to test or measure it beside them).
 """
 
 from __future__ import annotations
 
 import importlib.util
+import os
 
 import torch
 
@@ -14,6 +17,8 @@ CAPABILITIES = ("AVX2", "AVX512")  # torch's names for CPUs that run x86-64-v3 c
 
 
 def _load() -> bool:
+    if os.environ.get("RAGBENCH_KERNELS") == "0":
+        return False
     spec = importlib.util.find_spec(LIBRARY)
     if spec is None or spec.origin is None:
         return False
