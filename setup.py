@@ -6,7 +6,7 @@ package installs alone and the engine computes those steps with torch."""
 import platform
 import warnings
 
-from setuptools import Extension, setup
+from setuptools import setup
 
 
 def kernels() -> dict:
@@ -18,11 +18,14 @@ def kernels() -> dict:
         return {}
 
     class OptionalBuild(BuildExtension):
-        def build_extension(self, ext: Extension) -> None:
+        """torch's build, where any failure (no compiler, an old one, a compile error:
+        torch checks the compiler before building) leaves the package without kernels."""
+
+        def run(self) -> None:
             try:
-                super().build_extension(ext)
-            except Exception as exc:  # a missing compiler, an old one: torch takes over
-                warnings.warn(f"{ext.name} not built ({exc}); the engine uses torch", stacklevel=1)
+                super().run()
+            except Exception as exc:
+                warnings.warn(f"kernels not built ({exc}); the engine uses torch", stacklevel=1)
 
     extension = CppExtension(
         "rag.service.engine._kernels",
