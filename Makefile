@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 
 .PHONY: install demo test lint bench clean-cache check-core gpu-bundle
 
-$(STAMP): requirements.txt requirements-models.txt pyproject.toml
+$(STAMP): requirements.txt requirements-models.txt pyproject.toml setup.py rag/service/engine/kernels.cpp
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -r requirements.txt

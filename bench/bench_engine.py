@@ -44,6 +44,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from rag.config import compose
 from rag.service.engine.int4 import Int4Linear
+from rag.service.engine.packed import PackedLinear
 from rag.service.generator import Generator
 from rag.service.models import load_generator, pick_device
 from rag.service.pipeline import Prepared, RAGPipeline
@@ -198,7 +199,7 @@ def read_bytes(linear: torch.nn.Module, rows: int) -> int:
     if isinstance(linear, Int4Linear) and rows <= linear.max_rows:
         return sum(t.nbytes for t in (*linear.packed, *linear.scales_zeros))
     dense = linear.dense if isinstance(linear, Int4Linear) else linear
-    return dense.weight.nbytes
+    return dense.nbytes if isinstance(dense, PackedLinear) else dense.weight.nbytes
 
 
 def weight_bytes(model: torch.nn.Module, rows: int) -> int:

@@ -14,6 +14,7 @@ from rag.service.engine.engine import Engine, Sequence
 from rag.service.engine.forward import rms_norm
 from rag.service.engine.fused import fuse
 from rag.service.engine.int4 import READERS, Int4Linear
+from rag.service.engine.packed import PackedLinear, can_pack
 from rag.service.engine.runner import SlotModel
 
 
@@ -91,6 +92,30 @@ def test_every_family_steps_to_the_logits_of_its_own_forward(family):
     decoded = slots.decode([7, 8, 9], [len(a), len(b), len(c)])
     expected = last_logits([*a, 7], [*b, 8], [*c, 9])
     torch.testing.assert_close(decoded, expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.skipif(
+    not can_pack(torch.ones(1, dtype=torch.bfloat16)), reason="no bf16 in this CPU's oneDNN"
+)
+def test_bf16_layers_packed_for_onednn_compute_what_they_computed():
+    """Every linear layer of a bf16 model gives its output from packed weights once the
+    engine is built, the layers fused into one included, and so does the model's own
+    forward."""
+    model = tiny_model("qwen2").to(torch.bfloat16)  # q, k and v biased
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    inputs = {n: torch.randn(5, m.in_features, dtype=torch.bfloat16) for n, m in linears.items()}
+    tokens = torch.tensor([[5, 17, 42, 7]])
+    with torch.inference_mode():
+        before = {n: m(inputs[n]) for n, m in linears.items()}
+        logits = model(tokens).logits
+    SlotModel(model, slots=2, positions=32)
+    attention = model.model.layers[0].self_attn
+    assert isinstance(attention.qkv_proj, PackedLinear)
+    assert not any(isinstance(m, torch.nn.Linear) for m in model.modules())
+    with torch.inference_mode():
+        for name, out in before.items():
+            torch.testing.assert_close(model.get_submodule(name)(inputs[name]), out)
+        torch.testing.assert_close(model(tokens).logits, logits)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -11,6 +11,7 @@ import torch
 from gguf import GGMLQuantizationType, quants
 
 from rag.config import compose
+from rag.service.engine import kernels
 from rag.service.engine.engine import Sequence
 from rag.service.engine.int4 import READERS, Int4Linear
 from rag.service.engine.slots import causal_mask, eager_attention, sdpa_attention
@@ -47,6 +48,18 @@ def test_engine_gives_generates_greedy_tokens_for_prompts_of_different_lengths(c
     prompts = prompts_of(generator)
     lengths = {len(ids) for ids in generator.encode(prompts)}
     assert len(lengths) == len(prompts)
+    reference = [generator.generate_with_transformers([p])[0] for p in prompts]
+    assert as_tuples(generator.generate(prompts)) == as_tuples(reference)
+
+
+def test_torchs_decode_attention_gives_generates_tokens_where_the_kernels_are_absent(
+    cache_dir, monkeypatch
+):
+    """The path of a machine without the engine's kernels (not built, or another CPU),
+    taken here whether or not they were built."""
+    monkeypatch.setattr(kernels, "LOADED", False)
+    generator = tiny_generator(cache_dir, "model.engine_slots=2", "model.max_new_tokens=12")
+    prompts = prompts_of(generator)
     reference = [generator.generate_with_transformers([p])[0] for p in prompts]
     assert as_tuples(generator.generate(prompts)) == as_tuples(reference)
 

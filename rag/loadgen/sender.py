@@ -135,6 +135,8 @@ class Sender:
     as send lag and latency.
     """
 
+    answer_field = "result"  # what a successful response's JSON object must hold
+
     def __init__(
         self,
         schedule: Schedule,
@@ -275,7 +277,7 @@ class Sender:
             row["done_s"] = clock() - t0
             row["status"] = resp.status
             row["response_bytes"] = len(payload)
-            _server_fields(row, _parse(resp.status, payload, "result"))
+            _server_fields(row, _parse(resp.status, payload, self.answer_field))
         except _Failed as failure:
             if row["done_s"] is None:
                 row["done_s"] = clock() - t0

@@ -19,13 +19,16 @@ from transformers import PreTrainedModel
 
 from rag.service.engine.fused import fuse
 from rag.service.engine.int4 import Int4Linear
+from rag.service.engine.packed import PackedLinear, SlicedLinear, can_pack, dense_product
 from rag.service.engine.slots import SlotCache, StepPlan, attention
 
 
 class Forward:
     """The forward pass of a Llama-pattern model (llama, mistral, qwen2, qwen3) over a slot
     cache.  Building it adds `qkv_proj` to each attention module and `gate_up_proj` to each
-    MLP (views of the layers' weights, no copy)."""
+    MLP (views of the layers' weights, no copy), and packs every dense bf16 weight it
+    multiplies with for oneDNN (`packed`; the layers fused into one read their rows of
+    it)."""
 
     def __init__(self, model: PreTrainedModel, cache: SlotCache) -> None:
         config = model.config
@@ -38,6 +41,8 @@ class Forward:
             attention, mlp = layer.self_attn, layer.mlp
             attention.qkv_proj = fuse([attention.q_proj, attention.k_proj, attention.v_proj])
             mlp.gate_up_proj = fuse([mlp.gate_proj, mlp.up_proj])
+        if can_pack(model.model.embed_tokens.weight):
+            pack_linear_layers(model)
 
     def __call__(self, tokens: torch.Tensor, plan: StepPlan, last: torch.Tensor) -> torch.Tensor:
         """The logits [len(last), vocab] after the tokens at `last` ([tokens] in, packed as
@@ -81,7 +86,7 @@ class Forward:
         return project(module.o_proj, attended)
 
     def _mlp(self, module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-        gate, up = project(module.gate_up_proj, x).split(module.gate_proj.out_features, dim=-1)
+        gate, up = project(module.gate_up_proj, x).chunk(2, dim=-1)
         return project(module.down_proj, module.act_fn(gate) * up)
 
 
@@ -98,4 +103,38 @@ def project(layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     overhead (a few microseconds, paid some 120 times a step)."""
     if isinstance(layer, Int4Linear):
         return layer.multiply(x)
-    return F.linear(x, layer.weight, layer.bias)
+    return dense_product(layer, x)
+
+
+def pack_linear_layers(model: PreTrainedModel) -> None:
+    """Pack the dense weight of every linear layer the forward pass multiplies with (a
+    4-bit layer packs the one it uses for many rows); the layers fused into q/k/v and
+    gate/up then read their rows of the packed fused weight, so no dense copy is kept."""
+    for layer in model.model.layers:
+        attention, mlp = layer.self_attn, layer.mlp
+        for parent, fused, parts in (
+            (attention, "qkv_proj", ("q_proj", "k_proj", "v_proj")),
+            (mlp, "gate_up_proj", ("gate_proj", "up_proj")),
+        ):
+            packed = _packed(getattr(parent, fused))
+            setattr(parent, fused, packed)
+            whole = packed.dense if isinstance(packed, Int4Linear) else packed
+            start = 0
+            for name in parts:
+                part = getattr(parent, name)
+                rows = SlicedLinear(whole, slice(start, start + part.out_features))
+                start += part.out_features
+                if isinstance(part, Int4Linear):
+                    part.dense = rows
+                else:
+                    setattr(parent, name, rows)
+        attention.o_proj = _packed(attention.o_proj)
+        mlp.down_proj = _packed(mlp.down_proj)
+    model.lm_head = _packed(model.lm_head)
+
+
+def _packed(layer: torch.nn.Module) -> torch.nn.Module:
+    if isinstance(layer, Int4Linear):
+        layer.dense = PackedLinear(layer.dense)
+        return layer
+    return PackedLinear(layer)

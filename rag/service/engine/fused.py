@@ -3,8 +3,8 @@
 At decode, a matmul of a few rows costs a fixed overhead per call plus its weights'
 bytes; one call over the concatenated weights reads the input once and pays the overhead
 once (vLLM's QKVParallelLinear and MergedColumnParallelLinear do the same).  The layers
-keep working on their own (prefill calls them): their weights become views into the
-concatenation, so nothing is stored twice.
+keep working on their own (the model's own forward still runs): their weights become
+views into the concatenation, so nothing is stored twice.
 """
 
 from __future__ import annotations

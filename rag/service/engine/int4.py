@@ -8,8 +8,9 @@ embedding / LM head is Q8_0 (w = d x q, q in -127..127): q = 16 x hi + lo splits
 4-bit matrices whose products add up to the same result.  Nothing is rounded beyond what the
 GGUF holds, except the scales, which the kernel takes in the activations' dtype.
 
-Each replaced layer keeps its dense weight for many rows (prefill, large batches), where a
-dense bf16 matmul is faster than unpacking 4-bit groups.
+Each replaced layer keeps its dense weight (packed for oneDNN where it is bf16) for many
+rows (prefill, large batches), where a dense bf16 matmul is faster than unpacking 4-bit
+groups.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from gguf import GGMLQuantizationType, GGUFReader
 from torch.utils.flop_counter import register_flop_formula
 from transformers import PreTrainedModel
@@ -29,6 +29,8 @@ from transformers.modeling_gguf_pytorch_utils import (
     TensorProcessor,
     get_gguf_hf_weights_map,
 )
+
+from rag.service.engine.packed import dense_product
 
 GROUP = 32
 INT4_MM = torch.ops.aten._weight_int4pack_mm_for_cpu
@@ -125,7 +127,7 @@ class Int4Linear(torch.nn.Module):
         """The output for contiguous rows [rows, in] (`forward` without nn.Module's call
         and reshapes, which cost a few microseconds a call)."""
         if flat.shape[0] > self.max_rows:
-            return F.linear(flat, self.dense.weight, self.dense.bias)
+            return dense_product(self.dense, flat)
         out = INT4_MM(flat, self.packed[0], GROUP, self.scales_zeros[0])
         for packed, scales_zeros in zip(self.packed[1:], self.scales_zeros[1:], strict=True):
             out = out + INT4_MM(flat, packed, GROUP, scales_zeros)

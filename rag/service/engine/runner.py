@@ -126,10 +126,10 @@ class SlotModel:
         slot_of_token.extend(range(rows))
         position_of_token.extend(positions)
         span = max(positions, default=-1) + 1
+        lengths = self._long([p + 1 for p in positions])
         mask = None
         if rows and min(positions) < max(positions):
-            where = self._long(positions)
-            visible = torch.arange(span, device=self.device)[None, :] <= where[:, None]
+            visible = torch.arange(span, device=self.device)[None, :] < lengths[:, None]
             mask = visible[:, None, None, :]
         keys, values = (
             c[:, :rows, :span].transpose(2, 3) for c in (self.cache.keys, self.cache.values)
@@ -137,7 +137,7 @@ class SlotModel:
         plan = StepPlan(
             self._long(slot_of_token), self._long(position_of_token), tuple(spans),
             tuple(self._prompt_mask(count, past) for _, _, count, past in spans),
-            rows, span, mask, keys, values,
+            rows, span, lengths, mask, keys, values,
         )  # fmt: skip
         return self.forward(self._long(tokens), plan, self._long(last))
 

@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
+from rag.service.engine import kernels
+
 
 @dataclass(frozen=True)
 class StepPlan:
@@ -26,10 +28,10 @@ class StepPlan:
     prefix; `span_masks`: each one's `causal_mask` on the CPU, None elsewhere), then one
     token for each of slots 0..rows-1 being decoded.  Each token's keys go to
     (`slot_of_token`, `position_of_token`).  A decoded row attends to its slot's first
-    position + 1 keys (`mask`: [rows, 1, 1, span], boolean or additive; None when every
-    row sees all `span`), read through `decode_keys` and `decode_values` ([layers, rows,
-    kv_heads, span, head_dim] views of the cache, taken once per step rather than once per
-    layer)."""
+    `lengths[row]` keys (= its position + 1): the CPU kernel reads them in place; torch's
+    attention reads `decode_keys` and `decode_values` ([layers, rows, kv_heads, span,
+    head_dim] views of the cache, taken once per step rather than once per layer) under
+    `mask` ([rows, 1, 1, span], boolean or additive; None when every row sees all `span`)."""
 
     slot_of_token: torch.Tensor
     position_of_token: torch.Tensor
@@ -37,6 +39,7 @@ class StepPlan:
     span_masks: tuple[torch.Tensor | None, ...]
     rows: int
     span: int
+    lengths: torch.Tensor
     mask: torch.Tensor | None
     decode_keys: torch.Tensor
     decode_values: torch.Tensor
@@ -171,8 +174,13 @@ def sdpa_attention(
 def _decode_attention(
     cache: SlotCache, layer: int, plan: StepPlan, query: torch.Tensor, scale: float
 ) -> torch.Tensor:
-    """One query per decoded row ([rows, heads, head_dim]); [rows, heads x head_dim]."""
+    """One query per decoded row ([rows, heads, head_dim]); [rows, heads x head_dim].  On
+    the CPU the engine's kernel where it was built, reading the cache in place."""
     rows, heads, head_dim = query.shape
+    if kernels.available(query):
+        keys, values = cache.keys[layer], cache.values[layer]
+        out = kernels.decode_attention(query, keys, values, plan.lengths, scale)
+        return out.view(rows, heads * head_dim)
     keys, values = plan.decode_keys[layer], plan.decode_values[layer]
     kv_heads = keys.shape[1]
     # One query token per row: the query heads sharing a key head act as that head's

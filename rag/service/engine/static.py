@@ -95,7 +95,7 @@ class StaticDecode:
             c[:, :bucket, :span].transpose(2, 3) for c in (self.cache.keys, self.cache.values)
         )
         rows = self.slot_index[:bucket]
-        plan = StepPlan(rows, positions, (), (), bucket, span, mask, keys, values)
+        plan = StepPlan(rows, positions, (), (), bucket, span, positions + 1, mask, keys, values)
         return self.forward(tokens, plan, rows)
 
     def _capture(self, bucket: int, span: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
