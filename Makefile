@@ -7,6 +7,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+TEST_WORKERS ?= 2
 
 .PHONY: install demo test lint bench clean-cache check-core gpu-bundle
 
@@ -23,8 +24,9 @@ install: $(STAMP)
 demo: install
 	$(BIN)/python -m rag.demo
 
+# Two workers: servers starting in one overlap another's model work (tests/conftest.py groups them).
 test: install
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadgroup
 
 lint: install
 	$(BIN)/ruff check .

@@ -21,7 +21,12 @@ from rag.cluster.process import ServerProcess
 
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One model and embedding cache for the whole session, never the user's own."""
+    """One model and embedding cache for the whole session, never the user's own, shared
+    by the xdist workers (the cache is built once under a file lock, published whole)."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = tmp_path_factory.getbasetemp().parent / "ragbench-cache"
+        shared.mkdir(exist_ok=True)
+        return shared
     return tmp_path_factory.mktemp("ragbench-cache")
 
 
@@ -69,7 +74,9 @@ def cuda_visible() -> bool:
     return torch.cuda.is_available()
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    _group_for_workers(items)
     marked = [item for item in items if item.get_closest_marker("slurm")]
     if marked and not slurm_cluster_up():
         skip = pytest.mark.skip(
@@ -84,3 +91,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         skip = pytest.mark.skip(reason="no CUDA GPU visible: bench/gpu_check.sh runs these on one")
         for item in on_gpu:
             item.add_marker(skip)
+
+
+def _group_for_workers(items: list[pytest.Item]) -> None:
+    """`make test` runs two pytest-xdist workers with `--dist loadgroup`: a file's tests stay
+    on one worker (they share module fixtures: a sweep, a started server), and every test on
+    the one-node SLURM cluster on the same one, so two never compete for its two CPUs."""
+    for item in items:
+        group = "slurm" if item.get_closest_marker("slurm") else item.nodeid.split("::")[0]
+        item.add_marker(pytest.mark.xdist_group(group))

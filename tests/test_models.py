@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import json
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 import torch
+from cluster_helpers import wait_for
+from filelock import FileLock
 
 from rag.config import compose
 from rag.service.models import (
@@ -143,6 +146,23 @@ def test_gguf_cache_is_built_once_and_a_corrupt_one_rebuilt(tmp_path, cache_dir)
     (copy / CACHE_MANIFEST).unlink()  # as if the process died before finishing
     assert dequantized_cache(source, private) == copy
     assert (copy / CACHE_MANIFEST).exists()
+
+
+@pytest.mark.packaged
+def test_starts_that_meet_on_a_fresh_cache_build_it_once(tmp_path, cache_dir, caplog):
+    source = resolve_source(GGUF_SPEC)
+    built = dequantized_cache(source, compose([f"model.cache_dir={cache_dir}"]).model)
+    private = compose([f"model.cache_dir={tmp_path}"]).model
+    target = tmp_path / "models" / built.name
+    first = FileLock(target.parent / f".{target.name}.lock")  # another start, building
+    first.acquire()
+    with ThreadPoolExecutor(1) as pool:
+        later = pool.submit(dequantized_cache, source, private)
+        wait_for(lambda: "waiting for it" in caplog.text, 60, "the later start waits")
+        shutil.copytree(built, target)  # what the first start publishes
+        first.release()
+        assert later.result(timeout=120) == target
+    assert "dequantising" not in caplog.text
 
 
 @pytest.mark.packaged

@@ -30,7 +30,10 @@ def test_every_point_writes_its_files(swept: Path):
         meta = json.loads((folder / "meta.json").read_text())
         assert len(summary) == 1 and len(requests) == 12
         row = summary.iloc[0]
-        assert row["ok"] == 12 and row["schedule_kept"]
+        assert row["ok"] == 12
+        # Whether 12 sends kept their times says how busy the machine was, not whether the
+        # sweep works (bench_loadgen measures that); a point that did not says why.
+        assert row["schedule_kept"] or row["schedule_kept_reason"]
         assert row["point"] == folder.name and row["tag"] == "t1"
         for frame in (summary, requests):  # the run tag and the varying keys on every row
             assert {"tag", "variant", "offered_rps", "timing_mode", "rps"} <= set(frame)

@@ -16,11 +16,14 @@ import json
 import logging
 import platform
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import transformers
+from filelock import FileLock, Timeout
 from transformers import (
     AutoModel,
     AutoModelForCausalLM,
@@ -180,11 +183,37 @@ def dequantized_cache(source: ResolvedSource, cfg: ModelConfig) -> Path:
     # Keyed by content (hashing is quick next to dequantising): every checkout and venv
     # shares one cache entry.
     folder = cache_root(cfg) / f"{gguf.stem}-{_file_digest(gguf)[:16]}"
-    if folder.exists():
-        if _cache_is_complete(folder):
-            return folder
-        log.warning("model cache %s is corrupt or incomplete; rebuilding it", folder)
-        shutil.rmtree(folder)
+    with _one_builder(folder):
+        if folder.exists():
+            if _cache_is_complete(folder):
+                return folder
+            log.warning("model cache %s is corrupt or incomplete; rebuilding it", folder)
+            shutil.rmtree(folder)
+        _dequantize(source, folder)
+    return folder
+
+
+@contextmanager
+def _one_builder(folder: Path) -> Iterator[None]:
+    """Hold `folder`'s build lock: replicas (or test workers) starting together on a fresh
+    cache build it once; the others wait for the first, then find the cache complete."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(folder.parent / f".{folder.name}.lock")
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        log.warning("another process is building %s; waiting for it", folder.name)
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _dequantize(source: ResolvedSource, folder: Path) -> None:
+    """Load the GGUF through transformers (which dequantises it) and publish it as `folder`."""
+    assert source.path is not None and source.gguf_file is not None
+    gguf = source.path / source.gguf_file
     log.warning("dequantising %s once (about 15 s); later starts load the cache", gguf.name)
     tokenizer = AutoTokenizer.from_pretrained(source.path, gguf_file=source.gguf_file)
     model = AutoModelForCausalLM.from_pretrained(
@@ -199,7 +228,6 @@ def dequantized_cache(source: ResolvedSource, cfg: ModelConfig) -> Path:
         model.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
         _write_manifest(staging)
-    return folder
 
 
 def _load_tokenizer(source: ResolvedSource) -> PreTrainedTokenizerBase:
