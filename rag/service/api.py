@@ -91,9 +91,17 @@ RAG_ERRORS: dict[int | str, dict[str, Any]] = {
     504: _error("Not answered within the request deadline; it was not computed."),
 }
 
+# One Server-Sent Event, as a client parses it: an optional name and its data (JSON text,
+# or OpenAI's `[DONE]`).
+EVENT_SCHEMA = {
+    "type": "object",
+    "required": ["data"],
+    "properties": {"event": {"type": "string"}, "data": {"type": "string"}},
+}
+
 RAG_STREAM = {
     "text/event-stream": {
-        "schema": {"type": "string"},
+        "schema": EVENT_SCHEMA,
         "description": "With `stream`: events docs, token (one per step), then done or error.",
     }
 }

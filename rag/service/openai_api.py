@@ -22,6 +22,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.requests import ClientDisconnect
 
 from rag.config import token_limit
+from rag.service.api import EVENT_SCHEMA
 from rag.service.events import Event, Kind
 from rag.service.params import Integer, Invalid, Only, Param, decoding_of, read_params
 from rag.service.questions import Question
@@ -119,7 +120,7 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 STREAMED = {
     "content": {
         "application/json": {"schema": {"type": "object"}},
-        "text/event-stream": {"schema": {"type": "string"}},
+        "text/event-stream": {"schema": EVENT_SCHEMA},
     },
     "description": "The completion, or with `stream` its chunks as Server-Sent Events.",
 }
