@@ -47,6 +47,7 @@ from rag.service.engine.int4 import Int4Linear
 from rag.service.generator import Generator
 from rag.service.models import load_generator, pick_device
 from rag.service.pipeline import Prepared, RAGPipeline
+from rag.service.questions import Decoding, Question
 
 MAX_LATENCY_RATIO = 0.5
 MIN_AGREEMENT = 0.95
@@ -79,6 +80,13 @@ def without_prefix(generator: Generator) -> Iterator[None]:
         generator.engine.set_shared_prefix(prefix)
 
 
+def generate(generator: Generator, prompts: list[str], max_new_tokens: int) -> list:
+    """The generator's answers to `prompts`, each at most `max_new_tokens` long (the
+    configuration's other settings)."""
+    decoding = Decoding.configured(generator.cfg, max_new_tokens)
+    return generator.generate(prompts, [Question(p, 0, decoding) for p in prompts])
+
+
 def seconds(call: Callable[[], object]) -> float:
     started = time.perf_counter()
     call()
@@ -95,14 +103,14 @@ def latencies(engine: Generator, today: Generator, prompts: list[str]) -> dict[s
     """Median seconds of each path for one prompt and 32 tokens, the paths interleaved per
     prompt so that they see the same moments of the machine; and the median ratios."""
     paths: dict[str, Callable[[str], object]] = {
-        "today": lambda p: today.generate([p]),
-        "engine": lambda p: engine.generate([p]),
+        "today": lambda p: generate(today, [p], 32),
+        "engine": lambda p: generate(engine, [p], 32),
     }
 
     def variant(*contexts: Callable[[Generator], object]) -> Callable[[str], object]:
         def run(p: str) -> object:
             with _all(engine, contexts):
-                return engine.generate([p])
+                return generate(engine, [p], 32)
 
         return run
 
