@@ -48,6 +48,7 @@ from rag.service.engine.packed import PackedLinear
 from rag.service.generator import Generator
 from rag.service.models import load_generator, pick_device
 from rag.service.pipeline import Prepared, RAGPipeline
+from rag.service.questions import Decoding, Question
 
 MAX_LATENCY_RATIO = 0.5
 MIN_AGREEMENT = 0.95
@@ -80,6 +81,13 @@ def without_prefix(generator: Generator) -> Iterator[None]:
         generator.engine.set_shared_prefix(prefix)
 
 
+def generate(generator: Generator, prompts: list[str], max_new_tokens: int) -> list:
+    """The generator's answers to `prompts`, each at most `max_new_tokens` long (the
+    configuration's other settings)."""
+    decoding = Decoding.configured(generator.cfg, max_new_tokens)
+    return generator.generate(prompts, [Question(p, 0, decoding) for p in prompts])
+
+
 def seconds(call: Callable[[], object]) -> float:
     started = time.perf_counter()
     call()
@@ -88,7 +96,7 @@ def seconds(call: Callable[[], object]) -> float:
 
 def rag_prompts(pipeline: RAGPipeline, n: int, start: int = 0) -> list[str]:
     queries = demo_queries(n, start)
-    prepared = pipeline.prepare(queries, [2] * n)
+    prepared = pipeline.prepare(pipeline.ask(queries, [2] * n))
     return [p.prompt for p in prepared if isinstance(p, Prepared)]
 
 
@@ -96,14 +104,14 @@ def latencies(engine: Generator, today: Generator, prompts: list[str]) -> dict[s
     """Median seconds of each path for one prompt and 32 tokens, the paths interleaved per
     prompt so that they see the same moments of the machine; and the median ratios."""
     paths: dict[str, Callable[[str], object]] = {
-        "today": lambda p: today.generate([p], 32),
-        "engine": lambda p: engine.generate([p], 32),
+        "today": lambda p: generate(today, [p], 32),
+        "engine": lambda p: generate(engine, [p], 32),
     }
 
     def variant(*contexts: Callable[[Generator], object]) -> Callable[[str], object]:
         def run(p: str) -> object:
             with _all(engine, contexts):
-                return engine.generate([p], 32)
+                return generate(engine, [p], 32)
 
         return run
 

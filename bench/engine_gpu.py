@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
-from bench_engine import rag_prompts, seconds, weight_bytes
+from bench_engine import generate, rag_prompts, seconds, weight_bytes
 from record import (
     BenchRecord,
     cuda_copy_gbs,
@@ -93,9 +93,9 @@ def decode_step_seconds(generator: Generator, prompt: list[int], steps: int) -> 
 
 def tokens_per_second(generator: Generator, prompts: list[str]) -> float:
     """Output tokens per second of one batch of `prompts`, best of two after a warm-up."""
-    answers = generator.generate(prompts, NEW_TOKENS)
+    answers = generate(generator, prompts, NEW_TOKENS)
     assert all(a.new_tokens == NEW_TOKENS for a in answers), "every answer must be full length"
-    best = min(seconds(lambda: generator.generate(prompts, NEW_TOKENS)) for _ in range(2))
+    best = min(seconds(lambda: generate(generator, prompts, NEW_TOKENS)) for _ in range(2))
     return len(prompts) * NEW_TOKENS / best
 
 
@@ -158,13 +158,13 @@ def gpu_suite(args: argparse.Namespace, record: BenchRecord) -> None:
     generators = {"engine": engine, "generate": today}
     rates = {name: tokens_per_second(g, prompts) for name, g in generators.items()}
     with decode_path(engine, "dynamic"):
-        flops = counted_flops(engine, lambda: engine.generate(prompts, NEW_TOKENS))
+        flops = counted_flops(engine, lambda: generate(engine, prompts, NEW_TOKENS))
     engine_gflops = flops / (args.batch * NEW_TOKENS / rates["engine"]) / 1e9
 
     single = rag_prompts(pipeline, LATENCY_PROMPTS, start=300)
     latency = {
         name: statistics.median(
-            seconds(lambda g=g, p=p: g.generate([p], NEW_TOKENS)) for p in single
+            seconds(lambda g=g, p=p: generate(g, [p], NEW_TOKENS)) for p in single
         )
         for name, g in generators.items()
     }

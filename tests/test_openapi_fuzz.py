@@ -35,5 +35,5 @@ def test_the_server_does_what_its_openapi_document_says(cache_overrides, tmp_pat
         )  # fmt: skip
     assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-2000:]
     assert "No issues found" in run.stdout
-    assert "7 selected / 7 total" in run.stdout  # rag, ping, ready (GET and HEAD), ...
+    assert "10 selected / 10 total" in run.stdout  # rag, ping, ready (GET and HEAD), v1, ...
     assert "Traceback" not in log.read_text()
