@@ -34,7 +34,7 @@ from rag.harness.files import (
     write_failure,
 )
 from rag.harness.search import run_search
-from rag.loadgen import ROW_COLUMNS, LoadConfig, run_load_async
+from rag.loadgen import LoadConfig, csv_table, run_load_async
 from rag.storage import write_csv, write_json
 
 log = logging.getLogger("rag.harness")
@@ -183,9 +183,7 @@ def _stats(url: str) -> dict[str, Any]:
 
 def _write(point: Point, rows: Rows, summary: dict[str, Any], meta: dict[str, Any]) -> None:
     columns = point.columns()
-    request_rows = [{**columns, **row} for row in rows]
-    extra = sorted(set().union(*rows) - set(ROW_COLUMNS) - set(columns)) if rows else []
-    write_csv(point.folder / "requests.csv", request_rows, [*columns, *ROW_COLUMNS, *extra])
+    write_csv(point.folder / "requests.csv", *csv_table(rows, columns))
     write_json(point.folder / "meta.json", meta)
     row = {**columns, **summary}
     write_csv(point.folder / SUMMARY, [row], list(row))  # last: marks the point done
