@@ -5,10 +5,13 @@ failure.json while the sweep goes on, and no process outlives its point."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pandas as pd
 import pytest
+from aiohttp import web
+from loadgen_server import LocalServer, chat_chunks, event_stream
 from sweep_helpers import SMALL, VARIANTS, leftovers, points, sweep
 
 from rag.harness.report import aggregate
@@ -130,3 +133,33 @@ def test_max_rps_search(tmp_path: Path, cache_overrides: list[str]):
     assert sorted(requests["trial"].unique()) == list(range(len(trials)))
     aggregate(tmp_path / "outputs", tmp_path / "results")
     assert (tmp_path / "results" / "max_rps.png").exists()
+
+
+def test_an_external_openai_server_swept_with_repeats_has_token_plots_and_goodput(
+    tmp_path: Path,
+):
+    async def chat(request: web.Request) -> web.StreamResponse:
+        if request.path == "/v1/models":
+            return web.json_response({"data": [{"id": "served-model"}]})
+        return await event_stream(request, chat_chunks(3), gap_s=0.01)
+
+    with LocalServer(chat) as server:
+        sweep(tmp_path, "variant=external", "api=openai-chat", f"target={server.url}",
+              "rps=5,10", "seed=0,1", "slo.ttft_s=5", "slo.tpot_s=5", "tag=t6", *SMALL)  # fmt: skip
+    assert server.hits["/v1/chat/completions"] == 4 * (12 + 2)  # each point's warm-up and load
+    folders = points(tmp_path, "t6")
+    assert len(folders) == 4
+    for folder in folders:
+        summary = pd.read_csv(folder / "summary.csv").iloc[0]
+        assert summary["ok"] == 12 and summary["api"] == "openai-chat"
+        assert summary["model"] == "external" and summary["output_tokens_total"] == 36
+        assert summary["ttft_p50_s"] > 0 and summary["good"] == 12
+        requests = pd.read_csv(folder / "requests.csv")
+        assert requests["ttft_s"].notna().all() and (requests["output_tokens"] == 3).all()
+    out = tmp_path / "results"
+    table = aggregate(tmp_path / "outputs", out)
+    assert (table["repeats"] == 2).all() and table["setting"].nunique() == 2
+    assert not table["setting"].str.contains("seed").any()
+    assert {"tokens", "goodput", "latency", "throughput"} <= {p.stem for p in out.glob("*.png")}
+    report = (out / "report.html").read_text()
+    assert re.search(r"2 repeats: 2 settings", report) and "TTFT p50 s" in report

@@ -73,10 +73,12 @@ class Point:
             "tag": cfg.tag,
             "point": self.name,
             "variant": variant.name,
-            "model": "external" if self.external else cfg.model.name,
+            "model": (cfg.model_name or "external") if self.external else cfg.model.name,
             "corpus": "external" if self.external else cfg.corpus.name,
+            "api": cfg.load.api,
             "offered_rps": cfg.load.rps,
             "timing_mode": cfg.load.timing_mode,
+            "concurrency": cfg.load.concurrency,
             "max_batch_size": max_batch_size,
             "max_wait_ms": max_wait_ms,
         }
