@@ -87,7 +87,7 @@ def seconds(call: Callable[[], object]) -> float:
 
 def rag_prompts(pipeline: RAGPipeline, n: int, start: int = 0) -> list[str]:
     queries = demo_queries(n, start)
-    prepared = pipeline.prepare(queries, [2] * n)
+    prepared = pipeline.prepare(pipeline.ask(queries, [2] * n))
     return [p.prompt for p in prepared if isinstance(p, Prepared)]
 
 
@@ -95,14 +95,14 @@ def latencies(engine: Generator, today: Generator, prompts: list[str]) -> dict[s
     """Median seconds of each path for one prompt and 32 tokens, the paths interleaved per
     prompt so that they see the same moments of the machine; and the median ratios."""
     paths: dict[str, Callable[[str], object]] = {
-        "today": lambda p: today.generate([p], 32),
-        "engine": lambda p: engine.generate([p], 32),
+        "today": lambda p: today.generate([p]),
+        "engine": lambda p: engine.generate([p]),
     }
 
     def variant(*contexts: Callable[[Generator], object]) -> Callable[[str], object]:
         def run(p: str) -> object:
             with _all(engine, contexts):
-                return engine.generate([p], 32)
+                return engine.generate([p])
 
         return run
 

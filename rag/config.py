@@ -118,6 +118,11 @@ class VariantConfig:
     scaling: ScalingConfig | None = None  # set by variant=scaling
 
 
+def token_limit(cfg: Config | DictConfig) -> int:
+    """The most new tokens a request may ask for."""
+    return max(cfg.server.max_tokens_limit, 0) or cfg.model.max_new_tokens
+
+
 def batch_limits(variant: VariantConfig | DictConfig) -> tuple[int, float]:
     """(max_batch_size, max_wait_ms) as the variant runs them: one at a time is batches
     of one that never wait, whatever the keys say (a sweep may set them for every variant)."""
@@ -189,6 +194,9 @@ class ServerConfig:
     head_timeout_s: float = 10.0  # a connection must send a full request head within this
     body_timeout_s: float = 10.0  # and then the whole body within this (408 if not)
     drain_timeout_s: float = 30.0
+    # The most tokens a request may ask for (`max_tokens`); 0 = model.max_new_tokens, which
+    # is also what a request that does not ask gets.
+    max_tokens_limit: int = 0
     warmup: bool = True
     log_level: str = "warning"
     replica_id: str = ""  # set by the scaling variant's launcher; answers then name it

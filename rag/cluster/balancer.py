@@ -1,16 +1,20 @@
 """The load balancer: a reverse proxy in front of the replicas, an ASGI app served by uvicorn
 with the same guards as the RAG server (rag.web).
 
-`POST /rag` is forwarded to one ready replica, chosen by the configured policy from the
-balancer's own in-flight counters, and its answer returned as it came.  A request that
+`POST /rag` and the OpenAI-compatible routes (`/v1/...`) are forwarded to one ready
+replica, chosen by the configured policy from the balancer's own in-flight counters, and its
+answer returned as it came; a streamed answer (Server-Sent Events) is passed on unbuffered,
+event by event, and one whose replica fails mid-answer ends with an error event in its API's
+format (the client sees the failure, not a hang).  A request that
 never reached a replica (connection refused: the replica is gone) is retried once on
 another; one that a replica accepted is never sent twice.  A client that disconnects
-cancels its forwarded request (the replica then drops it before computing it).
+cancels its forwarded request (the replica then drops it, or stops generating it).
 
 What it accepts is bounded as the server bounds it, by the same code: the JSON content
 type (415), the body counted as it arrives (413) and due within a deadline (408), the
 connection cap, the head timeout and head limits, protocol errors as JSON; each hop has a
-timeout.  Errors are JSON with a `detail`, like the server's.
+timeout (the longest a replica may stay silent, so a long stream is not cut).  Errors are
+JSON with a `detail`, like the server's, and OpenAI's error object under `/v1/`.
 
 Registration (`/register`, `/unregister`) lets a replica started elsewhere (a SLURM job)
 report where it listens; it always needs the balancer's token (loopback is no trust
@@ -41,6 +45,7 @@ from yarl import URL
 from rag.cluster.pool import Replica, ReplicaPool, State
 from rag.web import (
     CLIENT_GONE,
+    V1_PATHS,
     ASGIApp,
     BadJSON,
     BodyLimit,
@@ -48,7 +53,9 @@ from rag.web import (
     ConnectionGuard,
     CountResponses,
     NotJSON,
+    OpenAIErrors,
     bind_socket,
+    error_frame,
     guarded_config,
     json_error,
     parse_json,
@@ -57,6 +64,7 @@ from rag.web import (
     unless_client_leaves,
 )
 from rag.web.asgi import Receive, Scope, Send
+from rag.web.sse import HEADERS as EVENT_STREAM_HEADERS
 
 log = logging.getLogger("rag.cluster")
 
@@ -73,9 +81,10 @@ def is_loopback(host: str) -> bool:
 
 
 @functools.lru_cache(maxsize=1024)
-def rag_url(base: str) -> URL:
-    """A replica's /rag URL, parsed once (parsing on every request costs the hot path)."""
-    return URL(base) / "rag"
+def replica_url(base: str, path: str = "/rag") -> URL:
+    """A replica's URL for `path`, parsed once (parsing on every request costs the hot
+    path)."""
+    return URL(base + path)
 
 
 def replica_address(url: object, expected_host: str | None) -> str:
@@ -122,6 +131,17 @@ class BalancerMetrics:
         self.requests = Counter(
             "balancer_requests", "Requests to /rag by status", ["status"], registry=self.registry
         )
+        self.v1_requests = Counter(
+            "balancer_v1_requests",
+            "Requests to the OpenAI-compatible routes by route and status",
+            ["endpoint", "status"],
+            registry=self.registry,
+        )
+        self.broken_streams = Counter(
+            "balancer_broken_streams",
+            "Streamed answers ended with an error event: the replica failed mid-answer",
+            registry=self.registry,
+        )
         self.retries = Counter(
             "balancer_retries",
             "Requests re-sent because the first replica refused the connection",
@@ -149,8 +169,11 @@ class BalancerMetrics:
         for outcome in ("open", "refused", "timed_out", "evicted", "malformed"):
             connections.labels(outcome).set_function(lambda o=outcome: getattr(guard, o))
 
-    def count_response(self, status: int) -> None:
-        self.requests.labels(str(status)).inc()
+    def count_response(self, path: str, status: int) -> None:
+        if path == "/rag":
+            self.requests.labels(str(status)).inc()
+        else:
+            self.v1_requests.labels(path, str(status)).inc()
 
 
 class Route(NamedTuple):
@@ -173,11 +196,17 @@ class Balancer:
         self.settings = settings
         self.guard = ConnectionGuard(settings.max_connections, settings.head_timeout_s)
         self.metrics = BalancerMetrics(pool, self.guard)
-        self.hop_timeout = aiohttp.ClientTimeout(total=settings.hop_timeout_s)
+        # No byte from the replica for this long fails the hop (a long stream is not cut).
+        self.hop_timeout = aiohttp.ClientTimeout(
+            total=None, sock_connect=settings.hop_timeout_s, sock_read=settings.hop_timeout_s
+        )
         self.server: uvicorn.Server | None = None
         get, post = frozenset({"GET", "HEAD"}), frozenset({"POST"})
         self.routes = {
             "/rag": Route(post, self.rag),
+            "/v1/chat/completions": Route(post, self.rag),
+            "/v1/completions": Route(post, self.rag),
+            "/v1/models": Route(get, self.models),
             "/assign": Route(get, self.assign),
             "/ping": Route(get, self.ping),
             "/ready": Route(get, self.ready),
@@ -190,10 +219,12 @@ class Balancer:
         self._serving: asyncio.Task[None] | None = None
 
     def app(self) -> ASGIApp:
-        """The balancer as uvicorn runs it: every /rag answer counted, every body bounded."""
+        """The balancer as uvicorn runs it: every forwarded answer counted, every body
+        bounded, errors under /v1/ in OpenAI's format."""
         settings = self.settings
         bounded = BodyLimit(self._dispatch, settings.max_body_bytes, settings.body_timeout_s)
-        return CountResponses(bounded, "/rag", self.metrics.count_response)
+        paths = ("/rag", *V1_PATHS)
+        return CountResponses(OpenAIErrors(bounded), paths, self.metrics.count_response)
 
     async def _dispatch(self, scope: Scope, receive: Receive, send: Send) -> None:
         """A route by path and method (a dict look-up: the proxy's hot path stays short);
@@ -274,9 +305,16 @@ class Balancer:
         if not self.pool.ready:
             return json_error(503, "no replica is ready", {"Retry-After": "1"})
         replica = self.settings.policy.choose(self.pool.ready)
-        return JSONResponse({"backend": str(rag_url(replica.url))})
+        return JSONResponse({"backend": str(replica_url(replica.url))})
+
+    async def models(self, request: Request) -> Response:
+        """The replicas' model list (every replica serves the same model)."""
+        route = self._route(request.url.path, "GET", b"", {})
+        response = await unless_client_leaves(route, request.receive)
+        return response if response is not None else Response(status_code=CLIENT_GONE)
 
     async def rag(self, request: Request) -> Response:
+        """`/rag` and the OpenAI-compatible POST routes, forwarded."""
         try:
             require_json(request.headers.get("content-type"))
         except NotJSON as exc:
@@ -286,10 +324,13 @@ class Balancer:
         except ClientDisconnect:
             return Response(status_code=CLIENT_GONE)
         headers = {"Content-Type": request.headers["content-type"]}
-        response = await unless_client_leaves(self._route(body, headers), request.receive)
+        route = self._route(request.url.path, "POST", body, headers)
+        response = await unless_client_leaves(route, request.receive)
         return response if response is not None else Response(status_code=CLIENT_GONE)
 
-    async def _route(self, body: bytes, headers: dict[str, str]) -> Response:
+    async def _route(
+        self, path: str, method: str, body: bytes, headers: dict[str, str]
+    ) -> Response:
         tried: set[Replica] = set()
         for attempt in range(2):
             candidates = [r for r in self.pool.ready if r not in tried]
@@ -299,28 +340,38 @@ class Balancer:
             tried.add(replica)
             if attempt:
                 self.metrics.retries.inc()
-            response = await self._forward(replica, body, headers)
+            response = await self._forward(replica, path, method, body, headers)
             if response is not None:
                 return response
         return json_error(503, "no replica is ready; retry shortly", {"Retry-After": "1"})
 
     async def _forward(
-        self, replica: Replica, body: bytes, headers: dict[str, str]
+        self, replica: Replica, path: str, method: str, body: bytes, headers: dict[str, str]
     ) -> Response | None:
         """One hop.  None when the replica refused the connection (the request never
-        reached it, so it may go to another)."""
+        reached it, so it may go to another).  A streamed answer is handed on to a Relay,
+        which then holds the replica's count of requests in flight."""
         session = self.pool.session
         assert session is not None
         self.pool.begin(replica)
+        relayed = False
         try:
-            async with session.post(
-                rag_url(replica.url), data=body, headers=headers, timeout=self.hop_timeout
-            ) as upstream:
+            upstream = await session.request(
+                method,
+                replica_url(replica.url, path),
+                data=body,
+                headers=headers,
+                timeout=self.hop_timeout,
+            )
+            if upstream.content_type == "text/event-stream":
+                relayed = True
+                return Relay(self, replica, upstream, path)
+            async with upstream:
                 payload = await upstream.read()
-                if upstream.status >= 500:
-                    replica.errors += 1
-                kept = {h: upstream.headers[h] for h in FORWARDED_HEADERS if h in upstream.headers}
-                return Response(payload, status_code=upstream.status, headers=kept)
+            if upstream.status >= 500:
+                replica.errors += 1
+            kept = {h: upstream.headers[h] for h in FORWARDED_HEADERS if h in upstream.headers}
+            return Response(payload, status_code=upstream.status, headers=kept)
         except aiohttp.ClientConnectorError as exc:
             replica.errors += 1
             replica.refused += 1
@@ -329,15 +380,20 @@ class Balancer:
         except TimeoutError:
             replica.errors += 1
             seconds = self.settings.hop_timeout_s
-            return json_error(504, f"replica {replica.id} did not answer within {seconds:g} s")
+            return json_error(504, f"replica {replica.id} was silent for {seconds:g} s")
         except aiohttp.ClientError as exc:
-            replica.errors += 1
-            asyncio.get_running_loop().create_task(self.pool.check(replica))
+            self.replica_failed(replica)
             return json_error(
                 502, f"replica {replica.id} failed mid-request ({type(exc).__name__})"
             )
         finally:
-            self.pool.end(replica)
+            if not relayed:
+                self.pool.end(replica)
+
+    def replica_failed(self, replica: Replica) -> None:
+        """A replica broke a hop: counted, and its health checked now."""
+        replica.errors += 1
+        asyncio.get_running_loop().create_task(self.pool.check(replica))
 
     # --- registration ---------------------------------------------------------------
 
@@ -389,3 +445,49 @@ class Balancer:
         replica, _ = found
         self.pool.drain(replica)
         return JSONResponse({"replica": replica.id, "state": replica.state.value})
+
+
+class Relay(Response):
+    """A replica's event stream passed on to the client as it comes, whole events at a time
+    (so an error event never lands inside a half-sent one).  If the replica fails
+    mid-answer, the stream ends with an error event in its API's format; if the client
+    leaves, the connection to the replica is closed, which cancels the work there."""
+
+    def __init__(
+        self, balancer: Balancer, replica: Replica, upstream: aiohttp.ClientResponse, path: str
+    ) -> None:
+        self.balancer = balancer
+        self.replica = replica
+        self.upstream = upstream
+        self.path = path
+        self.status_code = upstream.status
+        self.background = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        start = {"type": "http.response.start", "status": self.status_code,
+                 "headers": EVENT_STREAM_HEADERS}  # fmt: skip
+        try:
+            await send(start)
+            if await unless_client_leaves(self._pass_on(send), receive) is None:
+                self.upstream.close()  # the replica sees its client leave
+        finally:
+            self.upstream.release()
+            self.balancer.pool.end(self.replica)
+
+    async def _pass_on(self, send: Send) -> bool:
+        pending = b""
+        try:
+            async for chunk in self.upstream.content.iter_any():
+                pending += chunk
+                cut = pending.rfind(b"\n\n") + 2
+                if cut > 1:
+                    body, pending = pending[:cut], pending[cut:]
+                    await send({"type": "http.response.body", "body": body, "more_body": True})
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            self.balancer.replica_failed(self.replica)
+            self.balancer.metrics.broken_streams.inc()
+            detail = f"replica {self.replica.id} failed mid-answer ({type(exc).__name__})"
+            await send({"type": "http.response.body", "body": error_frame(self.path, detail),
+                        "more_body": True})  # fmt: skip
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        return True

@@ -14,6 +14,7 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel, Field
 
+from rag.service.params import Param
 from rag.service.validation import QUERY_PATTERN, QueryLimits
 from rag.web import Error
 
@@ -32,6 +33,12 @@ class RetrievedDoc(BaseModel):
     score: float
 
 
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
 class RAGResponse(BaseModel):
     query: str
     result: str
@@ -42,6 +49,14 @@ class RAGResponse(BaseModel):
     )
     prompt_tokens: int
     new_tokens: int
+    usage: Usage
+    finish_reason: str = Field(description="stop (EOS), length (the token limit).")
+    ttft_ms: float | None = Field(
+        default=None, description="From the request's arrival to its first token."
+    )
+    tpot_ms: float | None = Field(
+        default=None, description="Time per output token after the first (two tokens or more)."
+    )
     variant: str
     model: str = Field(description="The model preset; `simulated` answers come from no model.")
     replica: str | None = Field(default=None, description="The replica that answered.")
@@ -76,13 +91,20 @@ RAG_ERRORS: dict[int | str, dict[str, Any]] = {
     504: _error("Not answered within the request deadline; it was not computed."),
 }
 
+RAG_STREAM = {
+    "text/event-stream": {
+        "schema": {"type": "string"},
+        "description": "With `stream`: events docs, token (one per step), then done or error.",
+    }
+}
+
 RAG_REQUEST_BODY = {
     "required": True,
     "content": {"application/json": {"schema": {"$ref": "#/components/schemas/RAGRequest"}}},
 }
 
 
-def request_schema(limits: QueryLimits, k_default: int) -> dict[str, Any]:
+def request_schema(limits: QueryLimits, k_default: int, params: dict[str, Param]) -> dict[str, Any]:
     return {
         "title": "RAGRequest",
         "type": "object",
@@ -102,15 +124,19 @@ def request_schema(limits: QueryLimits, k_default: int) -> dict[str, Any]:
                 "maximum": limits.k_upper,
                 "default": k_default,
             },
+            **{name: param.schema() for name, param in params.items()},
         },
     }
 
 
-def openapi_document(app: FastAPI, limits: QueryLimits, k_default: int) -> dict[str, Any]:
-    """FastAPI's document for the routes, with the request schema for these limits."""
+def openapi_document(app: FastAPI, request_schemas: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """FastAPI's document for the routes, with the request schemas of this server's
+    limits, and `/rag`'s streamed answer."""
     document = get_openapi(
         title=app.title, version=app.version, description=app.description, routes=app.routes
     )
     schemas = document.setdefault("components", {}).setdefault("schemas", {})
-    schemas["RAGRequest"] = request_schema(limits, k_default)
+    schemas.update(request_schemas)
+    answered = document["paths"]["/rag"]["post"]["responses"]["200"]["content"]
+    answered.update(RAG_STREAM)
     return document

@@ -1,8 +1,11 @@
 """The RAG HTTP app: `/rag`, health, metrics and stats over one batcher and pipeline.
 
 The handlers are plain functions that find the server's ServerState in `app.state.rag`.
-Every variant one server runs shares one code path: requests go through its batcher (batches
-of one for `base`, the engine's running batch for `continuous`).  Models load in the
+Every variant one server runs shares one code path: a request becomes a Question submitted
+to the server's answering, whose events (rag.service.responding) make the answer, whole or
+streamed; answering goes through the variant's batcher (batches of one for `base`, the
+engine's running batch for `continuous`).  The OpenAI-compatible routes
+(rag.service.openai_api) take the same path.  Models load in the
 background after the port opens, so `/ping` answers at once and `/ready` tells a launcher
 when the server is worth sending load to.  Every way a request is refused maps to its status
 in one table, REFUSALS, and every error is `{"detail": str}`.
@@ -18,51 +21,58 @@ from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, FastAPI, Request
-from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse
 from starlette.requests import ClientDisconnect
 
-from rag.config import Config
-from rag.service.api import RAG_ERRORS, RAG_REQUEST_BODY, RAGResponse, openapi_document
-from rag.service.batching import Completed, DeadlineExceeded, Draining, Overloaded
-from rag.service.state import NotReady, ServerState
+from rag.config import Config, token_limit
+from rag.service import openai_api
+from rag.service.api import (
+    RAG_ERRORS,
+    RAG_REQUEST_BODY,
+    RAGResponse,
+    openapi_document,
+    request_schema,
+)
+from rag.service.params import decoding_of, read_params
+from rag.service.questions import Question
+from rag.service.responding import RAGFace, respond
+from rag.service.state import ServerState
 from rag.service.validation import QueryRejected, read_request
 from rag.web import (
     CLIENT_GONE,
     ERROR_HANDLERS,
+    V1_PATHS,
     BadJSON,
     BodyLimit,
     CountResponses,
     Error,
     NotJSON,
+    OpenAIErrors,
     json_error,
     parse_json,
     require_json,
-    unless_client_leaves,
 )
 
 if TYPE_CHECKING:
-    from rag.service.pipeline import Answer, RAGPipeline
+    from rag.service.pipeline import RAGPipeline
 
 log = logging.getLogger("rag.service")
 
 
-# Every way a /rag request ends without an answer, and the status that tells the client;
-# the exception's message is the `detail`.
+# Every way a /rag request is refused before it is submitted, and the status that tells
+# the client; the exception's message is the `detail`.  (What the compute side refuses is
+# in rag.service.answering.STATUSES.)
 REFUSALS: dict[type[Exception], int] = {
     ClientDisconnect: CLIENT_GONE,
     NotJSON: 415,
     BadJSON: 422,
     QueryRejected: 422,
-    Overloaded: 429,
-    NotReady: 503,
-    Draining: 503,
-    DeadlineExceeded: 504,
 }
 
 
 def refusal(exc: Exception) -> JSONResponse:
-    headers = {"Retry-After": str(exc.retry_after_s)} if isinstance(exc, Overloaded) else None
-    return json_error(REFUSALS[type(exc)], str(exc), headers)
+    status = next(s for kind, s in REFUSALS.items() if isinstance(exc, kind))
+    return json_error(status, str(exc))
 
 
 def state_of(request: Request) -> ServerState:
@@ -80,43 +90,21 @@ router = APIRouter()
     openapi_extra={"requestBody": RAG_REQUEST_BODY},
 )
 async def rag(request: Request) -> Any:
-    """Answer one question from the retrieved documents."""
+    """Answer one question from the retrieved documents; with `"stream": true`, as
+    Server-Sent Events while it is generated."""
     arrived = time.perf_counter()
     state = state_of(request)
+    cfg = state.cfg
     try:
         require_json(request.headers.get("content-type"))
         body = parse_json(await request.body())
-        batcher, pipeline = state.serving()
-        query, k = read_request(body, state.cfg.server.k_default, pipeline.limits)
-        submitted = batcher.submit((query, k), state.cfg.variant.request_timeout_s)
-        completed = await unless_client_leaves(submitted, request.receive)
+        query, k = read_request(body, cfg.server.k_default, state.limits)
+        values = read_params(body, state.generation_params)
     except tuple(REFUSALS) as exc:
         return refusal(exc)
-    if completed is None:
-        return Response(status_code=CLIENT_GONE)
-    answer = _answer_body(completed, arrived, state.cfg)
-    state.metrics.observe_stages(answer["timings"])
-    return answer
-
-
-def _answer_body(completed: Completed[Answer], arrived: float, cfg: Config) -> dict:
-    answer = completed.value
-    total_ms = (time.perf_counter() - arrived) * 1e3
-    timings = {"queue_ms": completed.queue_s * 1e3, **answer.timings_ms, "total_ms": total_ms}
-    labels = {"model": cfg.model.name}
-    if cfg.server.replica_id:
-        labels["replica"] = cfg.server.replica_id
-    return {
-        "query": answer.query,
-        "result": answer.result,
-        "docs": [{"id": h.doc.id, "text": h.doc.text, "score": h.score} for h in answer.docs],
-        "timings": timings,
-        "batch_size": completed.requests_in_batch,
-        "prompt_tokens": answer.prompt_tokens,
-        "new_tokens": answer.new_tokens,
-        "variant": cfg.variant.name,
-        **labels,
-    }
+    decoding = decoding_of(values, cfg.model, token_limit(cfg))
+    question = Question(query, k, decoding, bool(values["stream"]), arrived)
+    return await respond(request, state, question, RAGFace())
 
 
 @router.get("/ping")
@@ -173,10 +161,20 @@ async def stats(request: Request) -> dict[str, Any]:
         "service_rate": batcher.service_rate if batcher else None,
         "dropped": batcher.dropped if batcher else 0,
         "expired": batcher.expired if batcher else 0,
+        "cancelled": state.answering.cancelled,
+        "engine": _engine_use(pipeline) if pipeline else None,
         "batch_size_counts": dict(sorted(batcher.batch_size_counts.items())) if batcher else {},
         "corpus_size": pipeline.index.size if pipeline else None,
         "runtime": _runtime(pipeline) if pipeline else None,
     }
+
+
+def _engine_use(pipeline: RAGPipeline) -> dict[str, int] | None:
+    """The engine's slots and how many sequences hold one or wait for one."""
+    engine = getattr(pipeline.generator, "engine", None)
+    if engine is None:
+        return None
+    return {"slots": engine.slots, "active": len(engine.active), "waiting": len(engine.waiting)}
 
 
 def _runtime(pipeline: RAGPipeline) -> dict[str, Any]:
@@ -199,6 +197,7 @@ def load_default_pipeline(cfg: Config) -> RAGPipeline:
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     state: ServerState = app.state.rag
+    state.open()
     state.spawn(state.load())
     yield
     await state.close()
@@ -210,7 +209,13 @@ def openapi(app: FastAPI) -> dict[str, Any]:
     if app.openapi_schema:
         return app.openapi_schema
     state: ServerState = app.state.rag
-    document = openapi_document(app, state.limits, state.cfg.server.k_default)
+    schemas = {
+        "RAGRequest": request_schema(
+            state.limits, state.cfg.server.k_default, state.generation_params
+        ),
+        **openai_api.openai_schemas(state),
+    }
+    document = openapi_document(app, schemas)
     if state.ready:
         app.openapi_schema = document
     return document
@@ -221,6 +226,7 @@ def create_app(cfg: Config) -> FastAPI:
     app = FastAPI(title="ragbench RAG service", lifespan=lifespan)
     state = app.state.rag = ServerState(cfg, partial(load_default_pipeline, cfg))
     app.include_router(router)
+    app.include_router(openai_api.router)
     for exception, handler in ERROR_HANDLERS.items():
         app.add_exception_handler(exception, handler)
     # A query's characters may each take up to 12 bytes as JSON escapes (surrogate pairs).
@@ -229,7 +235,9 @@ def create_app(cfg: Config) -> FastAPI:
         max_bytes=12 * cfg.server.max_query_chars + 1024,
         timeout_s=cfg.server.body_timeout_s,
     )
+    app.add_middleware(OpenAIErrors)  # every error under /v1/ in OpenAI's format
     count = state.metrics.count_response
-    app.add_middleware(CountResponses, path="/rag", count=count)  # outermost: every status
+    paths = ("/rag", *V1_PATHS)
+    app.add_middleware(CountResponses, paths=paths, count=count)  # outermost: every status
     app.openapi = partial(openapi, app)  # type: ignore[method-assign]
     return app

@@ -34,24 +34,27 @@ from rag.service.batching import (
     DeadlineExceeded,
     RequestQueue,
 )
+from rag.service.generator import token_events
 from rag.service.validation import QueryRejected
 
 if TYPE_CHECKING:
     from rag.service.engine.engine import Engine, Sequence
+    from rag.service.events import Publish
+    from rag.service.generator import Output
     from rag.service.pipeline import Answer, Prepared, RAGPipeline
+    from rag.service.questions import Question
 
 
 @dataclass(eq=False)
 class _Request:
-    query: str
-    k: int
+    question: Question
     arrival: float
     deadline: float
     future: asyncio.Future = field(repr=False)
     started: float = 0.0  # when its step began: prepared and prefilled
     running_at_start: int = 0  # the running batch it joined, itself included
     prepared: Prepared | None = None
-    sequence: Sequence | None = None
+    output: Output | None = None
 
 
 class ContinuousBatcher(RequestQueue):
@@ -63,7 +66,9 @@ class ContinuousBatcher(RequestQueue):
         executor: Executor,
         on_step: Callable[[BatchRecord], None] | None = None,
         clock: Clock = MONOTONIC,
+        publish: Publish | None = None,
     ) -> None:
+        """`publish` takes the documents and token events of streamed questions."""
         engine = getattr(pipeline.generator, "engine", None)
         if engine is None:
             raise ValueError("variant=continuous needs the generation engine (model.engine=true)")
@@ -75,6 +80,7 @@ class ContinuousBatcher(RequestQueue):
         self.max_batch_size = min(max_running, engine.slots)
         self.max_wait_s = 0.0  # a newcomer joins at the next step
         self.on_step = on_step
+        self.publish = publish
         self.batch_size_counts: Counter[int] = Counter()  # steps by rows decoded
         self.request_times = BatchTimes()  # a request's time in the engine, by running batch
         self._running: dict[Sequence, _Request] = {}
@@ -100,13 +106,13 @@ class ContinuousBatcher(RequestQueue):
             return now + full
         return now + ((ahead - free) // self.max_batch_size + 2) * full
 
-    async def submit(self, item: tuple[str, int], timeout_s: float = math.inf) -> Completed:
-        """Queue one (query, k) and wait for its answer, for at most `timeout_s`; raises as
+    async def submit(self, question: Question, timeout_s: float = math.inf) -> Completed:
+        """Queue one question and wait for its answer, for at most `timeout_s`; raises as
         Batcher.submit does."""
         now = self.clock.now()
         self._admit(now, timeout_s)
         future = asyncio.get_running_loop().create_future()
-        return await self._wait(_Request(*item, now, now + timeout_s, future), timeout_s)
+        return await self._wait(_Request(question, now, now + timeout_s, future), timeout_s)
 
     def _newcomers(self, now: float) -> list[_Request]:
         """The live queued requests that fit in the free slots and could still end before
@@ -130,16 +136,17 @@ class ContinuousBatcher(RequestQueue):
         return joining
 
     def _step(
-        self, joining: list[_Request], leaving: list[Sequence]
+        self, joining: list[_Request], leaving: list[Sequence], running: list[Output]
     ) -> tuple[list[Sequence], float]:
         """On the compute thread: take out the sequences whose caller left, prepare and
-        submit the newcomers, run one engine step.  The finished sequences, and the
-        step's duration."""
+        submit the newcomers, run one engine step, publish the streamed requests' new
+        text.  The finished sequences, and the step's duration."""
         started = self.clock.now()
         for sequence in leaving:
             self.engine.cancel(sequence)
         if joining:
-            outcomes = self.pipeline.prepare([r.query for r in joining], [r.k for r in joining])
+            questions = [r.question for r in joining]
+            outcomes = self.pipeline.prepare(questions, self.publish)
             generator = self.pipeline.generator
             prompts = [o.prompt for o in outcomes if not isinstance(o, QueryRejected)]
             encoded = iter(generator.encode(prompts) if prompts else [])
@@ -148,8 +155,12 @@ class ContinuousBatcher(RequestQueue):
                     request.future.get_loop().call_soon_threadsafe(_settle, request.future, outcome)
                     continue
                 request.prepared = outcome
-                request.sequence = self.engine.submit(generator.sequence(next(encoded)))
+                request.output = generator.output(request.question, next(encoded))
+                self.engine.submit(request.output.sequence)
+                running.append(request.output)
         report = self.engine.step()
+        if self.publish is not None and (events := token_events(running)):
+            self.publish(events)
         return report.finished, self.clock.now() - started
 
     async def _serve_forever(self) -> None:
@@ -164,20 +175,23 @@ class ContinuousBatcher(RequestQueue):
                 continue
             now = self.clock.now()
             joining = self._newcomers(now)
-            leaving = [s for s, r in self._running.items() if r.future.done()]
+            leaving = [
+                s for s, r in self._running.items() if r.future.done() or r.question.cancelled
+            ]
             for sequence in leaving:
                 del self._running[sequence]
                 self.dropped += 1
+            running = [r.output for r in self._running.values() if r.output is not None]
             try:
                 finished, duration = await loop.run_in_executor(
-                    self._executor, self._step, joining, leaving
+                    self._executor, self._step, joining, leaving, running
                 )
             except Exception as exc:  # the step failed as a whole: everyone in it hears why
                 self._fail_all([*joining, *self._running.values()], exc)
                 continue
             for request in joining:
-                if request.sequence is not None:
-                    self._running[request.sequence] = request
+                if request.output is not None:
+                    self._running[request.output.sequence] = request
             for request in joining:
                 request.started, request.running_at_start = now, self.running
             self._record(finished, duration)
@@ -194,7 +208,8 @@ class ContinuousBatcher(RequestQueue):
                 continue
             in_engine = now - request.started
             self.request_times.record(request.running_at_start, in_engine)
-            generation = self.pipeline.generator.result(sequence)
+            assert request.output is not None
+            generation = request.output.generation()
             answer: Answer = self.pipeline.complete(
                 request.prepared, generation, in_engine * 1e3, rows
             )

@@ -271,8 +271,10 @@ def _hub_error(source: ResolvedSource, exc: Exception) -> ModelNotFoundError:
     )
 
 
-def load_generator(cfg: ModelConfig) -> Generator:
-    """Load the causal LM named by `cfg.generator`, on the configured device and dtype."""
+def load_generator(cfg: ModelConfig, max_tokens: int = 0) -> Generator:
+    """Load the causal LM named by `cfg.generator`, on the configured device and dtype;
+    its engine's slots hold a prompt and `max_tokens` new tokens (at least
+    `cfg.max_new_tokens`)."""
     configure_threads(cfg)
     source = resolve_source(cfg.generator)
     device = pick_device(cfg.device)
@@ -292,7 +294,7 @@ def load_generator(cfg: ModelConfig) -> Generator:
     except OSError as exc:
         raise _hub_error(source, exc) from exc
     model = _place(model, device, dtype)
-    engine = build_engine(model, tokenizer, cfg, source) if cfg.engine else None
+    engine = build_engine(model, tokenizer, cfg, source, max_tokens) if cfg.engine else None
     generator = Generator(model, tokenizer, cfg, engine)
     generator.share_prefix(cfg.system_prompt)
     return generator
@@ -303,6 +305,7 @@ def build_engine(
     tokenizer: PreTrainedTokenizerBase,
     cfg: ModelConfig,
     source: ResolvedSource,
+    max_tokens: int = 0,
 ) -> Engine | None:
     """The step-level engine over `model`, with 4-bit decode where the GGUF allows it;
     None (transformers' generate) for a model family the engine does not drive."""
@@ -317,7 +320,7 @@ def build_engine(
     decode = cfg.decode_step
     if decode == "auto":
         decode = "graphs" if model.device.type == "cuda" else "dynamic"
-    positions = cfg.max_prompt_tokens + cfg.max_new_tokens
+    positions = cfg.max_prompt_tokens + max(cfg.max_new_tokens, max_tokens)
     slots = SlotModel(model, cfg.engine_slots, positions, decode)
     eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
     chooser = TokenChooser(cfg.temperature, cfg.top_p, cfg.seed)

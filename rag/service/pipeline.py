@@ -1,6 +1,8 @@
 """The RAG pipeline: embed -> retrieve -> prompt -> generate, a whole batch at a time.
 
-It knows nothing of HTTP or queues; servers and benchmarks call `answer_batch`.
+It knows nothing of HTTP or queues; servers and benchmarks call `answer_batch`.  For a
+streamed question it publishes the retrieved documents as a `docs` event (and the generator
+its tokens), so the HTTP side can start answering before the batch ends.
 """
 
 from __future__ import annotations
@@ -9,8 +11,10 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from rag.config import Config
+from rag.config import Config, token_limit
+from rag.service.events import Event, Kind, Publish, docs_payload
 from rag.service.index import DocumentIndex, Hit
+from rag.service.questions import Decoding, Question
 from rag.service.validation import QueryLimits, QueryRejected, find_problems
 
 if TYPE_CHECKING:  # the model modules import torch; model=simulated never loads them
@@ -32,6 +36,9 @@ class Answer:
     answers_in_batch: int  # valid queries generated together with this one (itself included)
     # Each stage's time for the whole batch this query ran in (the time it waited on).
     timings_ms: dict[str, float] = field(default_factory=dict)
+    finish_reason: str = "length"  # stop (EOS) | length | cancelled
+    first_token_at: float = 0.0  # time.perf_counter() of its first and last tokens
+    last_token_at: float = 0.0
 
 
 @dataclass
@@ -77,7 +84,7 @@ class RAGPipeline:
         else:
             from rag.service.models import load_generator
 
-            generator = load_generator(cfg.model)
+            generator = load_generator(cfg.model, token_limit(cfg))
         limits = QueryLimits(cfg.server.max_query_chars, cfg.server.k_max, index.size)
         return cls(embedder, index, generator, limits, cfg.model.system_prompt)
 
@@ -98,15 +105,33 @@ class RAGPipeline:
         """Run every stage once on a batch of two (prefill and a few decode steps), so the
         first real request does not pay for kernel selection and allocator growth."""
         hits, _, _ = self.index.retrieve([query, query], [1, 2])
-        self.generator.generate([self.build_prompt(query, h) for h in hits], max_new_tokens=4)
+        questions = [Question(query, k, Decoding(max_tokens=4)) for k in (1, 2)]
+        self.generator.generate([self.build_prompt(query, h) for h in hits], questions)
+
+    def ask(self, queries: list[str], ks: list[int]) -> list[Question]:
+        """Questions with the configured generation settings."""
+        decoding = Decoding.configured(self.generator.cfg)
+        return [Question(query, k, decoding) for query, k in zip(queries, ks, strict=True)]
 
     def answer_batch(self, queries: list[str], ks: list[int]) -> list[Answer | QueryRejected]:
-        """Answer every valid query with one embedding call, one index search and one
-        generate call; an invalid query gets a QueryRejected in its place."""
-        prepared = self.prepare(queries, ks)
-        valid = [p for p in prepared if isinstance(p, Prepared)]
+        """`answer` for queries with the configured generation settings."""
+        return self.answer(self.ask(queries, ks))
+
+    def answer(
+        self, questions: list[Question], publish: Publish | None = None
+    ) -> list[Answer | QueryRejected]:
+        """Answer every valid question with one embedding call, one index search and one
+        generate call; an invalid one gets a QueryRejected in its place."""
+        prepared = self.prepare(questions, publish)
+        valid = [
+            (q, p) for q, p in zip(questions, prepared, strict=True) if isinstance(p, Prepared)
+        ]
         started = time.perf_counter()
-        generations = iter(self.generator.generate([p.prompt for p in valid]) if valid else [])
+        generations = iter(
+            self.generator.generate([p.prompt for _, p in valid], [q for q, _ in valid], publish)
+            if valid
+            else []
+        )
         generate_ms = (time.perf_counter() - started) * 1e3
         return [
             self.complete(p, next(generations), generate_ms, len(valid))
@@ -115,25 +140,37 @@ class RAGPipeline:
             for p in prepared
         ]
 
-    def prepare(self, queries: list[str], ks: list[int]) -> list[Prepared | QueryRejected]:
+    def prepare(
+        self, questions: list[Question], publish: Publish | None = None
+    ) -> list[Prepared | QueryRejected]:
         """Everything before generation, for a batch: the valid queries embedded and
-        searched together, each one's prompt built; an invalid one gets a QueryRejected."""
-        outcomes: list[Prepared | QueryRejected | None] = [None] * len(queries)
+        searched together, each one's prompt built (and its documents published when it
+        is streamed); an invalid one gets a QueryRejected."""
+        outcomes: list[Prepared | QueryRejected | None] = [None] * len(questions)
         valid = []
-        for position, (query, k) in enumerate(zip(queries, ks, strict=True)):
-            problems = find_problems(query, k, self.limits)
+        for position, question in enumerate(questions):
+            problems = find_problems(question.query, question.k, self.limits)
             if problems:
                 outcomes[position] = QueryRejected("; ".join(p.message for p in problems))
             else:
                 valid.append(position)
-        if valid:
-            hits, embed_s, search_s = self.index.retrieve(
-                [queries[i] for i in valid], [ks[i] for i in valid]
-            )
-            timings = {"embed_ms": embed_s * 1e3, "retrieve_ms": search_s * 1e3}
-            for position, found in zip(valid, hits, strict=True):
-                prompt = self.build_prompt(queries[position], found)
-                outcomes[position] = Prepared(queries[position], found, prompt, dict(timings))
+        if not valid:
+            return outcomes  # type: ignore[return-value]
+        hits, embed_s, search_s = self.index.retrieve(
+            [questions[i].query for i in valid], [questions[i].k for i in valid]
+        )
+        timings = {"embed_ms": embed_s * 1e3, "retrieve_ms": search_s * 1e3}
+        events = []
+        for position, found in zip(valid, hits, strict=True):
+            question = questions[position]
+            prompt = self.build_prompt(question.query, found)
+            outcomes[position] = Prepared(question.query, found, prompt, dict(timings))
+            question.generating = True
+            if question.stream:
+                payload = {"query": question.query, "docs": docs_payload(found)}
+                events.append(Event(question.id, Kind.DOCS, payload))
+        if events and publish is not None:
+            publish(events)
         return outcomes  # type: ignore[return-value]
 
     def complete(
@@ -152,4 +189,7 @@ class RAGPipeline:
             generation.new_tokens,
             in_batch,
             {**prepared.timings_ms, "generate_ms": generate_ms},
+            generation.finish_reason,
+            generation.first_token_at,
+            generation.last_token_at,
         )

@@ -28,6 +28,8 @@ from pathlib import Path
 import numpy as np
 
 from rag.config import ModelConfig, SimulatedCost
+from rag.service.events import Event, Kind, Publish
+from rag.service.questions import Decoding, Question
 
 SIMULATED = "simulated"  # the generator/embedder source that selects this module
 DIM = 256
@@ -53,6 +55,9 @@ class SimulatedGeneration:
     text: str
     prompt_tokens: int
     new_tokens: int
+    finish_reason: str = "length"
+    first_token_at: float = 0.0
+    last_token_at: float = 0.0
 
 
 class SimulatedEmbedder:
@@ -89,7 +94,8 @@ class SimulatedEmbedder:
 
 class SimulatedGenerator:
     """Sleeps `generate_fixed_ms + batch x generate_per_query_ms` per batch and answers a
-    labelled placeholder; tokens are counted as words."""
+    labelled placeholder; prompt tokens are counted as words.  It has no sampling: a
+    request's temperature, top-p and seed change nothing."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         self.cfg = cfg
@@ -103,17 +109,47 @@ class SimulatedGenerator:
         return text if len(words) <= max_tokens else " ".join(words[:max_tokens])
 
     def generate(
-        self, prompts: list[str], max_new_tokens: int | None = None
+        self,
+        prompts: list[str],
+        questions: list[Question] | None = None,
+        publish: Publish | None = None,
     ) -> list[SimulatedGeneration]:
-        _sleep_ms(self.cost.generate_fixed_ms, self.cost.generate_per_query_ms, len(prompts))
-        new_tokens = max_new_tokens or self.cfg.max_new_tokens
+        """The batch's cost slept in one step per token of its longest answer; each answer
+        counts its question's `max_tokens` tokens, and its text is a labelled placeholder
+        (its first words when it has fewer tokens), whose words leave as token events of a
+        streamed question, one a step."""
+        if questions is None:
+            questions = [Question(p, 0, Decoding.configured(self.cfg)) for p in prompts]
+        steps = max(q.decoding.max_tokens for q in questions)
+        total_ms = self.cost.generate_fixed_ms + self.cost.generate_per_query_ms * len(prompts)
+        text = f"[simulated answer after {len(prompts)}-request batch]"
+        words = text.split(" ")
+        made = [0] * len(questions)
+        first = last = 0.0
+        for step in range(1, steps + 1):
+            time.sleep(max(0.0, total_ms) / steps / 1e3)
+            last = time.perf_counter()
+            first = first or last
+            events = []
+            for row, question in enumerate(questions):
+                if question.cancelled or step > question.decoding.max_tokens:
+                    continue
+                made[row] = step
+                if question.stream and step <= len(words):
+                    piece = ("" if step == 1 else " ") + words[step - 1]
+                    events.append(Event(question.id, Kind.TOKEN, {"text": piece, "tokens": step}))
+            if events and publish is not None:
+                publish(events)
         return [
             SimulatedGeneration(
-                f"[simulated answer after {len(prompts)}-request batch]",
-                min(len(p.split()), self.cfg.max_prompt_tokens),
-                new_tokens,
+                " ".join(words[: made[row]]),
+                min(len(prompt.split()), self.cfg.max_prompt_tokens),
+                made[row],
+                "cancelled" if question.cancelled else "length",
+                first,
+                last,
             )
-            for p in prompts
+            for row, (prompt, question) in enumerate(zip(prompts, questions, strict=True))
         ]
 
     def describe(self) -> dict[str, str | float]:

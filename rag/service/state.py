@@ -1,8 +1,10 @@
 """What the HTTP handlers of one server share: the pipeline once loaded, its batcher, the
-lifecycle (loading, ready, draining) and the metrics.
+lifecycle (loading, ready, draining), the metrics, and the two ends of the answers' events.
 
-The server process (rag.service.server) makes one; the handlers (rag.service.app) reach the
-pipeline only through the batcher it picks for the variant's kind."""
+The server process (rag.service.server) makes one; the handlers (rag.service.app,
+rag.service.openai_api) submit questions to `answering` and read their events from
+`subscriptions`; answering reaches the pipeline only through the batcher picked for the
+variant's kind."""
 
 from __future__ import annotations
 
@@ -15,9 +17,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from rag.config import Config, ServerKind, batch_limits
+from rag.config import Config, ServerKind, batch_limits, token_limit
+from rag.service.answering import Answering, NotReady
 from rag.service.batching import Batcher, BatchRecord, Draining
+from rag.service.events import Subscriptions
 from rag.service.metrics import ServerMetrics
+from rag.service.params import Param, generation_params
 from rag.service.validation import QueryLimits
 from rag.web import ConnectionGuard, connection_cap
 
@@ -28,8 +33,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("rag.service")
 
 
-class NotReady(Exception):
-    """The models are still loading (or failed to): 503."""
+__all__ = ["NotReady", "ServerState"]
 
 
 @dataclass
@@ -46,7 +50,11 @@ class ServerState:
     on_fatal: Callable[[], None] = lambda: None
     connections: ConnectionGuard = field(init=False)
     metrics: ServerMetrics = field(init=False)
+    subscriptions: Subscriptions = field(init=False)  # set by open(), on the event loop
+    answering: Answering = field(init=False)
+    generation_params: dict[str, Param] = field(init=False)
     tasks: set[asyncio.Task] = field(default_factory=set)
+    started_at: float = field(default_factory=time.time)  # wall clock: a label only
     # All model work (loading, warm-up, batches) runs on this one thread: torch's OpenMP
     # pool belongs to the thread that first used it, and from any other thread the same
     # batch runs markedly slower.
@@ -61,8 +69,20 @@ class ServerState:
         self.metrics = ServerMetrics(
             queue_depth=lambda: self.batcher.depth if self.batcher else 0,
             dropped=lambda: self.batcher.dropped + self.batcher.expired if self.batcher else 0,
+            cancelled=lambda: self.answering.cancelled,
             connections=self.connections,
         )
+        self.generation_params = generation_params(token_limit(self.cfg))
+
+    def open(self) -> None:
+        """The ends of the events, on the running event loop, before any request."""
+        self.subscriptions = Subscriptions(asyncio.get_running_loop())
+        self.answering = Answering(
+            self.cfg, self._serving_batcher, self.subscriptions.publish, self.metrics.observe_answer
+        )
+
+    def _serving_batcher(self) -> Batcher | ContinuousBatcher:
+        return self.serving()[0]
 
     def serving(self) -> tuple[Batcher, RAGPipeline]:
         """The batcher and pipeline to answer with, or Draining / NotReady."""
@@ -117,10 +137,12 @@ class ServerState:
                 variant.max_queue,
                 self.compute,
                 on_step=self._record_batch,
+                publish=self.subscriptions.publish,
             )
         max_batch_size, max_wait_ms = batch_limits(variant)
+        publish = self.subscriptions.publish
         return Batcher(
-            lambda items: pipeline.answer_batch([q for q, _ in items], [k for _, k in items]),
+            lambda questions: pipeline.answer(questions, publish),
             max_batch_size=max_batch_size,
             max_wait_s=max_wait_ms / 1e3,
             max_queue=variant.max_queue,

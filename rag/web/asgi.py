@@ -11,7 +11,7 @@ reading the rest of the body (the guarded protocol stops reading at once).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, Collection, MutableMapping
 from typing import Any, TypeVar
 
 from starlette.requests import ClientDisconnect
@@ -100,22 +100,25 @@ class BodyLimit:
 
 
 class CountResponses:
-    """ASGI middleware: call `count(status)` for every response to `path`, including the
-    ones sent before the handler runs (413 and 408 from BodyLimit)."""
+    """ASGI middleware: call `count(path, status)` for every response to one of `paths`,
+    including the ones sent before the handler runs (413 and 408 from BodyLimit)."""
 
-    def __init__(self, app: ASGIApp, path: str, count: Callable[[int], None]) -> None:
+    def __init__(
+        self, app: ASGIApp, paths: Collection[str], count: Callable[[str, int], None]
+    ) -> None:
         self.app = app
-        self.path = path
+        self.paths = frozenset(paths)
         self.count = count
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] != self.path:
+        path = scope.get("path")
+        if scope["type"] != "http" or path not in self.paths:
             await self.app(scope, receive, send)
             return
 
         async def counting_send(message: Message) -> None:
             if message["type"] == "http.response.start":
-                self.count(message["status"])
+                self.count(path, message["status"])
             await send(message)
 
         await self.app(scope, receive, counting_send)

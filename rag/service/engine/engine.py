@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Callable
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
 
@@ -36,6 +37,22 @@ class Sequence:
     cached: int = 0  # positions of this sequence in its slot
     queued_at: float = field(default_factory=time.perf_counter)
     first_token_at: float = 0.0
+    last_token_at: float = 0.0
+    sampling: Sampling | None = None  # None: the engine's own chooser settings
+
+
+GREEDY_BELOW = 1e-5  # a temperature this low chooses as greedy does (as vLLM's)
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How one sequence's tokens are chosen: greedy at temperature 0, else sampled
+    (temperature, then top-p) from `generator` (a request's own seed: its tokens do not
+    depend on its batch companions' draws), or from the engine's when None."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    generator: torch.Generator | None = None
 
 
 @dataclass
@@ -49,24 +66,32 @@ class StepReport:
 
 
 class TokenChooser:
-    """Greedy by default; with temperature > 0, samples (temperature, then top-p) from a
-    seeded generator, so a run is reproducible."""
+    """Greedy by default; a row whose sampling has a temperature is sampled (temperature,
+    then top-p), from its own generator or this chooser's seeded one, so a run is
+    reproducible."""
 
     def __init__(self, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0) -> None:
-        self.sampling = temperature > 0
-        self.warpers = [TemperatureLogitsWarper(temperature)] if self.sampling else []
-        if self.sampling and top_p < 1.0:
-            self.warpers.append(TopPLogitsWarper(top_p))
+        self.default = Sampling(temperature, top_p)
         self.rng = torch.Generator().manual_seed(seed)
 
-    def __call__(self, logits: torch.Tensor) -> list[int]:
+    def __call__(
+        self, logits: torch.Tensor, samplings: Seq[Sampling | None] | None = None
+    ) -> list[int]:
+        """One token per row of `logits` [rows, vocab], each row as its sampling says."""
         logits = logits.float()
-        if not self.sampling:
-            return logits.argmax(dim=-1).tolist()
-        for warp in self.warpers:
-            logits = warp(None, logits)
+        chosen = logits.argmax(dim=-1).tolist()
+        for row, sampling in enumerate(samplings or [None] * len(chosen)):
+            sampling = sampling or self.default
+            if sampling.temperature > GREEDY_BELOW:
+                chosen[row] = self._sample(logits[row : row + 1], sampling)
+        return chosen
+
+    def _sample(self, logits: torch.Tensor, sampling: Sampling) -> int:
+        logits = TemperatureLogitsWarper(sampling.temperature)(None, logits)
+        if sampling.top_p < 1.0:
+            logits = TopPLogitsWarper(sampling.top_p)(None, logits)
         probabilities = logits.softmax(dim=-1).cpu()
-        return torch.multinomial(probabilities, 1, generator=self.rng)[:, 0].tolist()
+        return int(torch.multinomial(probabilities, 1, generator=sampling.generator or self.rng))
 
 
 class Engine:
@@ -131,12 +156,17 @@ class Engine:
         else:
             self._release([sequence])
 
-    def generate(self, sequences: list[Sequence]) -> list[Sequence]:
-        """Run every sequence to its end, as many at a time as there are slots."""
+    def generate(
+        self, sequences: list[Sequence], after_step: Callable[[], None] | None = None
+    ) -> list[Sequence]:
+        """Run every sequence to its end, as many at a time as there are slots; `after_step`
+        (which may cancel sequences) is called after each step."""
         for sequence in sequences:
             self.submit(sequence)
         while any(not s.finish for s in sequences):
             self.step()
+            if after_step is not None:
+                after_step()
         return sequences
 
     @torch.inference_mode()
@@ -195,9 +225,11 @@ class Engine:
             logits[early, self.eos_token_id] = float("-inf")
         done = []
         now = time.perf_counter()
-        for sequence, token in zip(sequences, self.choose(logits), strict=True):
+        chosen = self.choose(logits, [s.sampling for s in sequences])
+        for sequence, token in zip(sequences, chosen, strict=True):
             if not sequence.tokens:
                 sequence.first_token_at = now
+            sequence.last_token_at = now
             sequence.tokens.append(token)
             if token == self.eos_token_id:
                 sequence.finish = "eos"
