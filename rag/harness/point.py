@@ -198,9 +198,14 @@ def _describe(summary: dict[str, Any]) -> str:
 
     behind = summary["schedule_kept_reason"]
     kept = "" if summary["schedule_kept"] else f"; CLIENT FELL BEHIND: {behind}"
+    tokens = ""
+    if math.isfinite(summary.get("ttft_p50_s", math.nan)):
+        tokens = f", TTFT p50 {ms('ttft_p50_s')}, TPOT p50 {ms('tpot_p50_s')}"
+    if math.isfinite(summary.get("goodput_rps", math.nan)):
+        tokens += f", goodput {summary['goodput_rps']:.2f}/s"
     return (
         f"{summary['ok']}/{summary['scheduled']} ok, throughput {summary['throughput_rps']:.2f}/s,"
-        f" p50 {ms('latency_p50_s')}, p99 {ms('latency_p99_s')}{kept}"
+        f" p50 {ms('latency_p50_s')}, p99 {ms('latency_p99_s')}{tokens}{kept}"
     )
 
 

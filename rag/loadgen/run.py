@@ -176,6 +176,8 @@ async def send(run: Plan, stop: asyncio.Event | None = None) -> tuple[Rows, bool
             if on_terminal:
                 sys.stderr.write("\n")
     labels = {"loop": "closed" if run.closed_loop else "open"}
+    if sender.api.needs_model:  # the one asked for, or the one the target named
+        labels["model_name"] = sender.api.options.model
     if config.tag:
         labels["tag"] = config.tag
     for row in sender.rows:
@@ -198,7 +200,7 @@ def summarise_run(run: Plan, rows: Rows, interrupted: bool) -> dict[str, Any]:
         "target": config.target,
         "api": config.api,
         "stream": config.stream,
-        "model_name": config.model_name,
+        "model_name": rows[0].get("model_name", "") if rows else config.model_name,
         "max_tokens": config.max_tokens,
         "max_tokens_high": config.max_tokens_high,
         "ignore_eos": config.ignore_eos,
