@@ -115,6 +115,9 @@ def test_external_variant_measures_a_server_it_did_not_start_in_either_loop(
     (folder,) = points(tmp_path, "t5")
     summary = pd.read_csv(folder / "summary.csv").iloc[0]
     assert summary["ok"] == 12 and summary["loop"] == "closed" and summary["concurrency"] == 3
+    table = aggregate(tmp_path / "outputs", tmp_path / "results", ["t5"])
+    assert table["repeats"].tolist() == [1] and (tmp_path / "results" / "latency.png").exists()
+    assert "closed loop" in (tmp_path / "results" / "report.html").read_text()
 
 
 def test_max_rps_search(tmp_path: Path, cache_overrides: list[str]):

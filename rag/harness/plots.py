@@ -230,6 +230,13 @@ def batch_size_comparison(table: pd.DataFrame, out: Path) -> Path | None:
     return save_figure(fig, out / "batch_size.png")
 
 
+def _targets(point: object) -> str:
+    """A search's targets as a bar's label: p99, and TTFT and TPOT p99 where set."""
+    named = (("p99", "slo_p99_s"), ("TTFT", "slo_ttft_s"), ("TPOT", "slo_tpot_s"))
+    values = ((name, getattr(point, key, 0.0)) for name, key in named)
+    return "\n".join(f"{name} ≤ {v:g} s" for name, v in values if pd.notna(v) and v > 0)
+
+
 def max_rps_bars(table: pd.DataFrame, out: Path) -> Path | None:
     """The highest offered rate that met the latency target, per variant (searches only)."""
     if table.empty or "search" not in table:
@@ -239,7 +246,7 @@ def max_rps_bars(table: pd.DataFrame, out: Path) -> Path | None:
         return None
     rows = rows.assign(label=rows.apply(lambda r: series_label(r, rows), axis=1))
     rows = rows.sort_values(["slo_p99_s", "label"])
-    names = [f"{r.label}\np99 ≤ {r.slo_p99_s:g} s" for r in rows.itertuples()]
+    names = [f"{r.label}\n{_targets(r)}" for r in rows.itertuples()]
     fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(rows)), 5))
     colours = [VARIANT_COLOURS.get(v, "tab:purple") for v in rows["variant"]]
     bars = ax.bar(np.arange(len(rows)), rows["max_rps"], color=colours)

@@ -38,13 +38,19 @@ CAPTIONS = {
 }
 TABLE = {
     "tag": "tag", "variant": "variant", "model": "model", "timing_mode": "arrivals",
-    "api": "api", "offered_rps": "offered/s", "concurrency": "users (closed)",
+    "api": "api", "loop": "loop", "offered_rps": "offered/s", "concurrency": "users",
     "max_batch_size": "max batch", "repeats": "repeats", "throughput_rps": "served/s",
     "latency_p50_s": "p50 s", "latency_p99_s": "p99 s", "ttft_p50_s": "TTFT p50 s",
     "ttft_p99_s": "TTFT p99 s", "tpot_p50_s": "TPOT p50 s", "output_tokens_per_s": "tokens/s",
     "goodput_rps": "goodput/s", "ok_fraction": "succeeded",
     "schedule_kept": "client kept schedule", "max_rps": "max rps (search)",
 }  # fmt: skip
+CLOSED_LOOP_NOTE = (
+    "<p class=note>Points whose loop is <b>closed</b> ran a closed loop (timing mode"
+    " <code>concurrency</code>): a number of users, each sending its next request when its"
+    " answer arrives.  They have no offered rate (their plots put the users on x), and their"
+    " latency and TTFT run from each send, not from a schedule.</p>"
+)
 SIMULATED_NOTE = (
     "<p class=note>Points labelled <b>simulated</b> ran a sleeping cost model: they test the"
     " scaling logic and are no performance claim.</p>"
@@ -135,6 +141,8 @@ def render(table: pd.DataFrame, plots: list[Path], sources: str) -> str:
         _repeats_note(ok),
         _table(ok, TABLE, flag_behind=True),
     ]
+    if "loop" in ok and (ok["loop"] == "closed").any():
+        parts.append(CLOSED_LOOP_NOTE)
     if "model" in ok and (ok["model"] == "simulated").any():
         parts.append(SIMULATED_NOTE)
     if not failed.empty:
