@@ -102,6 +102,8 @@ def _repeats_note(ok: pd.DataFrame) -> str:
 def _cell(value: object, column: str = "") -> str:
     if column == "ok_fraction" and isinstance(value, float) and pd.notna(value):
         return f"{value:.1%}"
+    if column == "concurrency" and value == 0:  # an open loop has no users
+        return ""
     if column == "schedule_kept":
         return "yes" if bool(value) else "<b>no</b>"
     if isinstance(value, float):
