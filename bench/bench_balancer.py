@@ -13,6 +13,11 @@ latency is each proxy's percentile minus the direct one's in the same round (med
 rounds).  Targets: the
 balancer adds <= 0.5 ms at p50 and <= 1.5 ms at p99, and with `--against`, no more at p50
 than REV's balancer.  nginx's and REV's own figures are reported, not judged.
+
+Then streamed answers (the backend's /rag with `"stream": true` answers Server-Sent
+Events: docs, tokens, done), a poisson schedule at `--stream-rate` to the backend and
+through the balancer in turn, timed to the first token event: the balancer adds <= 2 ms to
+the time to first token at p50.
 """
 
 from __future__ import annotations
@@ -31,11 +36,17 @@ from pathlib import Path
 from typing import Any
 
 from record import BenchRecord, add_check_option
+from stream_client import open_loop, p50
 
 from rag.loadgen import LoadConfig, run_load
 
 ROOT = Path(__file__).resolve().parent.parent
 ANSWER = b'{"query": "q", "result": "r", "timings": {"total_ms": 0.1}, "batch_size": 1}'
+STREAMED = (
+    b'event: docs\ndata: {"query": "q", "docs": []}\n\n'
+    + b'event: token\ndata: {"text": "r", "tokens": 1}\n\n' * 4
+    + b'event: done\ndata: {"query": "q", "result": "rrrr", "usage": {"completion_tokens": 4}}\n\n'
+)
 NGINX_CONF = """
 worker_processes 1;
 daemon off;
@@ -63,13 +74,20 @@ http {{
 
 
 def serve_backend() -> None:
-    """The trivial replica: answers /rag with a fixed tiny JSON, /ready with 200."""
+    """The trivial replica: answers /rag with a fixed tiny JSON (or its events, streamed),
+    /ready with 200."""
     import uvloop
     from aiohttp import web
 
-    async def rag(request: web.Request) -> web.Response:
-        await request.read()
-        return web.Response(body=ANSWER, content_type="application/json")
+    async def rag(request: web.Request) -> web.StreamResponse:
+        if b'"stream": true' not in await request.read():
+            return web.Response(body=ANSWER, content_type="application/json")
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for event in STREAMED.split(b"\n\n")[:-1]:
+            await response.write(event + b"\n\n")
+        await response.write_eof()
+        return response
 
     async def ready(request: web.Request) -> web.Response:
         return web.json_response({"status": "ready"})
@@ -222,6 +240,12 @@ def measure(url: str, rate: float, seconds: float) -> dict[str, float]:
     }
 
 
+def first_token_p50_ms(url: str, rate: float, seconds: float, seed: int) -> tuple[float, int]:
+    """TTFT p50 of streamed answers on a poisson schedule, and how many failed."""
+    answers = asyncio.run(open_loop(url, rate, seconds, seed))
+    return p50([a.ttft_s for a in answers]) * 1e3, sum(not a.ok for a in answers)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--serve-backend", action="store_true", help=argparse.SUPPRESS)
@@ -230,6 +254,7 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=4.0, help="length of each run")
     parser.add_argument("--rounds", type=int, default=5, help="rounds of direct/balancer/nginx")
     parser.add_argument("--against", default="", help="also measure this git revision's balancer")
+    parser.add_argument("--stream-rate", type=float, default=200.0, help="streamed requests/s")
     add_check_option(parser)
     args = parser.parse_args()
     if args.serve_backend:
@@ -303,6 +328,22 @@ def main() -> int:
                           - added["against_p50_ms"], at_most=0.0, unit=" ms", fmt=".3f",
                           detail=f"{args.against} adds {added['against_p50_ms']:.3f} /"
                           f" {added['against_p99_ms']:.3f} ms at p50 / p99")  # fmt: skip
+        streamed = []
+        for n in range(args.rounds):
+            order = ["direct", "balancer"] if n % 2 == 0 else ["balancer", "direct"]
+            rate = args.stream_rate
+            streamed.append(
+                {name: first_token_p50_ms(targets[name], rate, args.seconds, n) for name in order}
+            )
+            print(f"# streamed round {n + 1}: " + "  ".join(
+                f"{name} TTFT p50 {ms:.3f} ms" for name, (ms, _) in streamed[-1].items()),
+                flush=True)  # fmt: skip
+        record.results["streamed_rounds"] = streamed
+        ttft_added = statistics.median(r["balancer"][0] - r["direct"][0] for r in streamed)
+        detail = f"at {args.stream_rate:g}/s, median of {args.rounds} rounds"
+        record.target("balancer added streamed TTFT p50", ttft_added, at_most=2.0, unit=" ms",
+                      fmt=".3f", detail=detail)  # fmt: skip
+        failures += sum(failed for r in streamed for _, failed in r.values())
         record.target("failed requests", failures, at_most=0, fmt=".0f")
     finally:
         for process in processes:

@@ -176,9 +176,10 @@ def test_on_a_fake_clock_a_request_past_its_deadline_waiting_for_a_slot_never_ru
         with ThreadPoolExecutor(1, thread_name_prefix="compute") as compute:
             batcher = ContinuousBatcher(pipeline, 1, 4, compute, clock=clock)
             batcher.start()
-            first = asyncio.ensure_future(batcher.submit((HOVER, 1)))
+            first = asyncio.ensure_future(batcher.submit(pipeline.ask([HOVER], [1])[0]))
             await until(lambda: batcher.running == 1, "the first decoding")
-            late = asyncio.ensure_future(batcher.submit((HOVER, 1), timeout_s=3600))
+            late = batcher.submit(pipeline.ask([HOVER], [1])[0], timeout_s=3600)
+            late = asyncio.ensure_future(late)
             await until(lambda: batcher.depth == 1 and clock.waiting == 1, "the second queued")
             steps = batcher.batch_size_counts.total()
             await until(lambda: batcher.batch_size_counts.total() > steps + 2, "steps go on")

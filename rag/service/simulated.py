@@ -115,18 +115,20 @@ class SimulatedGenerator:
         publish: Publish | None = None,
     ) -> list[SimulatedGeneration]:
         """The batch's cost slept in one step per token of its longest answer; each answer
-        counts its question's `max_tokens` tokens, and its text is a labelled placeholder
-        (its first words when it has fewer tokens), whose words leave as token events of a
-        streamed question, one a step."""
+        has its question's `max_tokens` tokens, one word each: a labelled placeholder, then
+        a "." per further token.  A streamed question's words leave as token events, one a
+        step; the batch stops early once every question in it is cancelled."""
         if questions is None:
             questions = [Question(p, 0, Decoding.configured(self.cfg)) for p in prompts]
         steps = max(q.decoding.max_tokens for q in questions)
         total_ms = self.cost.generate_fixed_ms + self.cost.generate_per_query_ms * len(prompts)
-        text = f"[simulated answer after {len(prompts)}-request batch]"
-        words = text.split(" ")
+        words = f"[simulated answer after {len(prompts)}-request batch]".split(" ")
+        words += ["."] * (steps - len(words))
         made = [0] * len(questions)
         first = last = 0.0
         for step in range(1, steps + 1):
+            if all(q.cancelled for q in questions):
+                break
             time.sleep(max(0.0, total_ms) / steps / 1e3)
             last = time.perf_counter()
             first = first or last
@@ -135,7 +137,7 @@ class SimulatedGenerator:
                 if question.cancelled or step > question.decoding.max_tokens:
                     continue
                 made[row] = step
-                if question.stream and step <= len(words):
+                if question.stream:
                     piece = ("" if step == 1 else " ") + words[step - 1]
                     events.append(Event(question.id, Kind.TOKEN, {"text": piece, "tokens": step}))
             if events and publish is not None:
