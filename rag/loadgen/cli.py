@@ -20,6 +20,7 @@ from typing import Any
 
 from rag.loadgen.config import LoadConfig
 from rag.loadgen.run import run_load
+from rag.loadgen.stats import Slo
 
 
 def _token_lines(s: dict[str, Any], since: str) -> list[str]:
@@ -38,14 +39,9 @@ def _token_lines(s: dict[str, Any], since: str) -> list[str]:
     if math.isfinite(s["good"]):
         lines.append(
             f"goodput /s {s['goodput_rps']:.2f}  ({s['good_fraction']:.1%} of requests met"
-            f" {_objectives(s)})"
+            f" {Slo(s['slo_ttft_s'], s['slo_tpot_s'], s['slo_e2e_s']).describe()})"
         )
     return lines
-
-
-def _objectives(s: dict[str, Any]) -> str:
-    named = (("ttft", "slo_ttft_s"), ("tpot", "slo_tpot_s"), ("latency", "slo_e2e_s"))
-    return ", ".join(f"{name} <= {s[key]:g} s" for name, key in named if s[key] > 0)
 
 
 def format_summary(s: dict[str, Any]) -> str:
