@@ -2,12 +2,14 @@
 
     flock -x /tmp/ragbench-cpu.lock .venv/bin/python bench/bench_loadgen.py [--check]
 
-A trivial HTTP endpoint runs in its own process.  The load generator sends it an ideal and
-a poisson schedule (default 2,000 requests/s, 10,000 requests) on asyncio's event loop (its
-own) and on uvloop (for comparison), with the machine quiet, while a busy-loop process that
-this script starts keeps one core busy (a client sharing a small machine with the service
-or another job), and while two such processes keep both cores busy.  The order is
-interleaved, and the whole set is repeated.
+A trivial HTTP endpoint runs in its own process and streams each answer as `POST /rag` does
+with `"stream": true`: a docs event, `--tokens` token events written one by one, and a done
+event, so the client reads and times every event as in a real run.  The load generator
+sends it an ideal and a poisson schedule (default 2,000 requests/s, 10,000 requests) on
+asyncio's event loop (its own) and on uvloop (for comparison), with the machine quiet,
+while a busy-loop process that this script starts keeps one core busy (a client sharing a
+small machine with the service or another job), and while two such processes keep both
+cores busy.  The order is interleaved, and the whole set is repeated.
 
 Criterion, for quiet and one core busy, per schedule, on asyncio's loop and the median of
 the repeats (the worst is shown beside it): p99 send lag <= 2 ms, achieved send rate within
@@ -37,19 +39,32 @@ from rag.loadgen import LoadConfig, run_load_async
 
 MAX_LAG_P99_S = 0.002
 MAX_RATE_ERROR = 0.01
-ANSWER = b'{"query": "q", "result": "r", "timings": {"total_ms": 0.1}, "batch_size": 1}'
+DOCS = b'event: docs\ndata: {"query": "q", "docs": []}\n\n'
+TOKEN = b'event: token\ndata: {"text": "w ", "tokens": %d}\n\n'
+DONE = (
+    b'event: done\ndata: {"result": "r", "timings": {"total_ms": 0.1}, "batch_size": 1,'
+    b' "usage": {"prompt_tokens": 8, "completion_tokens": %d}}\n\n'
+)
 LOOPS = {"asyncio": None, "uvloop": uvloop.new_event_loop}  # the first is the client's own
 BUSY_CORES = {"quiet": 0, "one core busy": 1, "both cores busy": 2}
 JUDGED = ("quiet", "one core busy")
 
 
-def serve() -> None:
-    """The trivial endpoint: reads the request, answers a fixed tiny JSON."""
+def serve(tokens: int) -> None:
+    """The trivial endpoint: reads the request, streams a fixed tiny answer of `tokens`
+    token events, each its own write."""
     from aiohttp import web
 
-    async def rag(request: web.Request) -> web.Response:
+    async def rag(request: web.Request) -> web.StreamResponse:
         await request.read()
-        return web.Response(body=ANSWER, content_type="application/json")
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(DOCS)
+        for i in range(tokens):
+            await response.write(TOKEN % (i + 1))
+        await response.write(DONE % tokens)
+        await response.write_eof()
+        return response
 
     async def start() -> None:
         app = web.Application()
@@ -99,6 +114,8 @@ def measure(url: str, server: psutil.Process, loop: str, mode: str, rate: float,
         "send_lag_max_ms": s["send_lag_max_s"] * 1e3,
         "late_fraction": s["late_fraction"],
         "failed": s["failed"],
+        "output_tokens": s["output_tokens_total"],  # every token event read and counted
+        "ttft_p50_ms": s["ttft_p50_s"] * 1e3,
         "client_cores": (cpu_seconds() - cpu_before) / wall,
         "server_cores": (sum(server.cpu_times()[:2]) - server_before) / wall,
         "machine_busy_cores": psutil.cpu_percent() / 100 * (os.cpu_count() or 1),
@@ -135,7 +152,7 @@ def judge(record: BenchRecord, runs: list[dict[str, Any]], rate: float, n: int) 
             mine = [r for r in these if r["loop"] == own]
             lag = [r["send_lag_p99_ms"] for r in mine]
             theirs = [r["send_lag_p99_ms"] for r in these if r["loop"] == other]
-            label = f"{mode} {rate:.0f}/s x {n}, {machine}"
+            label = f"{mode} {rate:.0f}/s x {n} streamed, {machine}"
             record.target(
                 f"{label}: p99 send lag, median of {len(mine)}",
                 statistics.median(lag),
@@ -164,15 +181,18 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=2000.0, help="requests per second")
     parser.add_argument("--requests", type=int, default=10000, help="requests per run")
     parser.add_argument("--repeats", type=int, default=3, help="times the whole set is run")
+    parser.add_argument("--tokens", type=int, default=4, help="token events per answer")
     add_check_option(parser)
     args = parser.parse_args()
     if args.serve:
-        serve()
+        serve(args.tokens)
         return
 
     record = BenchRecord("loadgen", vars(args))
     proc = subprocess.Popen(
-        [sys.executable, __file__, "--serve"], stdout=subprocess.PIPE, text=True
+        [sys.executable, __file__, "--serve", "--tokens", str(args.tokens)],
+        stdout=subprocess.PIPE,
+        text=True,
     )
     runs: list[dict[str, Any]] = []
     try:

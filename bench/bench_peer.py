@@ -140,7 +140,7 @@ def child(
 
     def generate(batch: int) -> list:
         done = engine.generate(sequences(batch))
-        [generator.result(s) for s in done]
+        [generator.decode(s.tokens) for s in done]  # the text, as vLLM's generate gives it
         return done
 
     for batch in batches:
@@ -291,7 +291,7 @@ def query_prompts(queries: list[str]) -> dict[str, list[int]]:
     from rag.service.pipeline import Prepared, RAGPipeline
 
     pipeline = RAGPipeline.from_config(compose([]))
-    prepared = pipeline.prepare(queries, [2] * len(queries))
+    prepared = pipeline.prepare(pipeline.ask(queries, [2] * len(queries)))
     assert all(isinstance(p, Prepared) for p in prepared)
     ids = pipeline.generator.encode([p.prompt for p in prepared])  # type: ignore[union-attr]
     return dict(zip(queries, ids, strict=True))
@@ -304,7 +304,7 @@ def served(peer: str, model: Path, rates: list[float], requests: int, logs: Path
 
     from rag.cluster.process import ServerProcess
     from rag.loadgen import LoadConfig, run_load
-    from rag.loadgen.schedule import load_queries
+    from rag.loadgen.schedule import load_prompts
 
     def load(url: str, rate: float, count: int = requests) -> LoadConfig:
         return LoadConfig(target=url, timing_mode="poisson", rps=rate, num_requests=count,
@@ -315,7 +315,7 @@ def served(peer: str, model: Path, rates: list[float], requests: int, logs: Path
         with ServerProcess([f"variant={variant}", "model.ignore_eos=true"]) as server:
             run_load(load(server.url, 4, WARM_UP_REQUESTS))
             results[variant] = {rate: run_load(load(server.url, rate))[1] for rate in rates}
-    prompts = query_prompts(load_queries())
+    prompts = query_prompts([p.text for p in load_prompts()])
     with PeerServer(peer, model, logs / "vllm-server.log") as server:
         send = lambda rate, count=requests: run_completions(  # noqa: E731
             load(server.url, rate, count), prompts, "peer", NEW_TOKENS

@@ -7,40 +7,33 @@ does the work our server does for the same request at the same moment.
 from __future__ import annotations
 
 import asyncio
-import json
 from typing import Any
 
 from rag.loadgen import LoadConfig
+from rag.loadgen.apis import CompletionsApi, Options
 from rag.loadgen.run import plan, summarise_run
 from rag.loadgen.sender import Sender
 
 
-class CompletionsSender(Sender):
-    """A Sender whose bodies are completions requests and whose answers hold `choices`."""
+class PromptIdsApi(CompletionsApi):
+    """/v1/completions with each query replaced by its RAG prompt's token ids, greedy."""
 
-    answer_field = "choices"
+    def __init__(self, options: Options, prompts: dict[str, list[int]]) -> None:
+        super().__init__(options)
+        self.prompts = prompts
 
-    def __init__(self, *args: Any, prompts: dict[str, list[int]], model: str, max_tokens: int,
-                 **kwargs: Any) -> None:  # fmt: skip
-        super().__init__(*args, path="/v1/completions", **kwargs)
-        bodies = {
-            query: json.dumps(
-                {"model": model, "prompt": ids, "max_tokens": max_tokens, "temperature": 0,
-                 "ignore_eos": True}
-            ).encode()
-            for query, ids in prompts.items()
-        }  # fmt: skip
-        self.bodies = [bodies[row["query"]] for row in self.rows]
+    def prompt_fields(self, prompt: str) -> dict[str, Any]:
+        return {"prompt": self.prompts[prompt], "temperature": 0}
 
 
 def run_completions(
     load: LoadConfig, prompts: dict[str, list[int]], model: str, max_tokens: int
 ) -> dict[str, Any]:
     """`run_load`'s summary for this schedule sent to /v1/completions at `load.target`."""
+    load.max_tokens = max_tokens
     run = plan(load)
-    sender = CompletionsSender(
-        run.schedule, load.target, timeout=load.timeout, prompts=prompts, model=model,
-        max_tokens=max_tokens,
-    )  # fmt: skip
+    api = PromptIdsApi(Options(stream=load.stream, model=model, ignore_eos=True), prompts)
+    assert run.schedule is not None  # an open loop
+    sender = Sender(run.schedule, load.target, api, timeout=load.timeout)
     interrupted = asyncio.run(sender.run(asyncio.Event()))
     return summarise_run(run, sender.rows, interrupted)

@@ -213,10 +213,15 @@ class HarnessConfig:
 
 @dataclass
 class SloConfig:
-    """A latency target: p99 from the scheduled send, with few failures."""
+    """Latency targets.  `+search=max_rps` wants p99 latency (from the scheduled send)
+    within `p99_s` with few failures, and the p99 of each token objective given within
+    it; every run counts goodput: requests/s that met each objective given (0 = none)."""
 
     p99_s: float = 2.0
     max_failed_fraction: float = 0.01
+    ttft_s: float = 0.0  # time to first token, from the scheduled send
+    tpot_s: float = 0.0  # time per output token after the first
+    e2e_s: float = 0.0  # latency, from the scheduled send
 
 
 @dataclass
@@ -264,6 +269,8 @@ class Config:
     seed: int = 0  # the schedule, the query draw and the generator's sampling
     tag: str = "default"  # names the sweep: outputs/<tag>/, a column of every CSV row
     target: str = ""  # variant=external: the URL of a server the sweep does not start
+    api: str = "rag"  # rag | openai-chat | openai-completions: what the load generator speaks
+    model_name: str = ""  # OpenAI APIs: the model to ask for ("" = the first /v1/models lists)
     load: LoadConfig = field(default_factory=LoadConfig)
     harness: HarnessConfig = field(default_factory=HarnessConfig)
     slo: SloConfig = field(default_factory=SloConfig)

@@ -8,6 +8,7 @@ fail or misbehave on purpose.
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -80,3 +81,55 @@ class LocalServer:
     def __exit__(self, *exc: object) -> None:
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(10)
+
+
+async def event_stream(
+    request: web.Request, events: list[tuple[str, object]], gap_s: float = 0.0
+) -> web.StreamResponse:
+    """Answer with Server-Sent Events, each (name, data) written and flushed on its own,
+    `gap_s` apart; a name of "" sends a bare `data:` event, data that is not a string is
+    sent as JSON."""
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+    await response.prepare(request)
+    for i, (name, data) in enumerate(events):
+        if i and gap_s:
+            await asyncio.sleep(gap_s)
+        text = data if isinstance(data, str) else json.dumps(data)
+        await response.write(((f"event: {name}\n" if name else "") + f"data: {text}\n\n").encode())
+    await response.write_eof()
+    return response
+
+
+def rag_events(tokens: int, usage: bool = True) -> list[tuple[str, object]]:
+    """A streamed /rag answer: docs, one token event per step, done."""
+    done: dict[str, object] = {
+        "result": "word " * tokens,
+        "timings": {"queue_ms": 1.0, "generate_ms": 5.0, "total_ms": 7.0},
+        "batch_size": 2,
+        "ttft_ms": 3.0,
+        "tpot_ms": 1.0,
+    }
+    if usage:
+        done["usage"] = {"prompt_tokens": 40, "completion_tokens": tokens}
+    return [
+        ("docs", {"query": "q", "docs": []}),
+        *(("token", {"text": "word ", "tokens": i + 1}) for i in range(tokens)),
+        ("done", done),
+    ]
+
+
+def chat_chunks(tokens: int, usage: bool = True) -> list[tuple[str, object]]:
+    """A streamed chat completion as vLLM sends it: a role chunk with no text, a chunk
+    per token, a finishing chunk, usage when asked, [DONE]."""
+
+    def chunk(delta: dict, finish: str | None = None) -> dict:
+        return {"object": "chat.completion.chunk", "usage": None,
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}  # fmt: skip
+
+    events: list[tuple[str, object]] = [("", chunk({"role": "assistant", "content": ""}))]
+    events += [("", chunk({"content": f"w{i} "})) for i in range(tokens)]
+    events.append(("", chunk({}, "length")))
+    if usage:
+        events.append(("", {"choices": [], "usage": {"prompt_tokens": 9,
+                                                      "completion_tokens": tokens}}))  # fmt: skip
+    return [*events, ("", "[DONE]")]

@@ -16,7 +16,7 @@ from aiohttp import web
 from loadgen_server import Behaviour, LocalServer, rag_ok
 
 from rag.loadgen import LoadConfig, plan, run_load
-from rag.loadgen.schedule import build_schedule, load_queries
+from rag.loadgen.schedule import build_schedule, load_prompts
 
 
 def closed(target: str, users: int, **overrides) -> LoadConfig:
@@ -86,7 +86,7 @@ def test_a_duration_bounds_the_loop_and_latency_runs_from_each_send(tmp_path: Pa
 def test_it_asks_the_open_loops_draw_of_queries():
     with LocalServer() as server:
         rows, _ = run_load(closed(server.url, 3, num_requests=25, seed=7))
-    schedule = build_schedule("ideal", 10.0, 25, seed=7, queries=load_queries())
+    schedule = build_schedule("ideal", 10.0, 25, seed=7, prompts=load_prompts())
     assert [r["query"] for r in rows] == schedule.queries
 
 

@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 
+from rag.loadgen.sender import finish_rows, new_row
 from rag.loadgen.stats import ERROR_CLASSES, percentile, summarise
 
 
@@ -14,15 +15,9 @@ def row(scheduled: float, lag: float | None = 0.0, service: float | None = 0.1, 
     """A finished row as the sender leaves it (None lag = never sent)."""
     sent = None if lag is None else scheduled + lag
     done = None if sent is None or service is None else sent + service
-    return {
-        "scheduled_s": scheduled,
-        "sent_s": sent,
-        "done_s": done,
-        "send_lag_s": lag,
-        "latency_s": None if done is None else done - scheduled,
-        "service_latency_s": None if done is None else service,
-        "error": error,
-    }
+    finished = {**new_row(0, "q", 0, scheduled), "sent_s": sent, "done_s": done, "error": error}
+    finish_rows([finished])
+    return finished
 
 
 @pytest.mark.parametrize("q", [0, 1, 25, 50, 90, 95, 99, 99.9, 100])

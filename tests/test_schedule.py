@@ -9,9 +9,10 @@ import pytest
 from scipy import stats
 
 from rag.loadgen.schedule import (
+    Prompt,
     arrival_offsets,
     build_schedule,
-    load_queries,
+    load_prompts,
     load_trace,
     write_schedule,
 )
@@ -52,7 +53,7 @@ def test_same_seed_same_schedule_and_queries_do_not_move_the_times():
     a = build_schedule("poisson", rps=10.0, num_requests=50, seed=7)
     b = build_schedule("poisson", rps=10.0, num_requests=50, seed=7)
     c = build_schedule("poisson", rps=10.0, num_requests=50, seed=8)
-    d = build_schedule("poisson", rps=10.0, num_requests=50, seed=7, queries=["only this"])
+    d = build_schedule("poisson", rps=10.0, num_requests=50, seed=7, prompts=[Prompt("only this")])
     np.testing.assert_array_equal(a.offsets, b.offsets)
     assert a.queries == b.queries
     assert not np.array_equal(a.offsets, c.offsets)
@@ -79,7 +80,8 @@ def test_trace_replay_from_text_and_from_a_saved_schedule(tmp_path: Path):
     path = tmp_path / "schedule.csv"
     write_schedule(saved, path)
     # Another seed and another query list: the saved times and queries replay all the same.
-    replay = build_schedule("trace", trace=str(path), seed=5, queries=["other", "queries"])
+    other = [Prompt("other"), Prompt("queries")]
+    replay = build_schedule("trace", trace=str(path), seed=5, prompts=other)
     np.testing.assert_array_equal(replay.offsets, saved.offsets)
     assert replay.queries == saved.queries
     assert len(set(saved.queries)) > 10  # a draw whose order the replay had to keep
@@ -98,14 +100,14 @@ def test_replay_keeps_each_query_with_its_time_when_rows_are_out_of_order(tmp_pa
 
 
 def test_builtin_queries_and_query_files(tmp_path: Path):
-    builtin = load_queries()
+    builtin = load_prompts()
     assert 25 <= len(builtin) <= 40
-    assert "What is photosynthesis?" in builtin
-    assert all(q.endswith("?") for q in builtin)
+    assert Prompt("What is photosynthesis?") in builtin
+    assert all(p.text.endswith("?") and p.max_tokens == 0 for p in builtin)
     path = tmp_path / "q.txt"
     path.write_text("# comment\nfirst\n\n  second  \n")
-    assert load_queries(str(path)) == ["first", "second"]
-    drawn = build_schedule("ideal", rps=1.0, num_requests=200, queries=builtin).queries
+    assert load_prompts(str(path)) == [Prompt("first"), Prompt("second")]
+    drawn = build_schedule("ideal", rps=1.0, num_requests=200, prompts=builtin).queries
     assert len(set(drawn)) > len(builtin) // 2
 
 

@@ -61,3 +61,16 @@ def test_verdict():
     ok, why = verdict(summary(schedule_kept=False, schedule_kept_reason="late"), slo)
     assert not ok and "client fell behind" in why
     assert not verdict(summary(latency_p99_s=math.nan), slo)[0]
+
+
+def test_verdict_on_token_objectives():
+    slo = SloConfig(p99_s=2.0, ttft_s=0.5, tpot_s=0.05, e2e_s=1.5)
+    fine = {"ttft_p99_s": 0.4, "tpot_p99_s": 0.04}
+    ok, why = verdict(summary(**fine), slo)
+    assert ok and why == "p99 1 s, ttft p99 0.4 s, tpot p99 0.04 s"
+    assert not verdict(summary(**fine, latency_p99_s=1.6), slo)[0]  # e2e_s is the tighter
+    ok, why = verdict(summary(**{**fine, "ttft_p99_s": 0.6}), slo)
+    assert not ok and why == "ttft p99 0.6 s over 0.5 s"
+    assert not verdict(summary(**{**fine, "tpot_p99_s": 0.06}), slo)[0]
+    assert not verdict(summary(**{**fine, "ttft_p99_s": math.nan}), slo)[0]  # not streamed
+    assert verdict(summary(ttft_p99_s=math.nan), SloConfig(p99_s=2.0))[0]  # none asked

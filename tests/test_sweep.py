@@ -5,6 +5,7 @@ failure.json while the sweep goes on, and no process outlives its point."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -117,6 +118,9 @@ def test_external_variant_measures_a_server_it_did_not_start_in_either_loop(
     (folder,) = points(tmp_path, "t5")
     summary = pd.read_csv(folder / "summary.csv").iloc[0]
     assert summary["ok"] == 12 and summary["loop"] == "closed" and summary["concurrency"] == 3
+    table = aggregate(tmp_path / "outputs", tmp_path / "results", ["t5"])
+    assert table["repeats"].tolist() == [1] and (tmp_path / "results" / "latency.png").exists()
+    assert "closed loop" in (tmp_path / "results" / "report.html").read_text()
 
 
 def test_max_rps_search(tmp_path: Path, cache_overrides: list[str]):
@@ -133,3 +137,29 @@ def test_max_rps_search(tmp_path: Path, cache_overrides: list[str]):
     assert sorted(requests["trial"].unique()) == list(range(len(trials)))
     aggregate(tmp_path / "outputs", tmp_path / "results")
     assert (tmp_path / "results" / "max_rps.png").exists()
+
+
+def test_an_external_openai_server_swept_with_repeats_has_token_plots_and_goodput(
+    tmp_path: Path, start_server
+):
+    server = start_server("variant=continuous")
+    sweep(tmp_path, "variant=external", "api=openai-chat", f"target={server.url}", "rps=5,10",
+          "seed=0,1", "load.max_tokens=3", "load.ignore_eos=true", "slo.ttft_s=30",
+          "slo.tpot_s=30", "tag=t6", *SMALL)  # fmt: skip
+    folders = points(tmp_path, "t6")
+    assert len(folders) == 4
+    for folder in folders:
+        summary = pd.read_csv(folder / "summary.csv").iloc[0]
+        assert summary["ok"] == 12 and summary["api"] == "openai-chat"
+        assert summary["model"] == "external" and summary["model_name"] == "tiny"
+        assert summary["output_tokens_total"] == 36 and summary["good"] == 12
+        assert 0 < summary["ttft_p50_s"] <= summary["latency_p50_s"]
+        requests = pd.read_csv(folder / "requests.csv")
+        assert requests["ttft_s"].notna().all() and (requests["output_tokens"] == 3).all()
+    out = tmp_path / "results"
+    table = aggregate(tmp_path / "outputs", out)
+    assert (table["repeats"] == 2).all() and table["setting"].nunique() == 2
+    assert not table["setting"].str.contains("seed").any()
+    assert {"tokens", "goodput", "latency", "throughput"} <= {p.stem for p in out.glob("*.png")}
+    report = (out / "report.html").read_text()
+    assert re.search(r"2 repeats: 2 settings", report) and "TTFT p50 s" in report

@@ -3,7 +3,9 @@
 A finished point contributes its summary.csv row, plus what only its other files hold
 (mean time per server stage and mean batch size from requests.csv, replicas from
 autoscaler.csv, the machine from meta.json).  A failed point contributes a row that says
-why, so it is seen rather than silently missing.
+why, so it is seen rather than silently missing.  Points whose overrides differ only in
+`seed` are repeats of one setting: each keeps its row, with the setting and how many
+repeats it has, and the plots draw their median and spread.
 """
 
 from __future__ import annotations
@@ -65,13 +67,26 @@ def replica_figures(folder: Path) -> dict[str, Any]:
 
 
 def environment_figures(folder: Path) -> dict[str, Any]:
+    """The machine, and the setting: the point's overrides but its seed (repeats share it)."""
     try:
         meta = json.loads((folder / "meta.json").read_text())
     except (OSError, ValueError):
         return {}
     env = {key: meta.get(key, "") for key in ENVIRONMENT}
     env["gpus"] = ", ".join(env["gpus"] or [])
+    overrides = meta.get("overrides") or []
+    env["setting"] = " ".join(sorted(o for o in overrides if o.split("=")[0] != "seed"))
     return env
+
+
+def count_repeats(frame: pd.DataFrame) -> pd.DataFrame:
+    """Each finished point's number of repeats: the finished points of its tag with the
+    same setting."""
+    if "setting" not in frame:
+        return frame
+    ok = frame["outcome"] == "ok"
+    groups = frame[ok].groupby(["tag", "setting"], dropna=False)["point"].transform("size")
+    return frame.assign(repeats=groups.reindex(frame.index))
 
 
 def _finished_row(folder: Path, root: Path) -> dict[str, Any]:
@@ -103,6 +118,6 @@ def collect(root: Path, tags: list[str] | None = None) -> pd.DataFrame:
         return frame
     order = ["tag", "point", "outcome", "variant", "model", "timing_mode", "offered_rps"]
     first = [c for c in order if c in frame]
-    frame = frame[first + [c for c in frame.columns if c not in first]]
+    frame = count_repeats(frame[first + [c for c in frame.columns if c not in first]])
     sort = [c for c in ("tag", "variant", "timing_mode", "offered_rps", "point") if c in frame]
     return frame.sort_values(sort, kind="stable").reset_index(drop=True)

@@ -3,7 +3,10 @@
 
 Every plot marks the points that cannot be read at face value: a red cross where the
 client fell behind its schedule (the offered load was not what it says), a hollow marker
-where fewer than 99 % of requests succeeded (latency is then over the survivors).
+where fewer than 99 % of requests succeeded (latency is then over the survivors).  Repeats
+of a point (`seed=0,1,2`) are each a marker; the line runs through their median and a band
+spans their minimum to maximum.  A closed loop (timing mode `concurrency`) has no offered
+rate: its panels put the number of concurrent users on x and say "closed loop".
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.axes import Axes
 from matplotlib.lines import Line2D
+from matplotlib.patches import Patch
 from matplotlib.ticker import FixedLocator, FuncFormatter, LogLocator, NullFormatter
 
 VARIANT_COLOURS = {
@@ -57,7 +61,7 @@ def series(table: pd.DataFrame) -> Iterator[tuple[str, str, pd.DataFrame]]:
     labels = table.apply(lambda row: series_label(row, table), axis=1)
     spare = iter(OTHER_COLOURS * 4)
     for label in sorted(labels.unique()):
-        rows = table[labels == label].sort_values("offered_rps")
+        rows = table[labels == label].sort_values(load_column(table))
         variant = rows["variant"].iloc[0]
         colour = VARIANT_COLOURS.get(variant) if label == variant else None
         yield label, colour or next(spare), rows
@@ -65,6 +69,19 @@ def series(table: pd.DataFrame) -> Iterator[tuple[str, str, pd.DataFrame]]:
 
 def timing_modes(table: pd.DataFrame) -> list[str]:
     return sorted(table["timing_mode"].unique())
+
+
+CLOSED_LOOP = "concurrency"
+
+
+def load_column(rows: pd.DataFrame) -> str:
+    """What x is: the offered rate, or a closed loop's number of users."""
+    closed = not rows.empty and (rows["timing_mode"] == CLOSED_LOOP).all()
+    return "concurrency" if closed else "offered_rps"
+
+
+def mode_title(mode: str) -> str:
+    return "closed loop" if mode == CLOSED_LOOP else f"{mode} arrivals"
 
 
 PLAIN = FuncFormatter(lambda value, _: f"{value:g}")
@@ -80,33 +97,44 @@ def log_axis(ax: Axes, which: str = "y") -> None:
 
 
 def rate_axis(ax: Axes, table: pd.DataFrame) -> None:
-    """Offered load on x, log when it spans a decade, ticks at the rates that ran."""
-    rates = sorted(table["offered_rps"].unique())
+    """Offered load (or a closed loop's users) on x, log when it spans a decade, ticks at
+    the values that ran."""
+    x = load_column(table)
+    rates = sorted(table[x].unique())
     if rates[-1] / max(rates[0], 1e-9) >= 8:
         log_axis(ax, "x")
     if len(rates) <= 12:
         ax.xaxis.set_major_locator(FixedLocator(rates))
         ax.xaxis.set_major_formatter(PLAIN)
-    ax.set_xlabel("offered load (requests/s)")
+    closed = x == "concurrency"
+    ax.set_xlabel("concurrent users (closed loop)" if closed else "offered load (requests/s)")
     ax.grid(True, which="both", alpha=0.3)
 
 
 def plot_series(
     ax: Axes, rows: pd.DataFrame, column: str, label: str, colour: str, style: str = "-"
 ) -> None:
-    """A line through the median at each rate, every point a marker; suspect points marked."""
-    line = rows.groupby("offered_rps")[column].median()
+    """A line through the median at each load, every point a marker, the min-max spread of
+    repeats a band; suspect points marked."""
+    x = load_column(rows)
+    at = rows.groupby(x)[column]
+    line = at.median()
     ax.plot(line.index, line.values, style, color=colour, label=label)
+    if (at.count() > 1).any():
+        ax.fill_between(line.index, at.min(), at.max(), color=colour, alpha=0.15, lw=0)
     healthy = rows["ok_fraction"] >= MIN_OK_FRACTION
-    ax.plot(rows["offered_rps"][healthy], rows[column][healthy], "o", color=colour)
-    ax.plot(rows["offered_rps"][~healthy], rows[column][~healthy], "o", mfc="white", color=colour)
+    ax.plot(rows[x][healthy], rows[column][healthy], "o", color=colour)
+    ax.plot(rows[x][~healthy], rows[column][~healthy], "o", mfc="white", color=colour)
     behind = ~rows["schedule_kept"].astype(bool)
-    ax.plot(rows["offered_rps"][behind], rows[column][behind], "x", color="red", ms=12, mew=2.5)
+    ax.plot(rows[x][behind], rows[column][behind], "x", color="red", ms=12, mew=2.5)
 
 
 def warning_legend(ax: Axes, table: pd.DataFrame) -> None:
     """The series legend, plus entries for the marks this table needs."""
     handles, labels = ax.get_legend_handles_labels()
+    if "repeats" in table and (table["repeats"] > 1).any():
+        handles.append(Patch(color="gray", alpha=0.3))
+        labels.append("min-max over repeats")
     if (table["ok_fraction"] < MIN_OK_FRACTION).any():
         handles.append(Line2D([], [], marker="o", mfc="white", color="gray", ls=""))
         labels.append("under 99 % succeeded")
@@ -139,9 +167,10 @@ def latency_vs_rate(table: pd.DataFrame, out: Path) -> Path | None:
             for label, colour, s in series(rows):
                 plot_series(ax, s, column, label, colour)
             log_axis(ax)
-            ax.set_title(f"{stat} latency, {mode} arrivals")
-            ax.set_ylabel("latency from scheduled send (s, log)")
-            rate_axis(ax, table)
+            ax.set_title(f"{stat} latency, {mode_title(mode)}")
+            since = "each send" if mode == CLOSED_LOOP else "scheduled send"
+            ax.set_ylabel(f"latency from {since} (s, log)")
+            rate_axis(ax, rows)
             warning_legend(ax, rows)
     fig.suptitle("Latency against offered load (successful requests)", fontsize=14)
     return save_figure(fig, out / "latency.png")
@@ -156,13 +185,14 @@ def throughput_vs_rate(table: pd.DataFrame, out: Path) -> Path | None:
     fig, axes = plt.subplots(1, len(modes), figsize=(7 * len(modes), 5), squeeze=False)
     for ax, mode in zip(axes[0], modes, strict=True):
         rows = table[table["timing_mode"] == mode]
-        top = max(rows["offered_rps"].max(), rows["throughput_rps"].max()) * 1.1
-        ax.plot([0, top], [0, top], "--", color="gray", label="served = offered")
+        if mode != CLOSED_LOOP:
+            top = max(rows["offered_rps"].max(), rows["throughput_rps"].max()) * 1.1
+            ax.plot([0, top], [0, top], "--", color="gray", label="served = offered")
         for label, colour, s in series(rows):
             plot_series(ax, s, "throughput_rps", label, colour)
-        ax.set_title(f"Throughput, {mode} arrivals")
+        ax.set_title(f"Throughput, {mode_title(mode)}")
         ax.set_ylabel("successful requests/s")
-        rate_axis(ax, table)
+        rate_axis(ax, rows)
         if ax.get_xscale() == "log":
             log_axis(ax)
         warning_legend(ax, rows)
@@ -187,17 +217,24 @@ def batch_size_comparison(table: pd.DataFrame, out: Path) -> Path | None:
         for c, (column, ylabel) in enumerate(panels):
             ax = axes[r][c]
             for (variant, size), s in rows.groupby(["variant", "max_batch_size"]):
-                s = s.sort_values("offered_rps")
+                s = s.sort_values(load_column(s))
                 label = f"{variant}, batch {size}"
                 plot_series(ax, s, column, label, colours[size], styles[variant])
             if column != "throughput_rps":
                 log_axis(ax)
-            ax.set_title(f"{ylabel.split(' (')[0]}, {mode} arrivals")
+            ax.set_title(f"{ylabel.split(' (')[0]}, {mode_title(mode)}")
             ax.set_ylabel(ylabel)
-            rate_axis(ax, table)
+            rate_axis(ax, rows)
             warning_legend(ax, rows)
     fig.suptitle("Maximum batch size compared", fontsize=14)
     return save_figure(fig, out / "batch_size.png")
+
+
+def _targets(point: object) -> str:
+    """A search's targets as a bar's label: p99, and TTFT and TPOT p99 where set."""
+    named = (("p99", "slo_p99_s"), ("TTFT", "slo_ttft_s"), ("TPOT", "slo_tpot_s"))
+    values = ((name, getattr(point, key, 0.0)) for name, key in named)
+    return "\n".join(f"{name} ≤ {v:g} s" for name, v in values if pd.notna(v) and v > 0)
 
 
 def max_rps_bars(table: pd.DataFrame, out: Path) -> Path | None:
@@ -209,7 +246,7 @@ def max_rps_bars(table: pd.DataFrame, out: Path) -> Path | None:
         return None
     rows = rows.assign(label=rows.apply(lambda r: series_label(r, rows), axis=1))
     rows = rows.sort_values(["slo_p99_s", "label"])
-    names = [f"{r.label}\np99 ≤ {r.slo_p99_s:g} s" for r in rows.itertuples()]
+    names = [f"{r.label}\n{_targets(r)}" for r in rows.itertuples()]
     fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(rows)), 5))
     colours = [VARIANT_COLOURS.get(v, "tab:purple") for v in rows["variant"]]
     bars = ax.bar(np.arange(len(rows)), rows["max_rps"], color=colours)

@@ -34,7 +34,7 @@ from rag.harness.files import (
     write_failure,
 )
 from rag.harness.search import run_search
-from rag.loadgen import ROW_COLUMNS, LoadConfig, run_load_async
+from rag.loadgen import LoadConfig, csv_table, run_load_async
 from rag.storage import write_csv, write_json
 
 log = logging.getLogger("rag.harness")
@@ -73,10 +73,12 @@ class Point:
             "tag": cfg.tag,
             "point": self.name,
             "variant": variant.name,
-            "model": "external" if self.external else cfg.model.name,
+            "model": (cfg.model_name or "external") if self.external else cfg.model.name,
             "corpus": "external" if self.external else cfg.corpus.name,
+            "api": cfg.load.api,
             "offered_rps": cfg.load.rps,
             "timing_mode": cfg.load.timing_mode,
+            "concurrency": cfg.load.concurrency,
             "max_batch_size": max_batch_size,
             "max_wait_ms": max_wait_ms,
         }
@@ -183,9 +185,7 @@ def _stats(url: str) -> dict[str, Any]:
 
 def _write(point: Point, rows: Rows, summary: dict[str, Any], meta: dict[str, Any]) -> None:
     columns = point.columns()
-    request_rows = [{**columns, **row} for row in rows]
-    extra = sorted(set().union(*rows) - set(ROW_COLUMNS) - set(columns)) if rows else []
-    write_csv(point.folder / "requests.csv", request_rows, [*columns, *ROW_COLUMNS, *extra])
+    write_csv(point.folder / "requests.csv", *csv_table(rows, columns))
     write_json(point.folder / "meta.json", meta)
     row = {**columns, **summary}
     write_csv(point.folder / SUMMARY, [row], list(row))  # last: marks the point done
@@ -198,9 +198,14 @@ def _describe(summary: dict[str, Any]) -> str:
 
     behind = summary["schedule_kept_reason"]
     kept = "" if summary["schedule_kept"] else f"; CLIENT FELL BEHIND: {behind}"
+    tokens = ""
+    if math.isfinite(summary.get("ttft_p50_s", math.nan)):
+        tokens = f", TTFT p50 {ms('ttft_p50_s')}, TPOT p50 {ms('tpot_p50_s')}"
+    if math.isfinite(summary.get("goodput_rps", math.nan)):
+        tokens += f", goodput {summary['goodput_rps']:.2f}/s"
     return (
         f"{summary['ok']}/{summary['scheduled']} ok, throughput {summary['throughput_rps']:.2f}/s,"
-        f" p50 {ms('latency_p50_s')}, p99 {ms('latency_p99_s')}{kept}"
+        f" p50 {ms('latency_p50_s')}, p99 {ms('latency_p99_s')}{tokens}{kept}"
     )
 
 

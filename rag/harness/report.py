@@ -18,6 +18,7 @@ from rag.harness.plots import (
     throughput_vs_rate,
 )
 from rag.harness.plots_detail import batch_sizes, latency_cdf, replicas_over_time, stage_times
+from rag.harness.plots_tokens import goodput_vs_rate, token_latency_vs_rate
 from rag.storage import write_atomically
 
 CAPTIONS = {
@@ -25,6 +26,10 @@ CAPTIONS = {
     "throughput.png": "Successful completions per second; on the dashed line the service "
     "keeps up with what is offered.",
     "batch_size.png": "The batching variants at each maximum batch size.",
+    "tokens.png": "Time to first token (from each request's scheduled send) and time per"
+    " output token after the first, p50 and p99, against the offered load (streamed answers).",
+    "goodput.png": "Requests per second that succeeded and met every objective given, against"
+    " the offered load; on the dashed line every request offered was good.",
     "max_rps.png": "The highest offered load whose p99 met the target.",
     "latency_cdf.png": "Share of all scheduled requests answered within a time.",
     "stages.png": "Mean time a request spent in each server stage.",
@@ -33,10 +38,19 @@ CAPTIONS = {
 }
 TABLE = {
     "tag": "tag", "variant": "variant", "model": "model", "timing_mode": "arrivals",
-    "offered_rps": "offered/s", "max_batch_size": "max batch", "throughput_rps": "served/s",
-    "latency_p50_s": "p50 s", "latency_p99_s": "p99 s", "ok_fraction": "succeeded",
+    "api": "api", "loop": "loop", "offered_rps": "offered/s", "concurrency": "users",
+    "max_batch_size": "max batch", "repeats": "repeats", "throughput_rps": "served/s",
+    "latency_p50_s": "p50 s", "latency_p99_s": "p99 s", "ttft_p50_s": "TTFT p50 s",
+    "ttft_p99_s": "TTFT p99 s", "tpot_p50_s": "TPOT p50 s", "output_tokens_per_s": "tokens/s",
+    "goodput_rps": "goodput/s", "ok_fraction": "succeeded",
     "schedule_kept": "client kept schedule", "max_rps": "max rps (search)",
 }  # fmt: skip
+CLOSED_LOOP_NOTE = (
+    "<p class=note>Points whose loop is <b>closed</b> ran a closed loop (timing mode"
+    " <code>concurrency</code>): a number of users, each sending its next request when its"
+    " answer arrives.  They have no offered rate (their plots put the users on x), and their"
+    " latency and TTFT run from each send, not from a schedule.</p>"
+)
 SIMULATED_NOTE = (
     "<p class=note>Points labelled <b>simulated</b> ran a sleeping cost model: they test the"
     " scaling logic and are no performance claim.</p>"
@@ -57,6 +71,8 @@ def make_plots(table: pd.DataFrame, root: Path, out: Path) -> list[Path]:
     made = [
         latency_vs_rate(table, out),
         throughput_vs_rate(table, out),
+        token_latency_vs_rate(table, out),
+        goodput_vs_rate(table, out),
         batch_size_comparison(table, out),
         max_rps_bars(table, out),
         latency_cdf(table, root, out),
@@ -67,9 +83,27 @@ def make_plots(table: pd.DataFrame, root: Path, out: Path) -> list[Path]:
     return [p for p in made if p is not None]
 
 
+def _repeats_note(ok: pd.DataFrame) -> str:
+    """How many repeats each setting has, e.g. "3 repeats: 4 settings; 1 repeat: 2"."""
+    if "repeats" not in ok or ok.empty:
+        return ""
+    settings = ok.groupby(["tag", "setting"], dropna=False)["repeats"].first()
+    counts = settings.value_counts().sort_index(ascending=False)
+    parts = [f"{n:.0f} repeat{'s' if n != 1 else ''}: {c} setting{'s' if c != 1 else ''}"
+             for n, c in counts.items()]  # fmt: skip
+    return (
+        "<p class=note>Repeats (points that differ only in <code>seed</code>) per setting: "
+        + "; ".join(parts)
+        + ".  Plots draw the median of a setting's repeats, each repeat a marker, and their"
+        " min-max spread as a band.</p>"
+    )
+
+
 def _cell(value: object, column: str = "") -> str:
     if column == "ok_fraction" and isinstance(value, float) and pd.notna(value):
         return f"{value:.1%}"
+    if column == "concurrency" and value == 0:  # an open loop has no users
+        return ""
     if column == "schedule_kept":
         return "yes" if bool(value) else "<b>no</b>"
     if isinstance(value, float):
@@ -106,8 +140,11 @@ def render(table: pd.DataFrame, plots: list[Path], sources: str) -> str:
         " Rows in red: the load generator fell behind its schedule, so the offered load"
         " was lower than stated.</p>",
         "<h2>Points</h2>",
+        _repeats_note(ok),
         _table(ok, TABLE, flag_behind=True),
     ]
+    if "loop" in ok and (ok["loop"] == "closed").any():
+        parts.append(CLOSED_LOOP_NOTE)
     if "model" in ok and (ok["model"] == "simulated").any():
         parts.append(SIMULATED_NOTE)
     if not failed.empty:

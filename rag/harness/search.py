@@ -1,5 +1,7 @@
 """`+search=max_rps`: the highest offered rate at which p99 latency (from the scheduled
-send) meets `slo.p99_s` with fewer than `slo.max_failed_fraction` failures.
+send) meets `slo.p99_s` with fewer than `slo.max_failed_fraction` failures, and the p99
+of time to first token and of time per output token meet `slo.ttft_s` and `slo.tpot_s`
+where they are set.
 
 Doubling from `start_rps` until a trial misses (or halving until one meets), then
 bisecting geometrically between the highest rate that met and the lowest that missed,
@@ -26,16 +28,26 @@ LoadRunner = Callable[[LoadConfig], tuple[Rows, dict[str, Any]]]
 
 
 def verdict(summary: dict[str, Any], slo: SloConfig) -> tuple[bool, str]:
-    """Whether one trial meets the target, and why not."""
+    """Whether one trial meets the target, and why not: p99 latency within `slo.p99_s`
+    (and `slo.e2e_s` when set), and the p99 of each token objective set (time to first
+    token, time per output token) within it."""
     if not summary["schedule_kept"]:
         return False, f"client fell behind its schedule ({summary['schedule_kept_reason']})"
     failed = 1.0 - summary["ok_fraction"]
     if failed >= slo.max_failed_fraction:
         return False, f"{failed:.1%} failed"
-    p99 = summary["latency_p99_s"]
-    if not p99 <= slo.p99_s:
-        return False, f"p99 {p99:.2f} s over {slo.p99_s:g} s"
-    return True, f"p99 {p99:.2f} s"
+    latency_limit = min(slo.p99_s, slo.e2e_s) if slo.e2e_s > 0 else slo.p99_s
+    limits = (("p99", "latency_p99_s", latency_limit), ("ttft p99", "ttft_p99_s", slo.ttft_s),
+              ("tpot p99", "tpot_p99_s", slo.tpot_s))  # fmt: skip
+    met = []
+    for name, key, limit in limits:
+        if limit <= 0:
+            continue
+        value = summary[key]
+        if not value <= limit:  # NaN (nothing measured) misses too
+            return False, f"{name} {value:.3g} s over {limit:g} s"
+        met.append(f"{name} {value:.3g} s")
+    return True, ", ".join(met)
 
 
 def bisect_rates(search: SearchConfig, meets: Callable[[float], bool]) -> float:
@@ -90,6 +102,9 @@ def run_search(
         "search": search.name,
         "max_rps": max_rps,
         "slo_p99_s": slo.p99_s,
+        "slo_ttft_s": slo.ttft_s,
+        "slo_tpot_s": slo.tpot_s,
+        "slo_e2e_s": slo.e2e_s,
         "slo_max_failed_fraction": slo.max_failed_fraction,
         "trials": len(trials),
         "offered_rps": best[0],

@@ -16,36 +16,38 @@ from collections.abc import Iterator
 
 import numpy as np
 
+from rag.loadgen.apis import Api
 from rag.loadgen.schedule import Schedule
 from rag.loadgen.sender import Sender, new_row
 
 
 class ClosedLoopSender(Sender):
-    """Sends `queries` in order, `concurrency` at a time, until `num_requests` are sent
-    or `duration` seconds have passed (whichever is given, or first); one row per request
-    sent, its `scheduled_s` the moment its user sent it (there is no schedule)."""
+    """Sends `requests` (query, max_tokens) in order, `concurrency` at a time, until
+    `num_requests` are sent or `duration` seconds have passed (whichever is given, or
+    first); one row per request sent, its `scheduled_s` the moment its user sent it (there
+    is no schedule, so its latency and time to first token run from its send)."""
 
     def __init__(
         self,
-        queries: Iterator[str],
+        requests: Iterator[tuple[str, int]],
         target: str,
+        api: Api,
         *,
         concurrency: int,
         num_requests: int = 0,
         duration: float = 0.0,
-        path: str = "/rag",
-        k: int = 2,
+        path: str = "",
         assign: bool = False,
         timeout: float = 60.0,
         stop_grace: float = 5.0,
     ) -> None:
         if concurrency < 1 or (num_requests <= 0 and duration <= 0):
             raise ValueError("a closed loop needs concurrency >= 1 and num_requests or duration")
-        nothing = Schedule(offsets=np.zeros(0), queries=[])
+        nothing = Schedule(offsets=np.zeros(0), queries=[], max_tokens=[])
         super().__init__(
-            nothing, target, path=path, k=k, assign=assign, timeout=timeout, stop_grace=stop_grace
+            nothing, target, api, path=path, assign=assign, timeout=timeout, stop_grace=stop_grace
         )
-        self.queries = queries
+        self.requests = requests
         self.concurrency = concurrency
         self.num_requests = num_requests
         self.duration = duration
@@ -69,12 +71,12 @@ class ClosedLoopSender(Sender):
         limit = self.num_requests if self.num_requests > 0 else math.inf
         ends = self.duration if self.duration > 0 else math.inf
         while not stop.is_set() and (i := len(self.rows)) < limit:
-            query = next(self.queries)
-            body = self.body(query)
+            query, max_tokens = next(self.requests)
+            body = self.body(query, max_tokens)
             now = time.perf_counter() - self.t0
             if now >= ends:
                 return
             self.bodies.append(body)
-            self.rows.append(new_row(i, query, now))
+            self.rows.append(new_row(i, query, max_tokens, now))
             self.launched += 1
             await self._request(i)

@@ -19,20 +19,22 @@ from typing import Any
 
 import numpy as np
 
+from rag.loadgen.apis import APIS, Api, Options
 from rag.loadgen.closed_loop import ClosedLoopSender
 from rag.loadgen.config import LoadConfig
 from rag.loadgen.files import environment, output_paths
 from rag.loadgen.schedule import (
     CLOSED_LOOP,
     TIMING_MODES,
+    OutputLength,
     Schedule,
     build_schedule,
-    load_queries,
-    query_draw,
+    load_prompts,
+    request_draw,
     write_schedule,
 )
-from rag.loadgen.sender import ROW_COLUMNS, Sender
-from rag.loadgen.stats import summarise
+from rag.loadgen.sender import Sender, csv_table
+from rag.loadgen.stats import Slo, summarise
 from rag.storage import write_csv, write_json
 
 Rows = list[dict[str, Any]]
@@ -71,13 +73,36 @@ def _check(config: LoadConfig) -> None:
         raise ValueError("max_in_flight must be >= 0")
     if config.stop_grace < 0:
         raise ValueError("stop_grace must be >= 0")
+    if config.api not in APIS:
+        raise ValueError(f"api must be one of {tuple(APIS)}, not {config.api!r}")
+    if config.ignore_eos and config.max_tokens <= 0:
+        raise ValueError("ignore_eos asks for exactly max_tokens tokens: give max_tokens")
+    if min(config.slo_ttft_s, config.slo_tpot_s, config.slo_e2e_s) < 0:
+        raise ValueError("an objective (slo_*) must be > 0, or 0 for none")
+    if not config.stream and (config.slo_ttft_s or config.slo_tpot_s):
+        raise ValueError("objectives on TTFT and TPOT need streamed answers: leave stream on")
+    output_length(config)  # its own checks
+
+
+def output_length(config: LoadConfig) -> OutputLength:
+    return OutputLength(config.max_tokens, config.max_tokens_high)
+
+
+def api(config: LoadConfig) -> Api:
+    """The run's API, with what every request asks besides its prompt."""
+    options = Options(config.stream, config.k, config.model_name, config.ignore_eos)
+    return APIS[config.api](options)
+
+
+def slo(config: LoadConfig) -> Slo:
+    return Slo(config.slo_ttft_s, config.slo_tpot_s, config.slo_e2e_s)
 
 
 def plan(config: LoadConfig) -> Plan:
     """Check the settings and build the schedule (ValueError or OSError when they are bad)."""
     _check(config)
     if config.timing_mode == CLOSED_LOOP:
-        load_queries(config.queries)  # a bad query file fails here, not in the run
+        load_prompts(config.queries)  # a bad query file fails here, not in the run
         return Plan(config, None, environment(asdict(config), config.num_requests, math.nan))
     schedule = build_schedule(
         config.timing_mode,
@@ -87,7 +112,8 @@ def plan(config: LoadConfig) -> Plan:
         config.seed,
         config.burstiness,
         config.trace,
-        load_queries(config.queries),
+        load_prompts(config.queries),
+        output_length(config),
     )
     return Plan(config, schedule, environment(asdict(config), len(schedule), schedule.rate))
 
@@ -104,21 +130,23 @@ def _sender(run: Plan) -> Sender:
     config = run.config
     options: dict[str, Any] = dict(
         path=config.path,
-        k=config.k,
         assign=config.assign,
         timeout=config.timeout,
         stop_grace=config.stop_grace,
     )
     if run.schedule is None:
         return ClosedLoopSender(
-            query_draw(config.seed, load_queries(config.queries)),
+            request_draw(config.seed, load_prompts(config.queries), output_length(config)),
             config.target,
+            api(config),
             concurrency=config.concurrency,
             num_requests=config.num_requests,
             duration=config.duration,
             **options,
         )
-    return Sender(run.schedule, config.target, max_in_flight=config.max_in_flight, **options)
+    return Sender(
+        run.schedule, config.target, api(config), max_in_flight=config.max_in_flight, **options
+    )
 
 
 async def _show_progress(sender: Sender, on_terminal: bool) -> None:
@@ -147,15 +175,19 @@ async def send(run: Plan, stop: asyncio.Event | None = None) -> tuple[Rows, bool
             show.cancel()
             if on_terminal:
                 sys.stderr.write("\n")
+    labels = {"loop": "closed" if run.closed_loop else "open"}
+    if sender.api.needs_model:  # the one asked for, or the one the target named
+        labels["model_name"] = sender.api.options.model
     if config.tag:
-        for row in sender.rows:
-            row["tag"] = config.tag
+        labels["tag"] = config.tag
+    for row in sender.rows:
+        row.update(labels)
     return sender.rows, interrupted
 
 
 def summarise_run(run: Plan, rows: Rows, interrupted: bool) -> dict[str, Any]:
     """The run's settings and statistics as one flat row (summary.csv).  A closed loop
-    has no target or schedule rate (NaN), and its latency runs from each send."""
+    has no target or schedule rate (NaN), and its latency and TTFT run from each send."""
     config = run.config
     if run.schedule is None:
         schedule_rps = target_rps = math.nan
@@ -166,6 +198,12 @@ def summarise_run(run: Plan, rows: Rows, interrupted: bool) -> dict[str, Any]:
         "tag": config.tag,
         "start_time": run.meta["start_time"],
         "target": config.target,
+        "api": config.api,
+        "stream": config.stream,
+        "model_name": rows[0].get("model_name", "") if rows else config.model_name,
+        "max_tokens": config.max_tokens,
+        "max_tokens_high": config.max_tokens_high,
+        "ignore_eos": config.ignore_eos,
         "assign": config.assign,
         "loop": "closed" if run.closed_loop else "open",
         "timing_mode": config.timing_mode,
@@ -175,14 +213,8 @@ def summarise_run(run: Plan, rows: Rows, interrupted: bool) -> dict[str, Any]:
         "k": config.k,
         "max_in_flight": config.max_in_flight,
         "timeout_s": config.timeout,
-        **summarise(rows, schedule_rps, target_rps, interrupted),
+        **summarise(rows, schedule_rps, target_rps, interrupted, slo(config)),
     }
-
-
-def _columns(rows: Rows) -> list[str]:
-    """The fixed columns, then whatever some rows add (backend, server_*, tag), sorted."""
-    extra = set().union(*rows) - set(ROW_COLUMNS) if rows else set()
-    return [*ROW_COLUMNS, *sorted(extra)]
 
 
 def write_run(run: Plan, out: str, rows: Rows, summary: dict[str, Any]) -> None:
@@ -192,7 +224,7 @@ def write_run(run: Plan, out: str, rows: Rows, summary: dict[str, Any]) -> None:
     if run.schedule is not None:
         write_schedule(run.schedule, paths["schedule"])
     write_json(paths["meta"], run.meta)
-    write_csv(paths["requests"], rows, _columns(rows))
+    write_csv(paths["requests"], *csv_table(rows))
     write_csv(paths["summary"], [summary], list(summary))
 
 

@@ -2,14 +2,16 @@
 
 A schedule is computed up front from the seed, so a run can be repeated exactly, saved next
 to its results, and replayed later.  Offsets are seconds from the run's start; the first
-request is at offset 0.  A closed loop has no schedule, only the same seeded draw of
-queries, taken one request at a time.
+request is at offset 0; each request has its query and its output length (`max_tokens`).
+A closed loop has no schedule, only the same seeded draw of queries and lengths, taken one
+request at a time.
 """
 
 from __future__ import annotations
 
 import csv
 import itertools
+import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,11 +26,40 @@ BUILTIN_QUERIES = Path(__file__).resolve().parent.parent / "data" / "queries.txt
 
 
 @dataclass(frozen=True)
+class Prompt:
+    """A query, and the output length it asks for when it names one (from a JSONL prompts
+    file; 0 = the run's own)."""
+
+    text: str
+    max_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class OutputLength:
+    """Each request's `max_tokens`: `low` for every request (0 = none sent: the server's
+    default), or drawn uniformly from [low, high] when `high` is above it."""
+
+    low: int = 0
+    high: int = 0
+
+    def __post_init__(self) -> None:
+        if self.low < 0 or (self.high and self.high < self.low):
+            raise ValueError("max_tokens must be >= 0, and max_tokens_high 0 or >= max_tokens")
+
+    def draw(self, rng: np.random.Generator) -> int:
+        if self.high > self.low:
+            return int(rng.integers(self.low, self.high + 1))
+        return self.low
+
+
+@dataclass(frozen=True)
 class Schedule:
-    """Request i is sent at `offsets[i]` seconds and asks `queries[i]`."""
+    """Request i is sent at `offsets[i]` seconds, asks `queries[i]` and wants at most
+    `max_tokens[i]` tokens back (0 = the server's default)."""
 
     offsets: np.ndarray
     queries: list[str]
+    max_tokens: list[int]
 
     def __len__(self) -> int:
         return len(self.offsets)
@@ -103,13 +134,24 @@ def _generated(
     return offsets
 
 
-def read_trace(path: str) -> tuple[np.ndarray, list[str] | None]:
+@dataclass(frozen=True)
+class Trace:
+    """A trace's send offsets, sorted and from 0; a saved schedule's queries and output
+    lengths in the same order, when it has them."""
+
+    offsets: np.ndarray
+    queries: list[str] | None = None
+    max_tokens: list[int] | None = None
+
+
+def read_trace(path: str) -> Trace:
     """Timestamps in seconds from a text file (one per line, `#` comments allowed) or from
-    a CSV with a `scheduled_s` column (such as a saved schedule.csv), sorted and shifted to
-    start at 0; with the CSV's `query` column in the same order, when it has one."""
+    a CSV with a `scheduled_s` column (such as a saved schedule.csv, whose `query` and
+    `max_tokens` columns come with them)."""
     if not path:
         raise ValueError("timing_mode=trace needs a trace file")
     queries: list[str] | None = None
+    max_tokens: list[int] | None = None
     with open(path, newline="") as f:
         first = f.readline()
         f.seek(0)
@@ -118,6 +160,8 @@ def read_trace(path: str) -> tuple[np.ndarray, list[str] | None]:
             values = [float(row["scheduled_s"]) for row in rows]
             if rows and "query" in rows[0]:
                 queries = [row["query"] for row in rows]
+            if rows and "max_tokens" in rows[0]:
+                max_tokens = [int(row["max_tokens"] or 0) for row in rows]
         else:
             lines = (line.split("#", 1)[0].strip() for line in f)
             values = [float(line.split(",")[0]) for line in lines if line]
@@ -125,39 +169,66 @@ def read_trace(path: str) -> tuple[np.ndarray, list[str] | None]:
         raise ValueError(f"trace file {path} holds no timestamps")
     order = np.argsort(np.asarray(values, dtype=float), kind="stable")
     offsets = np.asarray(values, dtype=float)[order]
-    if queries is not None:
-        queries = [queries[i] for i in order]
-    return offsets - offsets[0], queries
+    return Trace(
+        offsets - offsets[0],
+        [queries[i] for i in order] if queries is not None else None,
+        [max_tokens[i] for i in order] if max_tokens is not None else None,
+    )
 
 
 def load_trace(path: str) -> np.ndarray:
     """The timestamps of `read_trace`."""
-    return read_trace(path)[0]
+    return read_trace(path).offsets
 
 
-def load_queries(path: str = "") -> list[str]:
-    """Queries, one per line (blank lines and `#` lines skipped); "" = the built-in list,
-    which fits the demo corpus."""
-    text = Path(path or BUILTIN_QUERIES).read_text(encoding="utf-8")
-    queries = [q.strip() for q in text.splitlines() if q.strip() and not q.startswith("#")]
-    if not queries:
-        raise ValueError(f"no queries in {path or BUILTIN_QUERIES}")
-    return queries
+def _prompt(line: str, where: str) -> Prompt:
+    """One line of a JSONL prompts file: {"prompt": str, "max_tokens": int (optional)}."""
+    try:
+        item = json.loads(line)
+    except ValueError as exc:
+        raise ValueError(f"{where}: not JSON ({exc})") from None
+    if not isinstance(item, dict) or not isinstance(item.get("prompt"), str):
+        raise ValueError(f'{where}: want an object with a string "prompt"')
+    max_tokens = item.get("max_tokens", 0)
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 0:
+        raise ValueError(f"{where}: max_tokens must be an integer >= 0")
+    return Prompt(item["prompt"], max_tokens)
 
 
-def _streams(seed: int) -> tuple[np.random.SeedSequence, np.random.SeedSequence]:
-    """Independent seeds for the timing and the queries, so that changing the query list
-    never changes the timing."""
-    timing, queries = np.random.SeedSequence(seed).spawn(2)
-    return timing, queries
+def load_prompts(path: str = "") -> list[Prompt]:
+    """Prompts from a text file, one per line (blank lines and `#` lines skipped), or from
+    a `.jsonl` file with `prompt` and optionally `max_tokens` on each line; "" = the
+    built-in queries, which fit the demo corpus."""
+    source = Path(path or BUILTIN_QUERIES)
+    lines = source.read_text(encoding="utf-8").splitlines()
+    if source.suffix == ".jsonl":
+        numbered = enumerate(lines, 1)
+        prompts = [_prompt(line, f"{source}:{n}") for n, line in numbered if line.strip()]
+    else:
+        prompts = [Prompt(q.strip()) for q in lines if q.strip() and not q.startswith("#")]
+    if not prompts:
+        raise ValueError(f"no prompts in {source}")
+    return prompts
 
 
-def query_draw(seed: int, queries: list[str]) -> Iterator[str]:
-    """The seeded draw of queries, one per request in order, without end: a schedule takes
-    as many as it has offsets, a closed loop one per request it sends."""
-    rng = np.random.default_rng(_streams(seed)[1])
+def _streams(seed: int) -> list[np.random.SeedSequence]:
+    """Independent seeds for the timing, the queries and the output lengths, so that
+    changing the query list never changes the timing, nor the lengths the queries."""
+    return np.random.SeedSequence(seed).spawn(3)
+
+
+def request_draw(
+    seed: int, prompts: list[Prompt], lengths: OutputLength | None = None
+) -> Iterator[tuple[str, int]]:
+    """The seeded draw of (query, max_tokens), one per request in order, without end: a
+    schedule takes as many as it has offsets, a closed loop one per request it sends."""
+    lengths = lengths or OutputLength()
+    _, query_seed, length_seed = _streams(seed)
+    pick, length = np.random.default_rng(query_seed), np.random.default_rng(length_seed)
     while True:
-        yield queries[int(rng.integers(len(queries)))]
+        prompt = prompts[int(pick.integers(len(prompts)))]
+        drawn = lengths.draw(length)
+        yield prompt.text, prompt.max_tokens or drawn
 
 
 def build_schedule(
@@ -168,24 +239,31 @@ def build_schedule(
     seed: int = 0,
     burstiness: float = 1.0,
     trace: str = "",
-    queries: list[str] | None = None,
+    prompts: list[Prompt] | None = None,
+    lengths: OutputLength | None = None,
 ) -> Schedule:
-    """Offsets and the seeded draw of queries.  A trace that carries its queries (a saved
-    schedule.csv) replays them, in its order, instead of a draw."""
+    """Offsets and the seeded draw of queries and output lengths.  A trace that carries
+    its queries (a saved schedule.csv) replays them, and their lengths when it has them,
+    in its order, instead of a draw."""
     offsets = arrival_offsets(
         timing_mode, rps, num_requests, duration, _streams(seed)[0], burstiness, trace
     )
-    saved = read_trace(trace)[1] if timing_mode == "trace" else None
-    if saved is not None:
-        return Schedule(offsets=offsets, queries=saved[: len(offsets)])
-    draw = query_draw(seed, queries if queries is not None else load_queries())
-    return Schedule(offsets=offsets, queries=list(itertools.islice(draw, len(offsets))))
+    n = len(offsets)
+    saved = read_trace(trace) if timing_mode == "trace" else None
+    if saved is not None and saved.queries is not None:
+        max_tokens = saved.max_tokens or [(lengths or OutputLength()).low] * len(saved.queries)
+        return Schedule(offsets, saved.queries[:n], max_tokens[:n])
+    draw = request_draw(seed, prompts if prompts is not None else load_prompts(), lengths)
+    queries, max_tokens = zip(*itertools.islice(draw, n), strict=True) if n else ((), ())
+    return Schedule(offsets, list(queries), list(max_tokens))
 
 
 def write_schedule(schedule: Schedule, path: Path) -> None:
     """Save the schedule; the file replays with timing_mode=trace."""
     rows = (
-        {"request_id": i, "scheduled_s": repr(float(offset)), "query": query}
-        for i, (offset, query) in enumerate(zip(schedule.offsets, schedule.queries, strict=True))
+        {"request_id": i, "scheduled_s": repr(float(offset)), "query": query, "max_tokens": m}
+        for i, (offset, query, m) in enumerate(
+            zip(schedule.offsets, schedule.queries, schedule.max_tokens, strict=True)
+        )
     )
-    write_csv(path, rows, ["request_id", "scheduled_s", "query"])
+    write_csv(path, rows, ["request_id", "scheduled_s", "query", "max_tokens"])

@@ -1,17 +1,21 @@
 """Summary statistics of one load run: a flat dict that becomes one row of summary.csv.
 
-Latency is timed from each request's scheduled send, so a slow server cannot hide its
-queue.  Failures are never dropped: they are counted by class, and the error-adjusted
-percentiles count each one as an infinitely slow request.
+Latency and time to first token are timed from each request's scheduled send, so a slow
+server cannot hide its queue.  Failures are never dropped: they are counted by class, and
+the error-adjusted percentiles count each one as an infinitely slow request.  Goodput
+counts the requests that met every objective given, as vLLM's `--goodput` does.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
+from rag.loadgen.sender import TOKEN_TIMES
 
 PERCENTILE_METHOD = "linear"  # numpy's default: interpolate between closest ranks
 PERCENTILES = (50, 90, 95, 99)
@@ -22,6 +26,8 @@ ERROR_CLASSES = (
     "http_4xx",
     "http_5xx",
     "bad_body",
+    "stream_error",
+    "stream_cut",
     "client",
     "cancelled",
     "not_sent",
@@ -29,6 +35,36 @@ ERROR_CLASSES = (
 LATE_S = 0.005  # a send this late counts against the schedule ...
 MAX_LATE_FRACTION = 0.01  # ... and more than this fraction of late sends voids the run
 MIN_SEND_RATE_RATIO = 0.99  # achieved send rate must reach this share of the schedule's
+
+
+@dataclass(frozen=True)
+class Slo:
+    """Per-request objectives, 0 = not set.  A request is good when it succeeded and met
+    every objective set: time to first token and latency from its scheduled send, time per
+    output token (which an answer of at most one token meets, as in vLLM)."""
+
+    ttft_s: float = 0.0
+    tpot_s: float = 0.0
+    e2e_s: float = 0.0
+
+    @property
+    def given(self) -> bool:
+        return any(v > 0 for v in (self.ttft_s, self.tpot_s, self.e2e_s))
+
+    def describe(self) -> str:
+        named = (("ttft", self.ttft_s), ("tpot", self.tpot_s), ("e2e", self.e2e_s))
+        return ", ".join(f"{name} <= {value:g} s" for name, value in named if value > 0)
+
+    def met(self, row: dict[str, Any]) -> bool:
+        if row["error"] is not None:
+            return False
+        if self.e2e_s > 0 and not row["latency_s"] <= self.e2e_s:
+            return False
+        if self.ttft_s > 0 and not (row["ttft_s"] is not None and row["ttft_s"] <= self.ttft_s):
+            return False
+        if self.tpot_s > 0 and (row["output_tokens"] or 0) > 1:
+            return row["tpot_s"] is not None and row["tpot_s"] <= self.tpot_s
+        return True
 
 
 def percentile(values: Sequence[float] | np.ndarray, q: float) -> float:
@@ -49,7 +85,7 @@ def percentile(values: Sequence[float] | np.ndarray, q: float) -> float:
 
 
 def _column(rows: Sequence[dict[str, Any]], key: str) -> np.ndarray:
-    return np.array([r[key] for r in rows if r[key] is not None], dtype=float)
+    return np.array([r.get(key) for r in rows if r.get(key) is not None], dtype=float)
 
 
 def _add_distribution(out: dict[str, Any], name: str, values: np.ndarray) -> None:
@@ -66,18 +102,45 @@ def _send_rate(sent_s: np.ndarray) -> float:
     return (len(sent_s) - 1) / float(sent_s.max() - sent_s.min())
 
 
+def _tokens(out: dict[str, Any], ok: Sequence[dict[str, Any]], span: float) -> None:
+    """Token counts and rates, and the distributions of TTFT and TPOT (over successful
+    requests) and of inter-token latency (over every gap of every successful request)."""
+    for kind in ("prompt", "output"):
+        counts = _column(ok, f"{kind}_tokens")
+        out[f"{kind}_tokens_total"] = int(counts.sum()) if len(counts) else math.nan
+    total = out["output_tokens_total"]
+    out["output_tokens_per_s"] = total / span if span > 0 else math.nan
+    _add_distribution(out, "ttft", _column(ok, "ttft_s"))
+    _add_distribution(out, "tpot", _column(ok, "tpot_s"))
+    gaps = [np.diff(r[TOKEN_TIMES]) for r in ok if len(r.get(TOKEN_TIMES) or ()) > 1]
+    _add_distribution(out, "itl", np.concatenate(gaps) if gaps else np.zeros(0))
+
+
+def _goodput(out: dict[str, Any], rows: Sequence[dict[str, Any]], slo: Slo, span: float) -> None:
+    """The objectives, how many requests met them all, and those per second (NaN when
+    no objective is given)."""
+    out["slo_ttft_s"], out["slo_tpot_s"], out["slo_e2e_s"] = slo.ttft_s, slo.tpot_s, slo.e2e_s
+    good = sum(slo.met(r) for r in rows) if slo.given else math.nan
+    out["good"] = good
+    out["goodput_rps"] = good / span if span > 0 else math.nan
+    out["good_fraction"] = good / len(rows) if rows else math.nan
+
+
 def summarise(
     rows: Sequence[dict[str, Any]],
     schedule_rps: float,
     target_rps: float,
     interrupted: bool = False,
+    slo: Slo | None = None,
 ) -> dict[str, Any]:
-    """Counts, rates, latency and send-lag distributions, and whether the client kept its
-    schedule (`schedule_kept`: says nothing of the server; `ok_fraction` does).
+    """Counts, rates, latency, token and send-lag distributions, goodput under `slo`, and
+    whether the client kept its schedule (`schedule_kept`: says nothing of the server;
+    `ok_fraction` does).
 
-    Throughput counts successful completions per second between the first scheduled send
-    and the last completion.  Latency percentiles are over successful requests; the
-    `latency_adj_*` ones are over every scheduled request, a failure counting as +inf.
+    Throughput (requests, output tokens, goodput) counts per second between the first
+    scheduled send and the last completion.  Latency percentiles are over successful
+    requests; the `latency_adj_*` ones are over every scheduled request, a failure counting
+    as +inf.
     """
     ok = [r for r in rows if r["error"] is None]
     sent = [r for r in rows if r["sent_s"] is not None]
@@ -106,6 +169,9 @@ def summarise(
     adjusted = [r["latency_s"] if r["error"] is None else math.inf for r in rows]
     for p in PERCENTILES:
         out[f"latency_adj_p{p}_s"] = percentile(adjusted, p)
+
+    _tokens(out, ok, span)
+    _goodput(out, rows, slo or Slo(), span)
 
     lag = _column(sent, "send_lag_s")
     out["send_lag_p50_s"] = percentile(lag, 50)
