@@ -30,8 +30,16 @@ TORCH_FREE = {
         "rag.harness",
         "rag.storage",
     },
-    # The port opens before torch loads; the config schema holds the load settings.
-    "rag.service.app": {"rag.config", "rag.loadgen", "rag.service", "rag.storage", "rag.web"},
+    # The port opens before torch loads; the config schema holds the load settings; the
+    # admin call checks the balancer's token (rag.cluster.admin).
+    "rag.service.app": {
+        "rag.cluster",
+        "rag.config",
+        "rag.loadgen",
+        "rag.service",
+        "rag.storage",
+        "rag.web",
+    },
 }
 
 

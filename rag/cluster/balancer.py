@@ -34,6 +34,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from yarl import URL
 
+from rag.cluster.admin import TOKEN_HEADER
 from rag.cluster.pool import Replica, ReplicaPool, State
 
 log = logging.getLogger("rag.cluster")
@@ -41,7 +42,6 @@ log = logging.getLogger("rag.cluster")
 HEAD_TIMEOUT_S = 15.0  # a connection must send a request head within this (then idle limit)
 SHUTDOWN_TIMEOUT_S = 15.0  # on stop, forwarded requests get this long to finish
 FORWARDED_HEADERS = ("Content-Type", "Retry-After")
-TOKEN_HEADER = "X-Ragbench-Token"
 
 
 def is_loopback(host: str) -> bool:

@@ -22,6 +22,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from rag.config import Config
+from rag.service import admin
 from rag.service.api import RAG_ERRORS, RAG_REQUEST_BODY, RAGResponse, openapi_document
 from rag.service.batching import Completed, DeadlineExceeded, Draining, Overloaded
 from rag.service.metrics import ServerMetrics
@@ -186,17 +187,18 @@ async def stats(request: Request) -> dict[str, Any]:
         "expired": batcher.expired if batcher else 0,
         "batch_size_counts": dict(sorted(batcher.batch_size_counts.items())) if batcher else {},
         "corpus_size": pipeline.index.size if pipeline else None,
-        "runtime": _runtime(pipeline) if pipeline else None,
+        "runtime": _runtime(state, pipeline) if pipeline else None,
     }
 
 
-def _runtime(pipeline: RAGPipeline) -> dict[str, Any]:
+def _runtime(state: ServerState, pipeline: RAGPipeline) -> dict[str, Any]:
     """What the models run on; a simulated generator describes its cost model instead."""
     if hasattr(pipeline.generator, "describe"):
         return pipeline.generator.describe()
     from rag.service.models import describe_runtime
 
-    return describe_runtime(pipeline.generator)
+    # torch's thread count is per thread: the compute thread's, not this one's
+    return {**describe_runtime(pipeline.generator), "torch_threads": state.torch_threads}
 
 
 async def http_error(request: Request, exc: Exception) -> Response:
@@ -264,6 +266,7 @@ def create_app(cfg: Config) -> FastAPI:
     app = FastAPI(title="ragbench RAG service", lifespan=lifespan)
     state = app.state.rag = ServerState(cfg, partial(load_default_pipeline, cfg))
     app.include_router(router)
+    app.include_router(admin.router)
     app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_exception_handler(Exception, internal_error)
     # A query's characters may each take up to 12 bytes as JSON escapes (surrogate pairs).
