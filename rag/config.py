@@ -69,6 +69,9 @@ class SimulatedCost:
     generate_fixed_ms: float = 200.0
     generate_per_query_ms: float = 50.0
     fitted_from: str = ""  # the bench record the numbers were fitted to ("" = set by hand)
+    # A file that replicas sharing one simulated device lock while they compute, so they
+    # divide its time instead of adding their own ("" = a device for each replica).
+    device_lock: str = ""
 
 
 @dataclass
