@@ -5,6 +5,7 @@ failure.json while the sweep goes on, and no process outlives its point."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pandas as pd
@@ -12,6 +13,7 @@ import pytest
 from sweep_helpers import SMALL, VARIANTS, leftovers, points, sweep
 
 from rag.harness.report import aggregate
+from rag.storage import write_csv
 
 
 @pytest.fixture(scope="module")
@@ -121,3 +123,22 @@ def test_max_rps_search(tmp_path: Path, cache_overrides: list[str]):
     assert sorted(requests["trial"].unique()) == list(range(len(trials)))
     aggregate(tmp_path / "outputs", tmp_path / "results")
     assert (tmp_path / "results" / "max_rps.png").exists()
+
+
+def test_the_report_says_where_the_autoscaler_found_no_gain(swept: Path, tmp_path: Path):
+    (point,) = [p for p in points(swept, "t1") if "scaling" in p.name and "rps-8" in p.name]
+    copy = tmp_path / "outputs" / "t1" / point.name
+    shutil.copytree(point, copy)
+    decisions = pd.read_csv(copy / "autoscaler.csv", keep_default_na=False)
+    judged = decisions.iloc[-1].to_dict() | {
+        "verdict": "no gain", "replicas_after": 1, "knee": 1,
+        "reason": "take back to 1; no gain: 1 replica served 7.5/s, 2 serve 7.4/s; above 1"
+        " held 120 s",
+    }  # fmt: skip
+    write_csv(copy / "autoscaler.csv", [*decisions.to_dict("records"), judged], decisions.columns)
+    table = aggregate(tmp_path / "outputs", tmp_path / "results")
+    assert "no gain" in table["no_gain"].iloc[0] and table["replicas_max"].iloc[0] >= 1
+    report = (tmp_path / "results" / "report.html").read_text()
+    assert "Where replication bought nothing" in report
+    assert "no gain at " in report and "1 replica served 7.5/s, 2 serve 7.4/s" in report
+    assert (tmp_path / "results" / "replicas.png").exists()
