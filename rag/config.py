@@ -159,7 +159,7 @@ class SlurmReplicaConfig:
     partition: str | None = None
     account: str | None = None
     qos: str | None = None
-    gres: str = "gpu:1"
+    gres: str = "gpu:1"  # "": no generic resource (CPU replicas)
     cpus_per_task: int = 4
     mem_gb: int = 16
     time_min: int = 120

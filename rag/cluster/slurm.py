@@ -120,13 +120,12 @@ class SlurmLauncher:
         self.start_timeout_s = start_timeout_s
         self.executor = submitit.AutoExecutor(folder=run_dir / "slurm", cluster="slurm")
         options: dict[str, Any] = {
-            "slurm_gres": cfg.gres,
             "cpus_per_task": cfg.cpus_per_task,
             "mem_gb": cfg.mem_gb,
             "timeout_min": cfg.time_min,
             "name": "ragbench-replica",
         }
-        for key in ("partition", "account", "qos"):
+        for key in ("gres", "partition", "account", "qos"):
             if value := getattr(cfg, key):
                 options[f"slurm_{key}"] = value
         if cfg.setup:
