@@ -2,12 +2,13 @@
 # default models) and `make test`.  Both create .venv and install into it first.
 # `make bench` runs every benchmark one after another (each loads both cores) and fails if
 # one misses a target; `make clean-cache` removes the dequantised models and embeddings.
+# `make gpu-bundle` downloads what bench/gpu_check.sh installs on a lent GPU machine.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint bench clean-cache check-core
+.PHONY: install demo test lint bench clean-cache check-core gpu-bundle
 
 $(STAMP): requirements.txt requirements-models.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -49,3 +50,6 @@ check-core:
 	cd / && $(CORE_VENV)/bin/python -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('torch') is not None)"
 	rm -rf $(CORE_VENV) build
 	@echo "core install without torch: ok"
+
+gpu-bundle: install
+	$(BIN)/python bench/gpu_bundle.py build

@@ -1,15 +1,18 @@
 """What does the balancer add to a request?  Side by side with calling the replica directly,
-and with nginx as a reference reverse proxy, in one run.
+with nginx as a reference reverse proxy, and with the balancer of another commit, in one run.
 
-    flock -x /tmp/ragbench-cpu.lock .venv/bin/python bench/bench_balancer.py [--check]
+    ragbench-bench .venv/bin/python bench/bench_balancer.py [--against main] [--check]
 
 A trivial backend (fixed tiny JSON answer) runs in its own process; the balancer (the real
 one, with its pool and health checks, over that one backend) in another; nginx (Debian's
 `nginx-light` or `nginx`, started here as a reverse proxy with keep-alive upstreams) in a
-third.  The load generator sends an ideal 1,000 requests/s schedule to each in turn, for
-several rounds, and the added latency is each proxy's percentile minus the direct one's in
-the same round (median over rounds).  Targets: the balancer adds <= 0.5 ms at p50 and
-<= 1.5 ms at p99.  nginx's figures are reported, not judged.
+third; with `--against REV`, the balancer as it was at git revision REV (its `rag` package
+taken with `git archive`) in a fourth.  The load generator sends an ideal 1,000 requests/s
+schedule to each in turn, for several rounds (the proxies' order rotating), and the added
+latency is each proxy's percentile minus the direct one's in the same round (median over
+rounds).  Targets: the
+balancer adds <= 0.5 ms at p50 and <= 1.5 ms at p99, and with `--against`, no more at p50
+than REV's balancer.  nginx's and REV's own figures are reported, not judged.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import os
 import shutil
 import statistics
 import subprocess
@@ -24,14 +28,13 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from record import BenchRecord, add_check_option
 
-from rag.cluster.balancer import Balancer, BalancerSettings
-from rag.cluster.policies import make_policy
-from rag.cluster.pool import Replica, ReplicaPool
 from rag.loadgen import LoadConfig, run_load
 
+ROOT = Path(__file__).resolve().parent.parent
 ANSWER = b'{"query": "q", "result": "r", "timings": {"total_ms": 0.1}, "batch_size": 1}'
 NGINX_CONF = """
 worker_processes 1;
@@ -90,34 +93,53 @@ class FixedBackend:
     def __init__(self, url: str) -> None:
         self.url = url
 
-    def launch(self, replica: Replica) -> None:
+    def launch(self, replica: Any) -> None:
         replica.url = self.url
 
-    def address(self, replica: Replica) -> str | None:
+    def address(self, replica: Any) -> str | None:
         return self.url
 
-    def exited(self, replica: Replica) -> str | None:
+    def expected_host(self, replica: Any) -> str | None:
         return None
 
-    async def stop(self, replica: Replica) -> None:
+    def exited(self, replica: Any) -> str | None:
+        return None
+
+    async def stop(self, replica: Any) -> None:
         return None
 
 
 def serve_balancer(backend: str) -> None:
     """The real balancer and pool in front of the trivial backend, as the scaling variant
-    runs them (uvloop, health checks every 0.5 s, least outstanding requests)."""
+    runs them (uvloop, health checks every 0.5 s, least outstanding requests).  Imported
+    here: with `--against`, from another commit's `rag` (its settings take what they know)."""
+    import dataclasses
+
     import aiohttp
     import uvloop
 
+    from rag.cluster.balancer import Balancer, BalancerSettings
+    from rag.cluster.policies import make_policy
+    from rag.cluster.pool import ReplicaPool
+
     async def main() -> None:
         pool = ReplicaPool(FixedBackend(backend), health_interval_s=0.5, start_timeout_s=30)
+        known = {f.name for f in dataclasses.fields(BalancerSettings)}
         settings = BalancerSettings(
-            policy=make_policy("least_outstanding"),
-            max_body_bytes=25_000,
-            hop_timeout_s=10,
-            max_connections=4096,
-            token="",
-            labels={},
+            **{
+                key: value
+                for key, value in {
+                    "policy": make_policy("least_outstanding"),
+                    "max_body_bytes": 25_000,
+                    "body_timeout_s": 10,
+                    "head_timeout_s": 10,
+                    "hop_timeout_s": 10,
+                    "max_connections": 4096,
+                    "token": "",
+                    "labels": {},
+                }.items()
+                if key in known
+            }
         )
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
             pool.session = session
@@ -135,10 +157,27 @@ def serve_balancer(backend: str) -> None:
     uvloop.run(main())
 
 
-def start(*args: str) -> tuple[subprocess.Popen, str]:
-    process = subprocess.Popen([sys.executable, __file__, *args], stdout=subprocess.PIPE, text=True)
+def start(*args: str, root: Path | None = None) -> tuple[subprocess.Popen, str]:
+    """This script in a child process (with `rag` from `root` when given); its URL."""
+    env = {**os.environ, "PYTHONPATH": str(root)} if root else None
+    process = subprocess.Popen(
+        [sys.executable, __file__, *args], stdout=subprocess.PIPE, text=True, env=env
+    )
     assert process.stdout is not None
-    return process, f"http://127.0.0.1:{process.stdout.readline().strip()}"
+    port = process.stdout.readline().strip()
+    if not port:
+        raise RuntimeError(f"{' '.join(args)} did not start (exit code {process.wait()})")
+    return process, f"http://127.0.0.1:{port}"
+
+
+def checkout(revision: str, folder: Path) -> Path:
+    """The `rag` package as it was at `revision`, unpacked under `folder`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    archive = subprocess.run(
+        ["git", "archive", revision, "rag"], cwd=ROOT, capture_output=True, check=True
+    ).stdout
+    subprocess.run(["tar", "-x", "-C", str(folder)], input=archive, check=True)
+    return folder
 
 
 def start_nginx(backend: str, folder: Path) -> tuple[subprocess.Popen, str] | None:
@@ -190,6 +229,7 @@ def main() -> int:
     parser.add_argument("--rate", type=float, default=1000.0, help="requests/s")
     parser.add_argument("--seconds", type=float, default=4.0, help="length of each run")
     parser.add_argument("--rounds", type=int, default=5, help="rounds of direct/balancer/nginx")
+    parser.add_argument("--against", default="", help="also measure this git revision's balancer")
     add_check_option(parser)
     args = parser.parse_args()
     if args.serve_backend:
@@ -201,13 +241,19 @@ def main() -> int:
 
     record = BenchRecord("balancer", {k: v for k, v in vars(args).items() if "serve" not in k})
     processes: list[subprocess.Popen] = []
-    folder = Path(tempfile.mkdtemp(prefix="ragbench-nginx-"))
+    folder = Path(tempfile.mkdtemp(prefix="ragbench-bench-balancer-"))
     try:
         backend_process, backend = start("--serve-backend")
         processes.append(backend_process)
         balancer_process, balancer = start("--serve-balancer", backend)
         processes.append(balancer_process)
         targets = {"direct": backend, "balancer": balancer}
+        if args.against:
+            root = checkout(args.against, folder / "against")
+            against_process, against = start("--serve-balancer", backend, root=root)
+            processes.append(against_process)
+            targets["against"] = against
+            record.note(against=args.against)
         nginx = start_nginx(backend, folder)
         if nginx is None:
             print("# nginx is not installed (apt-get install nginx-light): no reference")
@@ -217,8 +263,11 @@ def main() -> int:
         for url in targets.values():
             measure(url, 200, 1.0)  # warm connections and caches, not judged
         rounds: list[dict[str, dict[str, float]]] = []
+        proxies = [name for name in targets if name != "direct"]
         for n in range(args.rounds):
-            figures = {name: measure(url, args.rate, args.seconds) for name, url in targets.items()}
+            # Direct first, then the proxies in a rotating order: none always runs second.
+            order = ["direct", *proxies[n % len(proxies) :], *proxies[: n % len(proxies)]]
+            figures = {name: measure(targets[name], args.rate, args.seconds) for name in order}
             rounds.append(figures)
             print(
                 f"# round {n + 1}: "
@@ -249,6 +298,11 @@ def main() -> int:
                       unit=" ms", fmt=".3f", detail=f"{nginx_note} at p50 / p99")  # fmt: skip
         record.target("balancer added p99", added["balancer_p99_ms"], at_most=1.5,
                       unit=" ms", fmt=".3f", detail=f"median of {args.rounds} rounds")  # fmt: skip
+        if args.against:
+            record.target("balancer added p50, minus REV's", added["balancer_p50_ms"]
+                          - added["against_p50_ms"], at_most=0.0, unit=" ms", fmt=".3f",
+                          detail=f"{args.against} adds {added['against_p50_ms']:.3f} /"
+                          f" {added['against_p99_ms']:.3f} ms at p50 / p99")  # fmt: skip
         record.target("failed requests", failures, at_most=0, fmt=".0f")
     finally:
         for process in processes:

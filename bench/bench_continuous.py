@@ -1,16 +1,18 @@
 """The continuous variant against the batched one on the same open-loop load, on the default
-models with answers of natural length (EOS ends them, no `ignore_eos`).
+models with answers of natural length (EOS ends them, no `ignore_eos`), or on another
+model preset (`--model a6000-shaped` on a GPU: random weights, every answer 32 tokens).
 
-The batched server's capacity is measured first (closed loop, 2 x max_batch_size clients);
-then each round sends one poisson schedule at `--load` x that capacity to each server, the
-two one after the other in alternating order, the same seed for both (the same arrival
-times and queries).  Latency is from each request's scheduled send, a failed request
-counting as infinitely late.  Targets, as the median of per-round ratios continuous /
-batched: p50 <= 0.5, p99 <= 0.7, throughput >= 1.0.  Both servers run the engine (the
-default), so the difference is the batching alone.
+The batched server's capacity is measured first (the load generator's closed loop, 2 x
+max_batch_size users); then each round sends one poisson schedule at `--load` x that
+capacity to each server, the two one after the other in alternating order, the same seed
+for both (the same arrival times and queries).  Latency is from each request's scheduled
+send, a failed request counting as infinitely late.  Targets, as the median of per-round
+ratios continuous / batched: p50 <= 0.5, p99 <= 0.7, throughput >= 1.0.  Both servers run
+the engine (the default), so the difference is the batching alone.
 
     python bench/bench_continuous.py [--seconds 40] [--rounds 2] [--load 0.7 | --rps R]
-        [--continuous OVERRIDE ...] [--check]
+        [--model PRESET] [--override OVERRIDE ...] [--continuous OVERRIDE ...]
+        [--burst-gap 0.1] [--check]
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from datetime import datetime
 
 import httpx
 from bench_overload import CLIENT_NICENESS
-from bench_serve import saturated_rps
+from bench_serve import BURST_GAP_S, saturated_rps
 from record import RECORD_DIR, BenchRecord, add_check_option
 
 from rag.cluster.process import ServerProcess
@@ -62,23 +64,35 @@ def main() -> int:
         help="a fixed offered load instead (runs of different capacity stay comparable)",
     )  # fmt: skip
     parser.add_argument("--saturate-seconds", type=float, default=15.0)
+    parser.add_argument("--model", default="", help="model preset of both servers")
+    parser.add_argument(
+        "--override", nargs="*", default=[], metavar="OVERRIDE",
+        help="config overrides for both servers (e.g. model.max_new_tokens=64)",
+    )  # fmt: skip
     parser.add_argument(
         "--continuous", nargs="*", default=[], metavar="OVERRIDE",
         help="config overrides for the continuous server only (e.g. model.max_prefill_tokens=256)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--burst-gap", type=float, default=BURST_GAP_S,
+        help="seconds between two batches' answers while measuring capacity (less on a GPU)",
     )  # fmt: skip
     add_check_option(parser)
     args = parser.parse_args()
     record = BenchRecord("continuous", vars(args))
     runs = RECORD_DIR / f"continuous-{datetime.now():%Y%m%d-%H%M%S}"
 
+    both = [f"model={args.model}"] if args.model else []
+    both += args.override
     with (
-        ServerProcess(["variant=batched"]) as batched,
-        ServerProcess(["variant=continuous", *args.continuous]) as continuous,
+        ServerProcess(["variant=batched", *both]) as batched,
+        ServerProcess(["variant=continuous", *both, *args.continuous]) as continuous,
     ):
         urls = {"batched": batched.url, "continuous": continuous.url}
         clients = 2 * httpx.get(f"{batched.url}/stats").json()["max_batch_size"]
         os.nice(CLIENT_NICENESS)  # this process only: the servers started before
-        capacity = saturated_rps(batched.url, clients, 5.0, args.saturate_seconds)[0]
+        gap = args.burst_gap
+        capacity, _ = saturated_rps(batched.url, clients, 5.0, args.saturate_seconds, gap)
         rps = args.rps or args.load * capacity
         print(f"batched capacity {capacity:.2f} answers/s; load poisson {rps:.2f}/s", flush=True)
         rounds: list[dict] = []

@@ -19,7 +19,11 @@ on the default models, side by side in one process.
 4. peak RSS of a process that loads the default pipeline and answers a batch and a single
    request on the engine (target <= 1.5 GB).
 
+On a GPU (a preset whose device is CUDA, or `--suite gpu`) the targets are those of
+`engine_gpu.py` instead.
+
     python bench/bench_engine.py [--prompts 6] [--agreement 24] [--batch 20] [--check]
+    python bench/bench_engine.py --model a6000-shaped [--batch 32] [--decode-steps 64]
 """
 
 from __future__ import annotations
@@ -41,7 +45,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from rag.config import compose
 from rag.service.engine.int4 import Int4Linear
 from rag.service.generator import Generator
-from rag.service.models import load_generator
+from rag.service.models import load_generator, pick_device
 from rag.service.pipeline import Prepared, RAGPipeline
 
 MAX_LATENCY_RATIO = 0.5
@@ -276,16 +280,16 @@ def breakdown(generator: Generator, prompts: list[str], peak: float) -> dict[str
     }
 
 
-def child_peak_rss_gb(batch: int) -> float:
-    """Peak RSS of a fresh process that loads the default pipeline and answers a batch and
-    one request on the engine."""
+def child_peak_rss_gb(batch: int, overrides: list[str]) -> float:
+    """Peak RSS of a fresh process that loads the pipeline and answers a batch and one
+    request on the engine."""
     code = (
         "import resource, sys\n"
         "sys.path.insert(0, 'bench')\n"
         "from rag.config import compose\n"
         "from rag.service.pipeline import RAGPipeline\n"
         "from bench_pipeline import demo_queries\n"
-        "p = RAGPipeline.from_config(compose([]))\n"
+        f"p = RAGPipeline.from_config(compose({overrides!r}))\n"
         "p.warm_up()\n"
         f"p.answer_batch(demo_queries({batch}), [2] * {batch})\n"
         "p.answer_batch(demo_queries(1), [2])\n"
@@ -300,15 +304,32 @@ def main() -> int:
     parser.add_argument("--prompts", type=int, default=6, help="prompts timed at batch 1")
     parser.add_argument("--agreement", type=int, default=24, help="prompts compared")
     parser.add_argument("--batch", type=int, default=20, help="batch of the throughput figure")
+    parser.add_argument("--model", default="smollm2-cpu", help="model preset")
+    parser.add_argument("--override", nargs="*", default=[], metavar="OVERRIDE")
+    parser.add_argument(
+        "--suite", choices=("auto", "cpu", "gpu"), default="auto",
+        help="cpu: this module's targets; gpu: engine_gpu.py's (on any device: the dry run "
+        "uses it on the CPU); auto: gpu where the preset runs on CUDA",
+    )  # fmt: skip
+    parser.add_argument("--decode-steps", type=int, default=64, help="gpu: steps timed")
     add_check_option(parser)
     args = parser.parse_args()
+    base = [f"model={args.model}", *args.override]
+    if args.suite == "gpu" or (
+        args.suite == "auto" and pick_device(compose(base).model.device).type == "cuda"
+    ):
+        from engine_gpu import gpu_suite
+
+        record = BenchRecord("engine-gpu", vars(args))
+        gpu_suite(args, record)
+        return record.finish(args.check)
     record = BenchRecord("engine", vars(args))
 
-    rss_gb = child_peak_rss_gb(args.batch)  # first, while this process holds no model
-    pipeline = RAGPipeline.from_config(compose([]))
+    rss_gb = child_peak_rss_gb(args.batch, base)  # first, while this process holds no model
+    pipeline = RAGPipeline.from_config(compose(base))
     engine = pipeline.generator
     assert isinstance(engine, Generator) and engine.engine is not None
-    today = load_generator(compose(["model.engine=false"]).model)
+    today = load_generator(compose([*base, "model.engine=false"]).model)
     dtype = str(engine.model.dtype).removeprefix("torch.")
     record.note(dtype=dtype, shared_prefix_tokens=len(engine.engine.prefix))
 
@@ -317,7 +338,7 @@ def main() -> int:
     agreed = free_running(engine, today, agreement_prompts)
     agreed["int4_forced_agreement"] = forced_agreement(engine, agreement_prompts)
     peak_before = matmul_peak_gflops(dtype)
-    fixed = compose(["model.ignore_eos=true"]).model
+    fixed = compose([*base, "model.ignore_eos=true"]).model
     engine.cfg, today.cfg = fixed, fixed  # every request generates max_new_tokens
     served = throughput(pipeline, args.batch)
     where = breakdown(engine, rag_prompts(pipeline, args.batch, start=args.batch), peak_before)

@@ -1,12 +1,13 @@
 """The batched server under 10x overload, on the default models: does admission by deadline
 keep it useful?
 
-Saturated windows (closed loop, 2 x max_batch_size clients) alternate with overload
-windows (an open-loop poisson schedule from the load generator at `--overload` x the first
-saturated rate), S O S O S O S, and each overload window's goodput (answers per second) is
-divided by the mean of the saturated windows just before and after it: this machine's
-speed swings within minutes, so a ratio is only taken between neighbours.  Every request
-has the same deadline (`--deadline`, the server's `variant.request_timeout_s`).
+Saturated windows (the load generator's closed loop, 2 x max_batch_size users) alternate
+with overload windows (an open-loop poisson schedule from the load generator at
+`--overload` x the first saturated rate), S O S O S O S, and each overload window's
+goodput (answers per second) is divided by the mean of the saturated windows just before
+and after it: this machine's speed swings within minutes, so a ratio is only taken between
+neighbours.  Every request has the same deadline (`--deadline`, the server's
+`variant.request_timeout_s`).
 
 Targets: goodput >= 0.9 x saturated throughput (median of the rounds); p50 time to a
 refusal (from the scheduled send, all rounds) <= 50 ms; no answer served past its

@@ -11,7 +11,9 @@ on the default models, measured side by side in one run.
 Both servers run at once; each round times offline batches at the batch size and at
 batch 1 (in this process), then one saturated window of the batched server and one of the
 base server, so each ratio is taken within one round (this machine's speed can swing 2x
-within minutes).  A window starts and ends where a burst of completions ends (a batch's
+within minutes).  Saturation is the load generator's closed loop (`timing_mode=
+concurrency`: each client sends its next request when its answer arrives), run long enough
+for the window.  A window starts and ends where a burst of completions ends (a batch's
 answers arrive together, so it holds whole batches).  Figures are min/median/max over the
 rounds; a ratio's figure is the median of its per-round ratios.  Idle latency: one request
 at a time, alternating between the servers.  Every request does fixed work
@@ -28,7 +30,6 @@ import itertools
 import statistics
 import sys
 import time
-from collections.abc import Callable
 
 import aiohttp
 import psutil
@@ -36,48 +37,37 @@ from bench_pipeline import demo_queries, load_pipeline
 from record import BenchRecord, add_check_option
 
 from rag.cluster.process import ServerProcess
+from rag.loadgen import LoadConfig, run_load
 from rag.service.pipeline import RAGPipeline
 
 FIXED_WORK = ["model.ignore_eos=true"]
 BURST_GAP_S = 0.1
+MARGIN_BATCHES = 4  # batches of margin in a closed loop's run around its window
+ATTEMPTS = 3  # closed-loop runs, each twice as long, before a window is given up
 
 
-async def completion_times(
-    url: str, clients: int, enough: Callable[[list[float]], bool], give_up_s: float
-) -> tuple[list[float], int]:
-    """Closed loop: `clients` workers each post, wait, post again, until the completion
-    instants so far are `enough` or `give_up_s` have passed.  The instants of the
-    successful completions, and the count of failures."""
-    queries = demo_queries(64)
-    done: list[float] = []
-    failures = 0
-    give_up_at = time.perf_counter() + give_up_s
-
-    async def worker(n: int, session: aiohttp.ClientSession) -> None:
-        nonlocal failures
-        i = n
-        while not enough(done) and time.perf_counter() < give_up_at:
-            body = {"query": queries[i % len(queries)], "k": 2}
-            async with session.post(f"{url}/rag", json=body) as response:
-                await response.read()
-                if response.status == 200:
-                    done.append(time.perf_counter())
-                else:
-                    failures += 1
-            i += clients
-
-    timeout = aiohttp.ClientTimeout(total=600)
-    connector = aiohttp.TCPConnector(limit=0)
-    async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
-        await asyncio.gather(*(worker(n, session) for n in range(clients)))
-    return sorted(done), failures
+def completion_times(url: str, clients: int, seconds: float) -> tuple[list[float], int]:
+    """The load generator's closed loop: `clients` users for `seconds`.  The instants
+    (seconds from its start) of the successful completions, and the count of failures."""
+    config = LoadConfig(
+        target=url,
+        timing_mode="concurrency",
+        concurrency=clients,
+        num_requests=0,
+        duration=seconds,
+        timeout=600.0,
+        progress=False,
+    )
+    rows, summary = run_load(config)
+    return sorted(r["done_s"] for r in rows if r["error"] is None), summary["failed"]
 
 
-def burst_ends(times: list[float]) -> list[float]:
+def burst_ends(times: list[float], gap_s: float = BURST_GAP_S) -> list[float]:
     """The instants where a burst of completions ends: no other completion follows within
-    BURST_GAP_S.  A batch's answers are written together and arrive within milliseconds;
-    batches (and, unbatched, single answers) are a good part of a second apart or more."""
-    return [a for a, b in itertools.pairwise(times) if b - a > BURST_GAP_S]
+    `gap_s`.  A batch's answers are written together and arrive within milliseconds; on a
+    CPU, batches (and, unbatched, single answers) are a good part of a second apart or more
+    (on a GPU, a tenth of a second or less: give a smaller gap)."""
+    return [a for a, b in itertools.pairwise(times) if b - a > gap_s]
 
 
 def offline_rps(pipeline: RAGPipeline, batch: int, seconds: float, round_: int) -> float:
@@ -92,36 +82,43 @@ def offline_rps(pipeline: RAGPipeline, batch: int, seconds: float, round_: int) 
     return done / (time.perf_counter() - started)
 
 
-def window(times: list[float], start: float, seconds: float) -> tuple[float, float] | None:
+def window(
+    times: list[float], start: float, seconds: float, gap_s: float = BURST_GAP_S
+) -> tuple[float, float] | None:
     """The first burst end after `start` and the first burst end `seconds` later, or None
     while the completions hold no such pair."""
-    ends = [t for t in burst_ends(times) if t >= start]
+    ends = [t for t in burst_ends(times, gap_s) if t >= start]
     later = [t for t in ends if ends and t >= ends[0] + seconds]
     return (ends[0], later[0]) if later else None
 
 
-def saturated_rps(url: str, clients: int, warmup_s: float, seconds: float) -> tuple[float, int]:
+def saturated_rps(
+    url: str,
+    clients: int,
+    warmup_s: float,
+    seconds: float,
+    gap_s: float = BURST_GAP_S,
+    batch_s: float | None = None,
+) -> tuple[float, int]:
     """Saturated throughput from one burst end after `warmup_s` to the first burst end
     `seconds` later (completions after the one, up to the other, over the time between:
     batches end in bursts, so a window cut anywhere else counts part of one); and the
-    failures.  Runs for as long as that takes on a slow machine."""
-    start = time.perf_counter() + warmup_s
-    times, failures = asyncio.run(
-        completion_times(
-            url,
-            clients,
-            lambda done: window(done, start, seconds) is not None,
-            give_up_s=10 * (warmup_s + seconds),
-        )
+    failures.  The closed loop runs MARGIN_BATCHES batches (of `batch_s` each, when
+    known; else half the window) longer than the window needs, and twice as long again
+    while a slower machine leaves it without the window."""
+    margin_s = MARGIN_BATCHES * batch_s if batch_s is not None else seconds / 2
+    run_s = warmup_s + seconds + margin_s
+    for _ in range(ATTEMPTS):
+        times, failures = completion_times(url, clients, run_s)
+        bounds = window(times, warmup_s, seconds, gap_s)
+        if bounds is not None:
+            a, b = bounds
+            return sum(1 for t in times if a < t <= b) / (b - a), failures
+        run_s *= 2
+    raise RuntimeError(
+        f"no {seconds:g} s window between burst ends in {len(times)} answers of a"
+        f" {run_s / 2:g} s run ({failures} failures, {len(burst_ends(times, gap_s))} burst ends)"
     )
-    bounds = window(times, start, seconds)
-    if bounds is None:
-        raise RuntimeError(
-            f"no {seconds:g} s window between burst ends in {len(times)} answers "
-            f"({failures} failures, {len(burst_ends(times))} burst ends)"
-        )
-    a, b = bounds
-    return sum(1 for t in times if a < t <= b) / (b - a), failures
 
 
 def rss_mb(pid: int) -> float:
@@ -195,9 +192,13 @@ def main() -> None:
         for run in range(1, args.rounds + 1):
             figures["offline"].append(offline_rps(pipeline, args.batch, args.window / 2, run))
             figures["offline_one"].append(offline_rps(pipeline, 1, args.window / 8, run))
-            rps, failures = saturated_rps(batched.url, 2 * args.batch, 5.0, args.window)
+            batch_s = args.batch / figures["offline"][-1]
+            rps, failures = saturated_rps(
+                batched.url, 2 * args.batch, 5.0, args.window, batch_s=batch_s
+            )
             figures["batched"].append(rps)
-            rps, more_failures = saturated_rps(base.url, 4, 3.0, args.window)
+            one_s = 1 / figures["offline_one"][-1]
+            rps, more_failures = saturated_rps(base.url, 4, 3.0, args.window, batch_s=one_s)
             figures["base"].append(rps)
             failed += failures + more_failures
             print(f"round {run}: " + ", ".join(f"{k} {v[-1]:.2f}" for k, v in figures.items())

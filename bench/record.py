@@ -19,13 +19,18 @@ import math
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from rag.loadgen.files import machine
 from rag.storage import write_json
 
-RECORD_DIR = Path(__file__).resolve().parent.parent / "outputs" / "bench"
+# outputs/bench/, or where $RAGBENCH_RECORD_DIR says (bench/gpu_check.py gathers records so)
+RECORD_DIR = Path(
+    os.environ.get("RAGBENCH_RECORD_DIR")
+    or Path(__file__).resolve().parent.parent / "outputs" / "bench"
+)
 PACKAGES = ("torch", "transformers", "numpy", "aiohttp", "uvloop")
 
 
@@ -64,6 +69,41 @@ def stream_gbs(megabytes: int = 512, repeats: int = 5) -> float:
         data.sum()
         best = min(best, time.perf_counter() - started)
     return data.nbytes / best / 1e9
+
+
+def cuda_seconds(call: Callable[[], object], repeats: int) -> float:
+    """The best time of `call` on the GPU over `repeats` runs after one, by CUDA events."""
+    import torch
+
+    call()
+    best = math.inf
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        call()
+        end.record()
+        end.synchronize()
+        best = min(best, start.elapsed_time(end) / 1e3)
+    return best
+
+
+def cuda_matmul_peak_gflops(dtype: str, size: int = 8192, repeats: int = 10) -> float:
+    """The best GFLOP/s of one square matmul in `dtype` on the current GPU."""
+    import torch
+
+    a, b = (torch.randn(size, size, dtype=getattr(torch, dtype), device="cuda") for _ in "ab")
+    return 2 * size**3 / cuda_seconds(lambda: torch.mm(a, b), repeats) / 1e9
+
+
+def cuda_copy_gbs(megabytes: int = 2048, repeats: int = 10) -> float:
+    """The best GB/s of a device-to-device copy on the current GPU, counting the bytes read
+    and the bytes written: how fast the GPU's memory moves bytes, the ceiling of a step
+    that streams weights."""
+    import torch
+
+    source = torch.empty(megabytes << 20, dtype=torch.uint8, device="cuda")
+    target = torch.empty_like(source)
+    return 2 * source.nbytes / cuda_seconds(lambda: target.copy_(source), repeats) / 1e9
 
 
 class BenchRecord:
@@ -137,5 +177,5 @@ class BenchRecord:
         }
         write_json(path, record)
         verdict = f"MISSED: {', '.join(self.missed)}" if self.missed else "all targets met"
-        print(f"# {verdict}; record: {path.relative_to(RECORD_DIR.parent.parent)}")
+        print(f"# {verdict}; record: {os.path.relpath(path)}")
         return 1 if check and self.missed else 0

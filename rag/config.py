@@ -11,6 +11,7 @@ import hashlib
 import re
 import sys
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ class ModelConfig:
 
     A model source is one of: `package:<module>/<relative path>` (a file or folder shipped
     inside an installed package), `tiny:<family>` (a small random model built at run time),
+    `shaped:<hub model>` (random weights in that model's architecture, built on the device),
     a local path, or a hub id (`org/name`).
     """
 
@@ -55,6 +57,9 @@ class ModelConfig:
     int4_decode: bool = True  # decode with the GGUF's own 4-bit blocks (CPU, GGUF models)
     int4_max_rows: int = 12  # above this many rows a layer multiplies with its dense weight
     max_prefill_tokens: int = 2048  # prompt tokens packed into one prefill at most
+    # A decode-only step: dynamic (shaped by its rows), static (padded to fixed shapes), or
+    # graphs (the static step replayed from CUDA graphs); auto = graphs on CUDA, else dynamic.
+    decode_step: str = "auto"
     simulated: SimulatedCost | None = None  # set by model=simulated (generator: simulated)
 
 
@@ -86,24 +91,42 @@ class CorpusConfig:
     hnsw_m: int = 32
     hnsw_ef_search: int = 64
     ivf_nlist: int = 0  # 0 = about 4 * sqrt(n)
-    ivf_nprobe: int = 32  # recall@10 vs exact on the stdlib corpus: 0.87 at 8, 0.965 at 32
+    ivf_nprobe: int = 32  # lists searched per query: more finds more true neighbours, slower
     embed_batch_size: int = 64
     cache_dir: str = ""  # "" = the user's cache dir
 
 
+class ServerKind(StrEnum):
+    """What serves a variant's requests; each preset in conf/variant/ names its kind.
+    (Lower-case members: the config tree spells them so, and OmegaConf matches by name.)"""
+
+    one_at_a_time = "one_at_a_time"  # the batcher with batches of one that never wait
+    batcher = "batcher"  # a queue closed into batches (max_batch_size, max_wait_ms)
+    continuous = "continuous"  # requests join and leave the engine's running batch per step
+    balancer = "balancer"  # replicas of a server behind the balancer, sized by the autoscaler
+    external = "external"  # a server the sweep measures but does not start
+
+
 @dataclass
 class VariantConfig:
-    """How requests reach the pipeline: one at a time, through the batcher, or into the
-    engine's running batch (continuous)."""
+    """How requests reach the pipeline: one at a time, through the batcher, into the
+    engine's running batch (continuous), or through the balancer to replicas."""
 
     name: str = MISSING
-    batched: bool = True
-    continuous: bool = False  # requests join and leave the engine's running batch per step
+    kind: ServerKind = MISSING
     max_batch_size: int = 20  # continuous: the running batch at most
     max_wait_ms: float = 10.0
     max_queue: int = 512
     request_timeout_s: float = 60.0  # each request's deadline from its arrival
     scaling: ScalingConfig | None = None  # set by variant=scaling
+
+
+def batch_limits(variant: VariantConfig | DictConfig) -> tuple[int, float]:
+    """(max_batch_size, max_wait_ms) as the variant runs them: one at a time is batches
+    of one that never wait, whatever the keys say (a sweep may set them for every variant)."""
+    if variant.kind is ServerKind.one_at_a_time:
+        return 1, 0.0
+    return variant.max_batch_size, variant.max_wait_ms
 
 
 @dataclass
@@ -144,7 +167,7 @@ class ScalingConfig:
     health_interval_s: float = 0.5
     replica_start_timeout_s: float = 300.0
     hop_timeout_s: float = 75.0  # balancer -> replica, per request
-    max_connections: int = 4096  # concurrent client connections at the balancer; 503 beyond
+    max_connections: int = 0  # client connections at the balancer (0: as open files allow)
     gpus: str = ""  # local: GPU ids given round robin ("" = CUDA_VISIBLE_DEVICES, if any)
     mps_thread_percentage: int = 0  # local: CUDA MPS share per replica (0 = MPS not asked)
     slurm: SlurmReplicaConfig = field(default_factory=lambda: SlurmReplicaConfig())
@@ -173,7 +196,7 @@ class ServerConfig:
     max_query_chars: int = 2000
     k_default: int = 2
     k_max: int = 10
-    max_connections: int = 1024  # concurrent connections; beyond it a request gets 503
+    max_connections: int = 0  # open connections (0: as many as the open-files limit allows)
     head_timeout_s: float = 10.0  # a connection must send a full request head within this
     body_timeout_s: float = 10.0  # and then the whole body within this (408 if not)
     drain_timeout_s: float = 30.0

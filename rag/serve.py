@@ -1,4 +1,5 @@
-"""`python -m rag.serve [overrides...]`: start the variant the config names.
+"""`python -m rag.serve [overrides...]`: start the variant the config names, the entry
+point of every server the sweep starts (and of a server started by hand).
 
 python -m rag.serve variant=batched port=8000 model=tiny
 python -m rag.serve variant=scaling model=simulated   # balancer + autoscaler + replicas
@@ -10,14 +11,17 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
-    """The scaling variant is a torch-free balancer process; the others are one server."""
-    from rag.config import compose_from_argv
+    """A balancer is a torch-free process of its own; the other kinds are one server."""
+    from rag.config import ServerKind, compose_from_argv
 
     args = sys.argv[1:] if argv is None else argv
-    if compose_from_argv(args).variant.name == "scaling":
+    variant = compose_from_argv(args).variant
+    if variant.kind is ServerKind.balancer:
         from rag.cluster.scaling import main as serve_scaling
 
         return serve_scaling(args)
+    if variant.kind is ServerKind.external:
+        sys.exit(f"config error: variant={variant.name} is a server ragbench does not start")
     from rag.service.server import main as serve_one
 
     return serve_one(args)

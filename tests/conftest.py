@@ -63,6 +63,12 @@ def slurm_cluster_up() -> bool:
     return ping.returncode == 0 and "UP" in ping.stdout
 
 
+def cuda_visible() -> bool:
+    import torch  # here only: most test modules never need it
+
+    return torch.cuda.is_available()
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     marked = [item for item in items if item.get_closest_marker("slurm")]
     if marked and not slurm_cluster_up():
@@ -72,4 +78,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             " (as root), as .ci/run does"
         )
         for item in marked:
+            item.add_marker(skip)
+    on_gpu = [item for item in items if item.get_closest_marker("cuda")]
+    if on_gpu and not cuda_visible():
+        skip = pytest.mark.skip(reason="no CUDA GPU visible: bench/gpu_check.sh runs these on one")
+        for item in on_gpu:
             item.add_marker(skip)

@@ -1,14 +1,19 @@
-"""Batch formation: sizes, the wait counted from the oldest request, no wait when full,
-dropped cancelled requests, deadlines, admission by deadline, overload and draining."""
+"""Batch formation on a fake clock: sizes, the wait counted from the oldest request, no
+wait when full, dropped cancelled requests, deadlines, admission by deadline, overload,
+draining and the service rate.  Time moves only when a test advances it, so what closes a
+batch or expires a request is the test's arithmetic, not the machine's speed."""
 
 from __future__ import annotations
 
 import asyncio
+import math
 import threading
-import time
+from collections.abc import Callable
 
 import pytest
+from async_helpers import EVENT_S, run, soon, until
 
+from rag.clock import FakeClock
 from rag.service.batching import Batcher, BatchTimes, DeadlineExceeded, Draining, Overloaded
 
 
@@ -23,90 +28,89 @@ class Recorder:
 
     def __call__(self, items: list[str]) -> list[str | BaseException]:
         self.entered.set()
-        self.gate.wait(10)
+        self.gate.wait(EVENT_S)
         self.batches.append(list(items))
         return [ValueError(item) if item.startswith("bad") else item.upper() for item in items]
 
 
-def run(coroutine):
-    return asyncio.run(asyncio.wait_for(coroutine, 30))
-
-
-async def started(batcher: Batcher) -> Batcher:
+def batcher_on(clock: FakeClock, recorder: Callable | None = None, **knobs: float) -> Batcher:
+    """A started batcher on `clock` (call inside the event loop)."""
+    batcher = Batcher(recorder or Recorder(), clock=clock, **knobs)
     batcher.start()
     return batcher
 
 
-async def wait_until_entered(recorder: Recorder) -> None:
-    while not recorder.entered.is_set():
-        await asyncio.sleep(0.005)
-
-
-async def held(**knobs: float) -> tuple[Recorder, Batcher, asyncio.Future]:
+async def held(clock: FakeClock, **knobs: float) -> tuple[Recorder, Batcher, asyncio.Future]:
     """A started batcher whose first batch (the one item "blocker") is running and held
     until the test sets `recorder.gate`."""
     recorder = Recorder()
     recorder.gate.clear()
-    batcher = await started(Batcher(recorder, **knobs))
+    batcher = batcher_on(clock, recorder, **knobs)
     blocker = asyncio.ensure_future(batcher.submit("blocker"))
-    await wait_until_entered(recorder)
+    await until(recorder.entered.is_set, "the blocker computing")
     return recorder, batcher, blocker
 
 
 def test_full_batch_does_not_wait():
     async def scenario():
-        recorder = Recorder()
-        batcher = await started(Batcher(recorder, max_batch_size=4, max_wait_s=5, max_queue=16))
-        begin = time.monotonic()
-        results = await asyncio.gather(*(batcher.submit(x) for x in "abcd"))
-        elapsed = time.monotonic() - begin
+        recorder, clock = Recorder(), FakeClock()
+        batcher = batcher_on(clock, recorder, max_batch_size=4, max_wait_s=5, max_queue=16)
+        # The clock never moves: a batch that waited for its timer would never close.
+        results = await soon(asyncio.gather(*(batcher.submit(x) for x in "abcd")))
         await batcher.stop()
-        return recorder, results, elapsed
+        return recorder, results
 
-    recorder, results, elapsed = run(scenario())
+    recorder, results = run(scenario())
     assert [r.value for r in results] == ["A", "B", "C", "D"]
     assert recorder.batches == [["a", "b", "c", "d"]]
-    assert all(r.requests_in_batch == 4 for r in results)
-    assert elapsed < 1.0  # far below max_wait_s = 5
+    assert all(r.requests_in_batch == 4 and r.queue_s == 0.0 for r in results)
 
 
 def test_wait_is_counted_from_the_oldest_request():
     async def scenario():
-        recorder = Recorder()
-        batcher = await started(Batcher(recorder, max_batch_size=8, max_wait_s=0.4, max_queue=16))
+        recorder, clock = Recorder(), FakeClock()
+        batcher = batcher_on(clock, recorder, max_batch_size=8, max_wait_s=0.5, max_queue=16)
         first = asyncio.ensure_future(batcher.submit("first"))
-        await asyncio.sleep(0.25)
+        await until(lambda: batcher.depth == 1, "the first queued")
+        clock.advance(0.25)
         second = asyncio.ensure_future(batcher.submit("second"))
-        results = await asyncio.gather(first, second)
+        await until(lambda: batcher.depth == 2, "the second queued")
+        clock.advance(0.25)  # 0.5 s after the first arrived, 0.25 s after the second
+        results = await soon(asyncio.gather(first, second))
         await batcher.stop()
         return recorder, results
 
     recorder, (first, second) = run(scenario())
     assert recorder.batches == [["first", "second"]]
-    # The batch closed 0.4 s after the first arrival, not 0.4 s after the second.
-    assert 0.35 <= first.queue_s < 0.6
-    assert second.queue_s < first.queue_s - 0.15
+    assert (first.queue_s, second.queue_s) == (0.5, 0.25)
 
 
-def test_lone_request_waits_at_most_max_wait():
+def test_lone_request_waits_max_wait_exactly():
     async def scenario():
-        batcher = await started(Batcher(Recorder(), max_batch_size=8, max_wait_s=0.1, max_queue=4))
-        result = await batcher.submit("only")
+        clock = FakeClock()
+        batcher = batcher_on(clock, max_batch_size=8, max_wait_s=0.5, max_queue=4)
+        only = asyncio.ensure_future(batcher.submit("only"))
+        await until(lambda: batcher.depth == 1 and clock.waiting == 1, "its batch waiting")
+        clock.advance(0.25)
+        assert clock.waiting == 1  # its wait did not come due: the batch waits on
+        clock.advance(0.25)
+        result = await soon(only)
         await batcher.stop()
         return result
 
     result = run(scenario())
     assert result.requests_in_batch == 1
-    assert 0.08 <= result.queue_s < 0.4
+    assert result.queue_s == 0.5
 
 
 def test_batches_are_capped_at_max_batch_size():
     async def scenario():
-        recorder, batcher, blocker = await held(max_batch_size=4, max_wait_s=0, max_queue=64)
+        clock = FakeClock()
+        recorder, batcher, blocker = await held(clock, max_batch_size=4, max_wait_s=0, max_queue=64)
         rest = [asyncio.ensure_future(batcher.submit(f"x{i}")) for i in range(1, 11)]
-        await asyncio.sleep(0.05)
+        await until(lambda: batcher.depth == 10, "ten queued behind the blocker")
         recorder.gate.set()
-        await asyncio.gather(blocker, *rest)
+        await soon(asyncio.gather(blocker, *rest))
         await batcher.stop()
         return recorder, batcher
 
@@ -118,30 +122,36 @@ def test_batches_are_capped_at_max_batch_size():
 
 def test_cancelled_requests_are_dropped_before_compute():
     async def scenario():
-        recorder, batcher, blocker = await held(max_batch_size=8, max_wait_s=0, max_queue=16)
+        clock = FakeClock()
+        recorder, batcher, blocker = await held(clock, max_batch_size=8, max_wait_s=0, max_queue=16)
         keep = asyncio.ensure_future(batcher.submit("keep"))
         leave = asyncio.ensure_future(batcher.submit("leave"))
-        await asyncio.sleep(0.02)
+        await until(lambda: batcher.depth == 2, "both queued")
         leave.cancel()
-        await asyncio.sleep(0.02)
+        await until(lambda: batcher.depth == 1, "the cancelled one no longer waiting")
         recorder.gate.set()
-        await asyncio.gather(blocker, keep)
+        await soon(asyncio.gather(blocker, keep))
         await batcher.stop()
-        return recorder, leave
+        return recorder, batcher, leave
 
-    recorder, leave = run(scenario())
+    recorder, batcher, leave = run(scenario())
     assert leave.cancelled()
     assert recorder.batches == [["blocker"], ["keep"]]
+    assert batcher.dropped == 1
 
 
 def test_request_past_its_timeout_gets_timeout_and_is_not_computed():
     async def scenario():
-        recorder, batcher, blocker = await held(max_batch_size=8, max_wait_s=0, max_queue=16)
-        with pytest.raises(TimeoutError):
-            await batcher.submit("late", timeout_s=0.1)
+        clock = FakeClock()
+        recorder, batcher, blocker = await held(clock, max_batch_size=8, max_wait_s=0, max_queue=16)
+        late = asyncio.ensure_future(batcher.submit("late", timeout_s=0.5))
+        await until(lambda: clock.waiting == 1, "its deadline set")
+        clock.advance(0.5)
+        with pytest.raises(DeadlineExceeded, match=r"within its 0\.5 s deadline"):
+            await soon(late)
         recorder.gate.set()
-        await blocker
-        await asyncio.sleep(0.05)
+        await soon(blocker)
+        await until(lambda: batcher.dropped == 1, "the worker past the expired request")
         await batcher.stop()
         return recorder
 
@@ -151,13 +161,14 @@ def test_request_past_its_timeout_gets_timeout_and_is_not_computed():
 
 def test_full_queue_is_refused_with_a_retry_estimate():
     async def scenario():
-        recorder, batcher, running = await held(max_batch_size=1, max_wait_s=0, max_queue=2)
+        clock = FakeClock()
+        recorder, batcher, running = await held(clock, max_batch_size=1, max_wait_s=0, max_queue=2)
         queued = [asyncio.ensure_future(batcher.submit(f"q{i}")) for i in range(2)]
-        await asyncio.sleep(0.01)
-        with pytest.raises(Overloaded) as refused:
+        await until(lambda: batcher.depth == 2, "the queue full")
+        with pytest.raises(Overloaded, match="queue is full") as refused:
             await batcher.submit("one too many")
         recorder.gate.set()
-        await asyncio.gather(running, *queued)
+        await soon(asyncio.gather(running, *queued))
         await batcher.stop()
         return refused.value
 
@@ -167,9 +178,11 @@ def test_full_queue_is_refused_with_a_retry_estimate():
 
 def test_one_failing_item_does_not_fail_its_batch():
     async def scenario():
-        batcher = await started(Batcher(Recorder(), max_batch_size=4, max_wait_s=1, max_queue=8))
-        results = await asyncio.gather(
-            *(batcher.submit(x) for x in ("ok1", "bad", "ok2", "ok3")), return_exceptions=True
+        batcher = batcher_on(FakeClock(), max_batch_size=4, max_wait_s=1, max_queue=8)
+        results = await soon(
+            asyncio.gather(
+                *(batcher.submit(x) for x in ("ok1", "bad", "ok2", "ok3")), return_exceptions=True
+            )
         )
         await batcher.stop()
         return results
@@ -189,11 +202,12 @@ def test_a_failing_batch_fails_each_caller_and_the_worker_survives():
         return items
 
     async def scenario():
-        batcher = await started(Batcher(flaky, max_batch_size=2, max_wait_s=1, max_queue=8))
-        failed = await asyncio.gather(
-            batcher.submit("a"), batcher.submit("b"), return_exceptions=True
+        batcher = batcher_on(FakeClock(), flaky, max_batch_size=2, max_wait_s=1, max_queue=8)
+        failed = await soon(
+            asyncio.gather(batcher.submit("a"), batcher.submit("b"), return_exceptions=True)
         )
-        later = await batcher.submit("c")
+        batcher.max_batch_size = 1  # the next batch closes without the clock moving
+        later = await soon(batcher.submit("c"))
         await batcher.stop()
         return failed, later
 
@@ -204,22 +218,66 @@ def test_a_failing_batch_fails_each_caller_and_the_worker_survives():
 
 def test_drain_refuses_new_work_and_finishes_queued_work():
     async def scenario():
+        clock = FakeClock()
         recorder = Recorder()
         recorder.gate.clear()
-        batcher = await started(Batcher(recorder, max_batch_size=1, max_wait_s=0, max_queue=8))
+        batcher = batcher_on(clock, recorder, max_batch_size=1, max_wait_s=0, max_queue=8)
         queued = [asyncio.ensure_future(batcher.submit(x)) for x in ("a", "b")]
-        await wait_until_entered(recorder)
+        await until(recorder.entered.is_set, "the first batch computing")
         batcher.begin_drain()
         with pytest.raises(Draining):
             await batcher.submit("after drain")
-        assert not await batcher.wait_idle(0.05)
+        idle = asyncio.ensure_future(batcher.wait_idle(1.0))
+        await until(lambda: clock.waiting == 1, "the drain's wait set")
+        clock.advance(1.0)
+        assert await soon(idle) is False  # the batch still runs
         recorder.gate.set()
-        assert await batcher.wait_idle(5)
-        results = await asyncio.gather(*queued)
+        assert await soon(batcher.wait_idle(math.inf))
+        results = await soon(asyncio.gather(*queued))
         await batcher.stop()
         return results
 
     assert [r.value for r in run(scenario())] == ["A", "B"]
+
+
+def test_a_draining_batcher_closes_a_waiting_batch_at_once():
+    async def scenario():
+        recorder, clock = Recorder(), FakeClock()
+        batcher = batcher_on(clock, recorder, max_batch_size=8, max_wait_s=60, max_queue=8)
+        queued = [asyncio.ensure_future(batcher.submit(x)) for x in ("a", "b")]
+        await until(lambda: batcher.depth == 2 and clock.waiting == 1, "the batch filling")
+        batcher.begin_drain()  # nothing more can join: no reason to wait the 60 s
+        results = await soon(asyncio.gather(*queued))
+        await batcher.stop()
+        return recorder, results
+
+    recorder, results = run(scenario())
+    assert recorder.batches == [["a", "b"]]
+    assert [r.queue_s for r in results] == [0.0, 0.0]
+
+
+def test_the_service_rate_is_smoothed_over_batches():
+    async def scenario():
+        clock = FakeClock()
+        recorder, batcher, blocker = await held(clock, max_batch_size=1, max_wait_s=0, max_queue=8)
+        clock.advance(0.5)  # the blocker's batch: 1 request in 0.5 s
+        recorder.gate.set()
+        await soon(blocker)
+        rates = [batcher.service_rate]
+        recorder.gate.clear()
+        recorder.entered.clear()
+        second = asyncio.ensure_future(batcher.submit("second"))
+        await until(recorder.entered.is_set, "the second batch computing")
+        clock.advance(0.125)  # 1 request in 0.125 s
+        recorder.gate.set()
+        await soon(second)
+        rates.append(batcher.service_rate)
+        await batcher.stop()
+        return rates
+
+    first, second = run(scenario())
+    assert first == 2.0
+    assert second == pytest.approx(0.3 * 8.0 + 0.7 * 2.0)  # the newest batch weighs 0.3
 
 
 def test_invalid_knobs_are_rejected():
@@ -283,7 +341,9 @@ def test_the_door_admits_what_the_measured_batches_serve_before_the_deadline(cas
     knobs = ADMISSIONS[case]
 
     async def scenario():
-        batcher = Batcher(Recorder(), max_batch_size=knobs["batch"], max_wait_s=0, max_queue=64)
+        batcher = Batcher(
+            Recorder(), max_batch_size=knobs["batch"], max_wait_s=0, max_queue=64, clock=FakeClock()
+        )
         for size, seconds in knobs["measured"].items():
             batcher.batch_times.record(size, seconds)
         return await queue_until_refused(batcher, timeout_s=knobs["timeout"])
@@ -297,41 +357,39 @@ def test_the_door_admits_what_the_measured_batches_serve_before_the_deadline(cas
 
 def test_one_slow_batch_does_not_stop_the_batcher_for_good():
     async def scenario():
-        recorder = Recorder()
-        batcher = await started(Batcher(recorder, max_batch_size=1, max_wait_s=0, max_queue=8))
+        batcher = batcher_on(FakeClock(), max_batch_size=1, max_wait_s=0, max_queue=8)
         batcher.batch_times.record(1, 100.0)  # one pathological batch
-        result = await batcher.submit("next", timeout_s=5)  # idle: admitted; alone: computed
+        result = await soon(batcher.submit("next", timeout_s=5))  # idle: admitted; alone: run
         await batcher.stop()
         return result, batcher
 
     result, batcher = run(scenario())
     assert result.value == "NEXT"
-    assert batcher.batch_times.fastest(1) < 1  # measured afresh
+    assert batcher.batch_times.fastest(1) == 0.0  # measured afresh (no time passed)
 
 
 def test_a_request_whose_deadline_falls_before_its_batch_ends_is_not_computed():
     async def scenario():
-        recorder = Recorder()
+        recorder, clock = Recorder(), FakeClock()
         recorder.gate.clear()
-        batcher = await started(Batcher(recorder, max_batch_size=1, max_wait_s=0, max_queue=8))
+        batcher = batcher_on(clock, recorder, max_batch_size=1, max_wait_s=0, max_queue=8)
         batcher.batch_times.record(1, 1.0)
         blocker = asyncio.ensure_future(batcher.submit("blocker"))
-        await wait_until_entered(recorder)
-        late = asyncio.ensure_future(batcher.submit("late", timeout_s=2.2))  # fits: 1 + 1 s
+        await until(recorder.entered.is_set, "the blocker computing")
+        late = asyncio.ensure_future(batcher.submit("late", timeout_s=2.25))  # fits: 1 + 1 s
         later = asyncio.ensure_future(batcher.submit("later", timeout_s=10))
-        await asyncio.sleep(0.05)
-        assert not late.done() and not later.done()
+        await until(lambda: batcher.depth == 2, "both admitted")
         # The running batch overruns to 1.5 s; then even at its fastest (1 s) a batch of
-        # one would end 2.5 s after "late" arrived, past its 2.2 s deadline.
-        await asyncio.sleep(1.5)
+        # one would end 2.5 s after "late" arrived, past its 2.25 s deadline.
+        clock.advance(1.5)
         recorder.gate.set()
-        with pytest.raises(DeadlineExceeded, match="before a batch could end") as expired:
-            await late
-        await asyncio.gather(blocker, later)
+        with pytest.raises(DeadlineExceeded, match="before a batch could end"):
+            await soon(late)
+        await soon(asyncio.gather(blocker, later))
         await batcher.stop()
-        return recorder, batcher, expired
+        return recorder, batcher
 
-    recorder, batcher, _ = run(scenario())
+    recorder, batcher = run(scenario())
     assert recorder.batches == [["blocker"], ["later"]]
     assert batcher.expired == 1
 
@@ -339,15 +397,15 @@ def test_a_request_whose_deadline_falls_before_its_batch_ends_is_not_computed():
 def test_an_oldest_request_that_its_batch_cannot_serve_in_time_gives_way():
     async def scenario():
         recorder = Recorder()
-        batcher = Batcher(recorder, max_batch_size=4, max_wait_s=0, max_queue=8)
+        batcher = Batcher(recorder, max_batch_size=4, max_wait_s=0, max_queue=8, clock=FakeClock())
         batcher.batch_times.record(4, 1.0)
         tight = asyncio.ensure_future(batcher.submit("tight", timeout_s=0.5))
         rest = [asyncio.ensure_future(batcher.submit(x, timeout_s=10)) for x in "bcde"]
-        await asyncio.sleep(0)
+        await until(lambda: batcher.depth == 5, "all five queued")
         batcher.start()  # a batch of 4 takes 1 s at its fastest: too late for "tight"
         with pytest.raises(DeadlineExceeded, match="before a batch could end"):
-            await tight
-        done = await asyncio.gather(*rest)
+            await soon(tight)
+        done = await soon(asyncio.gather(*rest))
         await batcher.stop()
         return recorder, batcher, done
 

@@ -15,9 +15,17 @@ HEAVY = ("torch", "transformers", "faiss")
 # package -> the rag packages it may pull in besides itself
 TORCH_FREE = {
     "rag.loadgen": {"rag.storage"},  # its run files are written atomically
+    "rag.clock": set(),  # what the batchers and the replica pool read time from
     "rag.cluster": {"rag.storage"},
     # balancer, autoscaler, launchers
-    "rag.cluster.scaling": {"rag.cluster", "rag.config", "rag.loadgen", "rag.storage"},
+    "rag.cluster.scaling": {
+        "rag.clock",
+        "rag.cluster",
+        "rag.config",
+        "rag.loadgen",
+        "rag.storage",
+        "rag.web",
+    },
     "rag.web": set(),  # the HTTP guards, shared by the server and the balancer
     "rag.storage": set(),
     "rag.harness.point": {"rag.config", "rag.loadgen", "rag.cluster", "rag.harness", "rag.storage"},
@@ -33,6 +41,7 @@ TORCH_FREE = {
     # The port opens before torch loads; the config schema holds the load settings; the
     # admin call checks the balancer's token (rag.cluster.admin).
     "rag.service.app": {
+        "rag.clock",
         "rag.cluster",
         "rag.config",
         "rag.loadgen",

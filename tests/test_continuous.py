@@ -7,18 +7,26 @@ so "while another request runs" is a state the tests wait for, not a moment they
 
 from __future__ import annotations
 
+import asyncio
+import math
 import os
 import signal
 import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
+from async_helpers import run, soon, until
 from cluster_helpers import ready, wait_for
 from server_metrics import metric
 
+from rag.clock import FakeClock
 from rag.cluster.pool import Replica
 from rag.cluster.scaling import replica_overrides
-from rag.config import compose
+from rag.config import ServerKind, compose
+from rag.service.batching import DeadlineExceeded
+from rag.service.continuous import ContinuousBatcher
+from rag.service.pipeline import RAGPipeline
 
 HOVER = "Which animals can hover in the air?"
 LONG = ("model.ignore_eos=true", "model.max_new_tokens=1500")  # well over a second a request
@@ -144,7 +152,7 @@ def test_without_the_engine_the_variant_fails_at_start_with_a_clear_error(start_
 def test_a_scaling_replica_can_be_continuous(start_server, tmp_path):
     argv = ["model=tiny", "variant=scaling", "variant.scaling.replica_variant=continuous"]
     overrides = replica_overrides(argv, compose(argv), Replica("r0"))
-    assert compose(overrides).variant.continuous is True
+    assert compose(overrides).variant.kind is ServerKind.continuous
     server = start_server(
         *argv[1:],
         "variant.scaling.min_replicas=1",
@@ -154,3 +162,35 @@ def test_a_scaling_replica_can_be_continuous(start_server, tmp_path):
     wait_for(lambda: len(ready(server.url)) == 1, 120, "the replica ready")
     answer = post(server.url, {"query": HOVER})
     assert answer.status_code == 200 and answer.json()["variant"] == "continuous"
+
+
+def test_on_a_fake_clock_a_request_past_its_deadline_waiting_for_a_slot_never_runs(tmp_path):
+    """The continuous loop in process, on the tiny model and a fake clock: a request queued
+    behind a full running batch expires when the test moves the clock past its deadline
+    (an hour: on the real clock the test would wait that long), and never joins the engine."""
+    cache = [f"model.cache_dir={tmp_path}", f"corpus.cache_dir={tmp_path}"]
+    pipeline = RAGPipeline.from_config(compose(["model=tiny", *LONG, *cache]))
+
+    async def scenario():
+        clock = FakeClock()
+        with ThreadPoolExecutor(1, thread_name_prefix="compute") as compute:
+            batcher = ContinuousBatcher(pipeline, 1, 4, compute, clock=clock)
+            batcher.start()
+            first = asyncio.ensure_future(batcher.submit((HOVER, 1)))
+            await until(lambda: batcher.running == 1, "the first decoding")
+            late = asyncio.ensure_future(batcher.submit((HOVER, 1), timeout_s=3600))
+            await until(lambda: batcher.depth == 1 and clock.waiting == 1, "the second queued")
+            steps = batcher.batch_size_counts.total()
+            await until(lambda: batcher.batch_size_counts.total() > steps + 2, "steps go on")
+            assert (batcher.running, batcher.depth) == (1, 1)  # no slot for it
+            clock.advance(3600)
+            with pytest.raises(DeadlineExceeded, match="within its 3600 s deadline"):
+                await soon(late)
+            first.cancel()
+            await soon(batcher.wait_idle(math.inf))
+            await batcher.stop()
+        return batcher
+
+    batcher = run(scenario())
+    assert (batcher.dropped, batcher.expired) == (2, 0)  # both left; neither was answered
+    assert max(batcher.batch_size_counts) == 1  # the running batch never held two

@@ -7,15 +7,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from engine_helpers import FAMILIES, tiny_model
 from gguf import GGMLQuantizationType, quants
-from transformers import (
-    AutoModelForCausalLM,
-    LlamaConfig,
-    MistralConfig,
-    PreTrainedModel,
-    Qwen2Config,
-    Qwen3Config,
-)
 
 from rag.service.engine.engine import Engine, Sequence
 from rag.service.engine.forward import rms_norm
@@ -59,40 +52,6 @@ def test_layers_that_cannot_be_packed_together_are_fused_dense():
         assert type(fused) is torch.nn.Linear
         torch.testing.assert_close(fused(x), expected)
     assert plain.weight.untyped_storage().data_ptr() == fused.weight.untyped_storage().data_ptr()
-
-
-FAMILIES = {
-    "llama": LlamaConfig(),
-    "mistral": MistralConfig(),
-    "qwen2": Qwen2Config(),  # biased q, k and v
-    "qwen3": Qwen3Config(),  # normalised query and key heads
-}
-
-
-def tiny_model(family: str) -> PreTrainedModel:
-    config = FAMILIES[family]
-    config.update(
-        dict(
-            vocab_size=300,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            head_dim=16,
-            eos_token_id=2,
-            initializer_range=0.3,  # attention far from uniform, so positions matter
-        )
-    )
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config).eval()
-    with torch.no_grad():
-        for module in model.modules():  # random biases and norms, so that they matter
-            if isinstance(module, torch.nn.Linear) and module.bias is not None:
-                module.bias.normal_()
-            if type(module).__name__.endswith("RMSNorm"):
-                module.weight.uniform_(0.5, 1.5)
-    return model
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))

@@ -196,7 +196,7 @@ def test_eager_prompt_attention_computes_what_sdpa_computes(past, dtype):
     )
     mask = causal_mask(count, past, torch.device("cpu"))
     eager = eager_attention(query, keys, values, mask, 0.3)
-    sdpa = sdpa_attention(query, keys, values, mask, 0.3)
+    sdpa = sdpa_attention(query, keys, values, 0.3)
     assert eager.shape == (count, heads, head_dim)
     tolerance = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(eager.float(), sdpa.float(), atol=tolerance, rtol=tolerance)

@@ -134,17 +134,23 @@ def test_the_openapi_document_states_the_real_contract(start_server, tmp_path):
     assert "head" in document["paths"]["/ping"] and "head" in document["paths"]["/ready"]
 
 
-def test_connections_over_the_cap_get_503_and_the_rest_are_served(start_server):
-    running = start_server("server.max_connections=4")
-    idle = [socket.create_connection(("127.0.0.1", running.port)) for _ in range(4)]
+def test_requests_over_the_cap_get_503_when_no_connection_is_idle(start_server):
+    """Four connections each part-way through a head fill a cap of four: none is idle, so a
+    request on a fifth gets 503; once they close, requests are served again."""
+    running = start_server("server.max_connections=4", "server.head_timeout_s=60")
+    busy = [socket.create_connection(("127.0.0.1", running.port)) for _ in range(4)]
     try:
-        time.sleep(0.2)  # let the server accept them
-        response = httpx.post(f"{running.url}/rag", json={"query": HOVER})
+        for sock in busy:
+            sock.sendall(b"POST /rag HTTP/1.1\r\nHost: x\r\n")
+        deadline = time.monotonic() + 30
+        # Until the server has read all four heads' first bytes, the fifth may still fit.
+        while (response := httpx.post(f"{running.url}/rag", json={"query": HOVER})).is_success:
+            assert time.monotonic() < deadline, "the busy connections never filled the cap"
         assert response.status_code == 503
         assert "too many open connections" in response.json()["detail"]
         assert response.headers["Retry-After"] == "1"
     finally:
-        for sock in idle:
+        for sock in busy:
             sock.close()
     deadline = time.monotonic() + 30
     while (status := httpx.post(f"{running.url}/rag", json={"query": HOVER}).status_code) == 503:

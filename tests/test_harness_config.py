@@ -10,7 +10,7 @@ from hydra.errors import HydraException
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from rag.config import CONF_DIR, point_name, register_configs
+from rag.config import CONF_DIR, ServerKind, batch_limits, point_name, register_configs
 
 # Hydra imports its plugins (ours among them) on first use.
 register_configs()
@@ -31,6 +31,25 @@ def test_every_variant_and_model_composes(variant: str, model: str):
     cfg = sweep_config(f"variant={variant}", f"model={model}")
     assert cfg.variant.name == variant
     assert cfg.model.name == model
+
+
+KINDS = {
+    "base": (ServerKind.one_at_a_time, (1, 0.0)),
+    "batched": (ServerKind.batcher, (20, 10.0)),
+    "continuous": (ServerKind.continuous, (12, 0.0)),
+    "scaling": (ServerKind.balancer, (20, 10.0)),
+    "external": (ServerKind.external, (20, 10.0)),
+}
+
+
+def test_each_variant_names_its_kind_and_runs_its_batch_limits():
+    assert sorted(KINDS) == presets("variant")
+    for variant, (kind, limits) in KINDS.items():
+        cfg = sweep_config(f"variant={variant}")
+        assert (cfg.variant.kind, batch_limits(cfg.variant)) == (kind, limits)
+    # A sweep's batching axis leaves one-at-a-time alone.
+    base = sweep_config("variant=base", "variant.max_batch_size=20", "variant.max_wait_ms=10")
+    assert batch_limits(base.variant) == (1, 0.0)
 
 
 @pytest.mark.parametrize("corpus", presets("corpus"))
@@ -109,7 +128,15 @@ def test_search_and_slo_compose():
 
 @pytest.mark.parametrize(
     "override",
-    ["rps=fast", "rsp=5", "load.rpss=5", "variant=nonesuch", "slo.p99=2", "num_requests=1.5"],
+    [
+        "rps=fast",
+        "rsp=5",
+        "load.rpss=5",
+        "variant=nonesuch",
+        "variant.kind=batches",
+        "slo.p99=2",
+        "num_requests=1.5",
+    ],
 )
 def test_a_typo_is_an_error(override: str):
     with pytest.raises((HydraException, OmegaConfBaseException)):

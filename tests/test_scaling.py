@@ -27,6 +27,7 @@ from rag.config import compose
 from rag.loadgen import LoadConfig, run_load
 
 QUERY = {"query": "Which animals can hover in the air?", "k": 1}
+JSON = {"Content-Type": "application/json"}
 # Fast autoscaler settings for tests: decisions every 0.5 s, short windows.
 FAST = [
     "variant.scaling.check_interval_s=0.5",
@@ -96,12 +97,12 @@ def test_bad_requests_get_json_errors_without_reaching_a_replica(start_scaling):
     server = start_scaling("server.body_timeout_s=2")
     stalled = post_in_parts(server.port, 100, [b'{"query": '], gap_s=0)
     assert stalled.startswith(b"HTTP/1.1 408")
-    assert stalled.endswith(b'{"detail": "the request body did not arrive within 2 s"}')
+    assert stalled.endswith(b'{"detail":"the request body did not arrive within 2 s"}')
     too_big = (b"x" * 1024 for _ in range(100))  # chunked: no Content-Length to trust
-    response = httpx.post(f"{server.url}/rag", content=too_big, timeout=30)
+    response = httpx.post(f"{server.url}/rag", content=too_big, headers=JSON, timeout=30)
     assert response.status_code == 413 and "limit" in response.json()["detail"]
     assert httpx.get(f"{server.url}/nowhere").json()["detail"]
-    bad = httpx.post(f"{server.url}/rag", content=b"{not json", timeout=30)
+    bad = httpx.post(f"{server.url}/rag", content=b"{not json", headers=JSON, timeout=30)
     assert bad.status_code == 422 and bad.json()["detail"]  # the replica's own answer
     assert replicas(server.url)[0]["requests"] == 1
 
@@ -147,9 +148,13 @@ def test_a_killed_replica_costs_only_its_in_flight_requests_and_is_replaced(star
                             timeout=30, progress=False)  # fmt: skip
         result["rows"], result["summary"] = run_load(config)
 
+    def victim_busy() -> bool:
+        now = {r["id"]: r for r in replicas(server.url)}[victim["id"]]
+        return now["in_flight"] > 0 and now["requests"] >= 5
+
     sender = threading.Thread(target=load)
     sender.start()
-    time.sleep(2.0)
+    wait_for(victim_busy, 60, "the victim serving the load")
     os.kill(victim["pid"], signal.SIGKILL)
     sender.join(120)
     assert not sender.is_alive()
@@ -196,30 +201,6 @@ def test_scales_up_on_a_burst_and_back_down_without_flapping(start_scaling, tmp_
     assert len(steady_rows) >= 8  # the steady phase held one replica for >= 4 s
 
 
-def test_registration_needs_the_token_off_loopback(cache_overrides, tmp_path):
-    server = ServerProcess(
-        ["variant=scaling", "model=simulated", *cache_overrides, f"run_dir={tmp_path / 'run'}"],
-        host="0.0.0.0",  # bound to every interface; the test talks to it on loopback
-        env={"RAGBENCH_BALANCER_TOKEN": "s3cret"},
-        ready_timeout_s=120,
-    )
-    server.start()
-    try:
-        base = f"http://127.0.0.1:{server.port}"
-        body = {"replica": "r0", "url": "http://127.0.0.1:1"}
-        refused = httpx.post(f"{base}/register", json=body)
-        assert refused.status_code == 403 and "token" in refused.json()["detail"]
-        wrong = httpx.post(f"{base}/register", json=body, headers={"X-Ragbench-Token": "no"})
-        assert wrong.status_code == 403
-        assert httpx.post(f"{base}/unregister", json=body).status_code == 403
-        unknown = httpx.post(f"{base}/register", json={"replica": "r9", "url": "http://x:1"},
-                             headers={"X-Ragbench-Token": "s3cret"})  # fmt: skip
-        assert unknown.status_code == 422
-        assert replicas(base)[0]["state"] == "ready"  # untouched by the refused calls
-    finally:
-        server.stop()
-
-
 def test_a_killed_balancer_takes_its_replicas_with_it(start_scaling):
     server = start_scaling("variant.scaling.min_replicas=2")
     pids = [r["pid"] for r in replicas(server.url)]
@@ -229,19 +210,22 @@ def test_a_killed_balancer_takes_its_replicas_with_it(start_scaling):
 
 
 def test_a_client_that_leaves_cancels_its_forwarded_request(start_scaling):
-    server = start_scaling("model.simulated.generate_fixed_ms=1500")
+    server = start_scaling("model.simulated.generate_fixed_ms=4000")
     replica_url = replicas(server.url)[0]["url"]
+
+    def replica_stats() -> dict:
+        return httpx.get(f"{replica_url}/stats", timeout=10).json()
+
     first = threading.Thread(target=lambda: httpx.post(f"{server.url}/rag", json=QUERY, timeout=30))
     first.start()
-    wait_for(lambda: replicas(server.url)[0]["in_flight"] == 1, 30, "the first forwarded")
-    time.sleep(0.3)  # past max_wait_ms: its batch is computing; the next one queues behind it
+    wait_for(lambda: replica_stats()["running"] == 1, 30, "the first one's batch computing")
     with socket.create_connection(("127.0.0.1", server.port)) as client:
         body = b'{"query": "Which animals can hover in the air?", "k": 1}'
         client.sendall(
             b"POST /rag HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
             b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
         )
-        time.sleep(0.3)
+        wait_for(lambda: replica_stats()["queue_depth"] == 1, 30, "the second one queued")
     first.join(30)
     wait_for(lambda: httpx.get(f"{replica_url}/stats").json()["dropped"] == 1, 30,
              "the replica dropped the abandoned request")  # fmt: skip

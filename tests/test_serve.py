@@ -8,7 +8,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -160,27 +159,36 @@ def test_full_queue_answers_429_with_retry_after(start_server):
     assert metric(server.url, 'rag_requests_total{status="429"}') == codes.count(429)
 
 
+def stats(url: str) -> dict:
+    return httpx.get(f"{url}/stats", timeout=10).json()
+
+
 def test_request_waiting_past_its_timeout_gets_504(start_server):
     server = start_server("variant.max_wait_ms=1000", "variant.request_timeout_s=0.2")
     response = post(server.url, {"query": HOVER})
     assert response.status_code == 504
     assert "deadline" in response.json()["detail"]
-    time.sleep(1.2)  # past the batch deadline: the timed-out request was not computed
-    assert httpx.get(f"{server.url}/stats").json()["batch_size_counts"] == {}
+    # When its batch would have closed, the batcher finds the request abandoned.
+    wait_for(lambda: stats(server.url)["dropped"] == 1, 30, "the batcher past the request")
+    assert stats(server.url)["batch_size_counts"] == {}  # it was not computed
 
 
 def test_requests_of_departed_clients_are_not_computed(start_server):
     server = start_server("variant.max_wait_ms=800")
     with pytest.raises(httpx.ReadTimeout):
         post(server.url, {"query": HOVER}, timeout=0.2)
-    time.sleep(1.2)
-    assert httpx.get(f"{server.url}/stats").json()["batch_size_counts"] == {}
+    wait_for(lambda: stats(server.url)["dropped"] == 1, 30, "the batcher past the request")
+    assert stats(server.url)["batch_size_counts"] == {}
     assert metric(server.url, "rag_dropped_total") == 1
     assert post(server.url, {"query": HOVER}).status_code == 200
 
 
 def test_sigterm_drains_then_exits(start_server):
-    server = start_server("variant.max_wait_ms=1500")
+    # The batch closes only when full, or at once when the server drains; then its long
+    # answers keep the server draining while the test asks it.
+    server = start_server(
+        "variant.max_wait_ms=60000", "model.ignore_eos=true", "model.max_new_tokens=1500"
+    )
     results: list[httpx.Response] = []
     senders = [
         threading.Thread(target=lambda: results.append(post(server.url, {"query": HOVER})))
@@ -188,15 +196,14 @@ def test_sigterm_drains_then_exits(start_server):
     ]
     for sender in senders:
         sender.start()
-    time.sleep(0.3)  # the requests now wait in the queue for the 1.5 s batch deadline
+    wait_for(lambda: stats(server.url)["queue_depth"] == 3, 30, "three requests queued")
     os.killpg(server.process.pid, signal.SIGTERM)
-    time.sleep(0.2)
-    assert httpx.get(f"{server.url}/ready").status_code == 503
+    wait_for(lambda: httpx.get(f"{server.url}/ready").status_code == 503, 30, "draining")
     assert post(server.url, {"query": HOVER}).status_code == 503
     for sender in senders:
-        sender.join(10)
+        sender.join(30)
     assert [r.status_code for r in results] == [200, 200, 200]
-    assert server.process.wait(10) == 0
+    assert server.process.wait(30) == 0
 
 
 def test_a_server_does_not_outlive_the_process_that_started_it(cache_overrides, tmp_path):
@@ -250,6 +257,16 @@ def test_port_in_use_is_a_clear_error():
         )  # fmt: skip
     assert result.returncode != 0
     assert "address already in use" in result.stderr.lower()
+    assert "Traceback" not in result.stderr
+
+
+def test_the_external_variant_is_not_started_here():
+    result = subprocess.run(
+        [sys.executable, "-m", "rag.serve", "variant=external", "port=0"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert "variant=external is a server ragbench does not start" in result.stderr
     assert "Traceback" not in result.stderr
 
 

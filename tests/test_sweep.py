@@ -98,7 +98,9 @@ def test_a_point_whose_server_fails_leaves_failure_json_and_the_sweep_goes_on(
     assert leftovers(tmp_path) == []
 
 
-def test_external_variant_measures_a_server_it_did_not_start(tmp_path: Path, start_server):
+def test_external_variant_measures_a_server_it_did_not_start_in_either_loop(
+    tmp_path: Path, start_server
+):
     server = start_server("variant=batched")
     sweep(tmp_path, "variant=external", f"target={server.url}", "rps=5", "tag=t3", *SMALL)
     (folder,) = points(tmp_path, "t3")
@@ -107,6 +109,13 @@ def test_external_variant_measures_a_server_it_did_not_start(tmp_path: Path, sta
     summary = pd.read_csv(folder / "summary.csv").iloc[0]
     assert summary["ok"] == 12 and summary["variant"] == "external"
     assert not (folder / "server.log").exists()
+    # A closed-loop point: its warm-up is the open loop's, its load three users.
+    closed = [o for o in SMALL if not o.startswith("timing_mode=")]
+    sweep(tmp_path, "variant=external", f"target={server.url}", "timing_mode=concurrency",
+          "load.concurrency=3", "tag=t5", *closed)  # fmt: skip
+    (folder,) = points(tmp_path, "t5")
+    summary = pd.read_csv(folder / "summary.csv").iloc[0]
+    assert summary["ok"] == 12 and summary["loop"] == "closed" and summary["concurrency"] == 3
 
 
 def test_max_rps_search(tmp_path: Path, cache_overrides: list[str]):

@@ -1,4 +1,5 @@
-"""The load balancer: a reverse proxy in front of the replicas.
+"""The load balancer: a reverse proxy in front of the replicas, an ASGI app served by uvicorn
+with the same guards as the RAG server (rag.web).
 
 `POST /rag` is forwarded to one ready replica, chosen by the configured policy from the
 balancer's own in-flight counters, and its answer returned as it came.  A request that
@@ -6,40 +7,59 @@ never reached a replica (connection refused: the replica is gone) is retried onc
 another; one that a replica accepted is never sent twice.  A client that disconnects
 cancels its forwarded request (the replica then drops it before computing it).
 
-What it accepts is bounded as the server bounds it: the body is counted as it arrives
-(any framing) and refused past the largest valid request, or with 408 if it has not all
-arrived in time; connections beyond a cap get a 503; a connection that does not send a
-full request head in time is closed; each hop has a timeout.  Errors are JSON with a
-`detail`, like the server's.
+What it accepts is bounded as the server bounds it, by the same code: the JSON content
+type (415), the body counted as it arrives (413) and due within a deadline (408), the
+connection cap, the head timeout and head limits, protocol errors as JSON; each hop has a
+timeout.  Errors are JSON with a `detail`, like the server's.
 
 Registration (`/register`, `/unregister`) lets a replica started elsewhere (a SLURM job)
-report where it listens.  On loopback anyone local may call it; bound elsewhere, a shared
-token is required.
+report where it listens; it always needs the balancer's token (loopback is no trust
+boundary on a shared machine), and the URL must be the scheme, host and port of a replica
+this balancer launched, on the host its launcher expects.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
-import hmac
 import ipaddress
-import json
 import logging
-from collections.abc import Awaitable, Callable
+import urllib.parse
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import aiohttp
-from aiohttp import web
+import uvicorn
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, Response
 from yarl import URL
 
-from rag.cluster.admin import TOKEN_HEADER
+from rag.cluster.admin import TOKEN_HEADER, token_refusal
 from rag.cluster.pool import Replica, ReplicaPool, State
+from rag.web import (
+    CLIENT_GONE,
+    ASGIApp,
+    BadJSON,
+    BodyLimit,
+    BodyRefused,
+    ConnectionGuard,
+    CountResponses,
+    NotJSON,
+    bind_socket,
+    guarded_config,
+    json_error,
+    parse_json,
+    read_body,
+    require_json,
+    unless_client_leaves,
+)
+from rag.web.asgi import Receive, Scope, Send
 
 log = logging.getLogger("rag.cluster")
 
-HEAD_TIMEOUT_S = 15.0  # a connection must send a request head within this (then idle limit)
 SHUTDOWN_TIMEOUT_S = 15.0  # on stop, forwarded requests get this long to finish
 FORWARDED_HEADERS = ("Content-Type", "Retry-After")
 
@@ -57,8 +77,30 @@ def rag_url(base: str) -> URL:
     return URL(base) / "rag"
 
 
-def error(status: int, detail: str, headers: dict[str, str] | None = None) -> web.Response:
-    return web.json_response({"detail": detail}, status=status, headers=headers)
+def replica_address(url: object, expected_host: str | None) -> str:
+    """`http://host:port` from what a replica registered: a scheme, host and port only (no
+    user, path, query or fragment), on `expected_host` when the launcher knows it."""
+    if not isinstance(url, str):
+        raise ValueError("url must be a string, http://host:port")
+    parts = urllib.parse.urlsplit(url)
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    if (
+        parts.scheme != "http"
+        or not parts.hostname
+        or port is None
+        or parts.username is not None
+        or parts.path not in ("", "/")
+        or parts.query
+        or parts.fragment
+    ):
+        raise ValueError("url must be http://host:port, with no path, query or user")
+    if expected_host is not None and parts.hostname != expected_host:
+        raise ValueError(f"this replica must register from {expected_host}")
+    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+    return f"http://{host}:{port}"
 
 
 @dataclass
@@ -66,14 +108,15 @@ class BalancerSettings:
     policy: Any  # a rag.cluster.policies choice: .choose(ready replicas) -> replica
     max_body_bytes: int
     body_timeout_s: float  # the whole body must arrive within this (408 if not)
+    head_timeout_s: float  # a connection must send a request head within this
     hop_timeout_s: float
     max_connections: int
-    token: str  # "" = registration open (loopback only)
+    token: str  # what /register and /unregister need ("" = registration closed)
     labels: dict[str, Any]  # variant, model, simulated: what /stats reports
 
 
 class BalancerMetrics:
-    def __init__(self, pool: ReplicaPool) -> None:
+    def __init__(self, pool: ReplicaPool, guard: ConnectionGuard) -> None:
         self.registry = CollectorRegistry()
         self.requests = Counter(
             "balancer_requests", "Requests to /rag by status", ["status"], registry=self.registry
@@ -81,6 +124,12 @@ class BalancerMetrics:
         self.retries = Counter(
             "balancer_retries",
             "Requests re-sent because the first replica refused the connection",
+            registry=self.registry,
+        )
+        self.registrations_refused = Counter(
+            "balancer_registrations_refused",
+            "Calls to /register or /unregister refused for a missing (401) or wrong (403) token",
+            ["status"],
             registry=self.registry,
         )
         replicas = Gauge(
@@ -92,99 +141,126 @@ class BalancerMetrics:
             "balancer_in_flight", "Requests forwarded and not yet answered", registry=self.registry
         )
         in_flight.set_function(lambda: sum(r.in_flight for r in pool.replicas.values()))
+        connections = Gauge(
+            "balancer_connections", "Client connections by what happened to them",
+            ["outcome"], registry=self.registry,
+        )  # fmt: skip
+        for outcome in ("open", "refused", "timed_out", "evicted", "malformed"):
+            connections.labels(outcome).set_function(lambda o=outcome: getattr(guard, o))
+
+    def count_response(self, status: int) -> None:
+        self.requests.labels(str(status)).inc()
+
+
+class Route(NamedTuple):
+    methods: frozenset[str]
+    handler: Callable[[Request], Awaitable[Response]]
+
+
+class QuietServer(uvicorn.Server):
+    """uvicorn, leaving signals to the process that runs it (the scaling service drains its
+    replicas on SIGTERM, after the balancer has stopped)."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
 
 
 class Balancer:
     def __init__(self, pool: ReplicaPool, settings: BalancerSettings) -> None:
         self.pool = pool
         self.settings = settings
-        self.metrics = BalancerMetrics(pool)
+        self.guard = ConnectionGuard(settings.max_connections, settings.head_timeout_s)
+        self.metrics = BalancerMetrics(pool, self.guard)
         self.hop_timeout = aiohttp.ClientTimeout(total=settings.hop_timeout_s)
-        self.runner: web.AppRunner | None = None
+        self.server: uvicorn.Server | None = None
+        get, post = frozenset({"GET", "HEAD"}), frozenset({"POST"})
+        self.routes = {
+            "/rag": Route(post, self.rag),
+            "/assign": Route(get, self.assign),
+            "/ping": Route(get, self.ping),
+            "/ready": Route(get, self.ready),
+            "/metrics": Route(get, self.prometheus),
+            "/replicas": Route(get, self.replicas),
+            "/stats": Route(get, self.stats),
+            "/register": Route(post, self.register),
+            "/unregister": Route(post, self.unregister),
+        }
+        self._serving: asyncio.Task[None] | None = None
 
-    def app(self) -> web.Application:
-        app = web.Application(
-            client_max_size=self.settings.max_body_bytes,
-            middlewares=[self._guard],
-        )
-        app.router.add_post("/rag", self.rag)
-        app.router.add_get("/assign", self.assign)
-        app.router.add_get("/ping", self.ping)
-        app.router.add_get("/ready", self.ready)
-        app.router.add_get("/metrics", self.prometheus)
-        app.router.add_get("/replicas", self.replicas)
-        app.router.add_get("/stats", self.stats)
-        app.router.add_post("/register", self.register)
-        app.router.add_post("/unregister", self.unregister)
-        return app
+    def app(self) -> ASGIApp:
+        """The balancer as uvicorn runs it: every /rag answer counted, every body bounded."""
+        settings = self.settings
+        bounded = BodyLimit(self._dispatch, settings.max_body_bytes, settings.body_timeout_s)
+        return CountResponses(bounded, "/rag", self.metrics.count_response)
 
-    async def start(self, host: str, port: int) -> int:
-        """Listen on host:port (0 = a free port); returns the port."""
-        self.runner = web.AppRunner(
-            self.app(),
-            access_log=None,
-            handler_cancellation=True,  # a client that leaves cancels its forwarded request
-            keepalive_timeout=HEAD_TIMEOUT_S,  # also closes connections that never send a head
-            shutdown_timeout=SHUTDOWN_TIMEOUT_S,
-        )
-        await self.runner.setup()
-        site = web.TCPSite(self.runner, host, port, backlog=2048)
-        await site.start()
-        return self.runner.addresses[0][1]
-
-    async def stop(self) -> None:
-        if self.runner is not None:
-            await self.runner.cleanup()
-
-    # --- middlewares --------------------------------------------------------------
-
-    @web.middleware
-    async def _guard(
-        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-    ) -> web.StreamResponse:
-        """The connection cap, aiohttp's own refusals (404, 405, 413) in the server's JSON
-        error format, and every /rag answer counted by status."""
-        assert self.runner is not None and self.runner.server is not None
-        cap = self.settings.max_connections
-        if len(self.runner.server._connections) > cap:  # a dict; .connections copies it
-            request.protocol.force_close()
-            response: web.StreamResponse = error(503, f"over {cap} connections; retry later")
+    async def _dispatch(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """A route by path and method (a dict look-up: the proxy's hot path stays short);
+        every answer, an unexpected error's too, in the one error format."""
+        route = self.routes.get(scope["path"])
+        if route is None:
+            response: Response = json_error(404, "Not Found")
+        elif scope["method"] not in route.methods:
+            allow = ", ".join(sorted(route.methods))
+            response = json_error(405, "Method Not Allowed", {"Allow": allow})
         else:
             try:
-                response = await handler(request)
-            except web.HTTPException as exc:
-                response = error(exc.status, self._refusal(exc))
-        if request.path == "/rag":
-            self.metrics.requests.labels(str(response.status)).inc()
-        return response
+                response = await route.handler(Request(scope, receive))
+            except BodyRefused:
+                raise  # BodyLimit answers it
+            except Exception as exc:
+                log.exception("unhandled error on %s", scope["path"])
+                response = json_error(500, f"internal error: {type(exc).__name__}")
+        await response(scope, receive, send)
 
-    def _refusal(self, exc: web.HTTPException) -> str:
-        if exc.status == 413:
-            return f"request body exceeds the limit of {self.settings.max_body_bytes} bytes"
-        return exc.reason
+    async def start(self, host: str, port: int) -> int:
+        """Listen on host:port (0 = a free port); returns the port once it serves."""
+        sock = bind_socket(host, port)
+        config = guarded_config(
+            self.app(),
+            self.guard,
+            lifespan="off",
+            log_level="warning",
+            timeout_graceful_shutdown=SHUTDOWN_TIMEOUT_S,
+        )
+        self.server = server = QuietServer(config)
+        self._serving = asyncio.get_running_loop().create_task(server.serve(sockets=[sock]))
+        while not server.started:
+            if self._serving.done():
+                self._serving.result()  # raises what stopped it
+                raise RuntimeError("the balancer's server stopped while starting")
+            await asyncio.sleep(0.01)
+        return sock.getsockname()[1]
+
+    async def stop(self) -> None:
+        """Stop listening, close idle connections, let forwarded requests finish (bounded)."""
+        if self.server is not None:
+            self.server.should_exit = True
+            assert self._serving is not None
+            await self._serving
 
     # --- routes -------------------------------------------------------------------
 
-    async def ping(self, request: web.Request) -> web.Response:
-        return web.json_response({"status": "alive"})
+    async def ping(self, request: Request) -> Response:
+        return JSONResponse({"status": "alive"})
 
-    async def ready(self, request: web.Request) -> web.Response:
+    async def ready(self, request: Request) -> Response:
         if not self.pool.ready:
-            return error(503, "no replica is ready yet")
-        return web.json_response({"status": "ready", "replicas": len(self.pool.ready)})
+            return json_error(503, "no replica is ready yet")
+        return JSONResponse({"status": "ready", "replicas": len(self.pool.ready)})
 
-    async def prometheus(self, request: web.Request) -> web.Response:
-        return web.Response(
-            body=generate_latest(self.metrics.registry),
-            content_type="text/plain",
-            charset="utf-8",
-        )
+    async def prometheus(self, request: Request) -> Response:
+        return Response(generate_latest(self.metrics.registry), media_type="text/plain")
 
-    async def replicas(self, request: web.Request) -> web.Response:
-        return web.json_response([r.describe() for r in self.pool.replicas.values()])
+    async def replicas(self, request: Request) -> Response:
+        """Every replica; log tails, file paths and process ids only to a local caller or
+        one with the token."""
+        client = request.client.host if request.client else ""
+        private = is_loopback(client) or self._token_problem(request) is None
+        return JSONResponse([r.describe(private) for r in self.pool.replicas.values()])
 
-    async def stats(self, request: web.Request) -> web.Response:
-        return web.json_response(
+    async def stats(self, request: Request) -> Response:
+        return JSONResponse(
             {
                 **self.settings.labels,
                 "replicas_ready": len(self.pool.ready),
@@ -192,22 +268,27 @@ class Balancer:
             }
         )
 
-    async def assign(self, request: web.Request) -> web.Response:
-        """The older two-step design: which replica should the client call itself?"""
+    async def assign(self, request: Request) -> Response:
+        """The older two-step design: the endpoint the client should post its query to."""
         if not self.pool.ready:
-            return error(503, "no replica is ready", {"Retry-After": "1"})
-        return web.json_response({"backend": self.settings.policy.choose(self.pool.ready).url})
+            return json_error(503, "no replica is ready", {"Retry-After": "1"})
+        replica = self.settings.policy.choose(self.pool.ready)
+        return JSONResponse({"backend": str(rag_url(replica.url))})
 
-    async def rag(self, request: web.Request) -> web.Response:
+    async def rag(self, request: Request) -> Response:
         try:
-            async with asyncio.timeout(self.settings.body_timeout_s):
-                body = await request.read()  # counted as it arrives: 413 past client_max_size
-        except TimeoutError:
-            seconds = self.settings.body_timeout_s
-            refusal = error(408, f"the request body did not arrive within {seconds:g} s")
-            refusal.force_close()  # the rest of the body is not waited for
-            return refusal
-        headers = {"Content-Type": request.headers.get("Content-Type", "application/json")}
+            require_json(request.headers.get("content-type"))
+        except NotJSON as exc:
+            return json_error(415, str(exc))
+        try:
+            body = await read_body(request.receive)
+        except ClientDisconnect:
+            return Response(status_code=CLIENT_GONE)
+        headers = {"Content-Type": request.headers["content-type"]}
+        response = await unless_client_leaves(self._route(body, headers), request.receive)
+        return response if response is not None else Response(status_code=CLIENT_GONE)
+
+    async def _route(self, body: bytes, headers: dict[str, str]) -> Response:
         tried: set[Replica] = set()
         for attempt in range(2):
             candidates = [r for r in self.pool.ready if r not in tried]
@@ -220,11 +301,11 @@ class Balancer:
             response = await self._forward(replica, body, headers)
             if response is not None:
                 return response
-        return error(503, "no replica is ready; retry shortly", {"Retry-After": "1"})
+        return json_error(503, "no replica is ready; retry shortly", {"Retry-After": "1"})
 
     async def _forward(
         self, replica: Replica, body: bytes, headers: dict[str, str]
-    ) -> web.Response | None:
+    ) -> Response | None:
         """One hop.  None when the replica refused the connection (the request never
         reached it, so it may go to another)."""
         session = self.pool.session
@@ -238,7 +319,7 @@ class Balancer:
                 if upstream.status >= 500:
                     replica.errors += 1
                 kept = {h: upstream.headers[h] for h in FORWARDED_HEADERS if h in upstream.headers}
-                return web.Response(body=payload, status=upstream.status, headers=kept)
+                return Response(payload, status_code=upstream.status, headers=kept)
         except aiohttp.ClientConnectorError as exc:
             replica.errors += 1
             replica.refused += 1
@@ -247,51 +328,58 @@ class Balancer:
         except TimeoutError:
             replica.errors += 1
             seconds = self.settings.hop_timeout_s
-            return error(504, f"replica {replica.id} did not answer within {seconds:g} s")
+            return json_error(504, f"replica {replica.id} did not answer within {seconds:g} s")
         except aiohttp.ClientError as exc:
             replica.errors += 1
             asyncio.get_running_loop().create_task(self.pool.check(replica))
-            return error(502, f"replica {replica.id} failed mid-request ({type(exc).__name__})")
+            return json_error(
+                502, f"replica {replica.id} failed mid-request ({type(exc).__name__})"
+            )
         finally:
             self.pool.end(replica)
 
     # --- registration ---------------------------------------------------------------
 
-    def _authorised(self, request: web.Request) -> bool:
-        token = self.settings.token
-        return not token or hmac.compare_digest(request.headers.get(TOKEN_HEADER, ""), token)
+    def _token_problem(self, request: Request) -> JSONResponse | None:
+        """None when the request carries the balancer's token; else the 401 or 403."""
+        refusal = token_refusal(request.headers.get(TOKEN_HEADER), self.settings.token)
+        return None if refusal is None else json_error(*refusal)
 
-    async def _registration(
-        self, request: web.Request
-    ) -> tuple[Replica | None, dict, web.Response | None]:
-        if not self._authorised(request):
-            return None, {}, error(403, f"registration needs the balancer's token ({TOKEN_HEADER})")
+    async def _registration(self, request: Request) -> tuple[Replica, dict] | Response:
+        """The replica and the request's JSON, or the refusal."""
+        if (refusal := self._token_problem(request)) is not None:
+            self.metrics.registrations_refused.labels(str(refusal.status_code)).inc()
+            return refusal
         try:
-            data = json.loads(await request.read())
+            require_json(request.headers.get("content-type"))
+            data = parse_json(await request.body())
             replica = self.pool.replicas[str(data["replica"])]
-        except (ValueError, TypeError, KeyError):
-            return None, {}, error(422, 'expected {"replica": <id it was launched as>, "url": ...}')
-        return replica, data, None
+        except NotJSON as exc:
+            return json_error(415, str(exc))
+        except (BadJSON, TypeError, KeyError):
+            return json_error(422, 'expected {"replica": <id it was launched as>, "url": ...}')
+        return replica, data
 
-    async def register(self, request: web.Request) -> web.Response:
+    async def register(self, request: Request) -> Response:
         """A replica this balancer launched reports where it listens."""
-        replica, data, refusal = await self._registration(request)
-        if refusal is not None:
-            return refusal
-        assert replica is not None
-        url = data.get("url")
-        if not isinstance(url, str) or not url.startswith("http://"):
-            return error(422, "url must be http://host:port")
+        found = await self._registration(request)
+        if isinstance(found, Response):
+            return found
+        replica, data = found
+        try:
+            url = replica_address(data.get("url"), self.pool.launcher.expected_host(replica))
+        except ValueError as exc:
+            return json_error(422, str(exc))
         if replica.state is not State.STARTING:
-            return error(409, f"replica {replica.id} is {replica.state.value}")
-        replica.url = url.rstrip("/")  # the health loop takes it from here
-        return web.json_response({"replica": replica.id, "state": replica.state.value})
+            return json_error(409, f"replica {replica.id} is {replica.state.value}")
+        replica.url = url  # the health loop takes it from here
+        return JSONResponse({"replica": replica.id, "state": replica.state.value})
 
-    async def unregister(self, request: web.Request) -> web.Response:
+    async def unregister(self, request: Request) -> Response:
         """A replica leaving of its own accord: drained, then stopped."""
-        replica, _, refusal = await self._registration(request)
-        if refusal is not None:
-            return refusal
-        assert replica is not None
+        found = await self._registration(request)
+        if isinstance(found, Response):
+            return found
+        replica, _ = found
         self.pool.drain(replica)
-        return web.json_response({"replica": replica.id, "state": replica.state.value})
+        return JSONResponse({"replica": replica.id, "state": replica.state.value})

@@ -145,6 +145,9 @@ class LocalLauncher:
         port = read_port(self._port_file(replica))
         return f"http://{self.host}:{port}" if port else None
 
+    def expected_host(self, replica: Replica) -> str | None:
+        return self.host
+
     def exited(self, replica: Replica) -> str | None:
         if replica.handle is None:
             return None  # waiting for room to start in (bounded by the start deadline)

@@ -17,13 +17,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Protocol
 
 import aiohttp
+
+from rag.clock import MONOTONIC, Clock
 
 log = logging.getLogger("rag.cluster")
 
@@ -52,7 +53,7 @@ class Replica:
     errors: int = 0
     rps: float = 0.0  # over the autoscaler's last check interval
     reason: str = ""  # why it stopped or died
-    launched_at: float = field(default_factory=time.monotonic)
+    launched_at: float = 0.0  # on the pool's clock, as ready_at
     ready_at: float | None = None
     handle: Any = field(default=None, repr=False)  # the launcher's own (Popen, submitit job)
     strikes: int = 0
@@ -64,21 +65,23 @@ class Replica:
         """Counts towards the replica count the autoscaler steers (starting ones too)."""
         return self.state in (State.STARTING, State.READY)
 
-    def describe(self) -> dict[str, Any]:
-        return {
+    def describe(self, private: bool = True) -> dict[str, Any]:
+        """What /replicas shows; `private` adds what only the machine's own users may see
+        (the process id, the job, and the reason it ended, which quotes its log)."""
+        public = {
             "id": self.id,
             "url": self.url,
-            "pid": self.pid,
-            "job_id": self.job_id or None,
             "state": self.state.value,
             "in_flight": self.in_flight,
             "requests": self.requests,
             "refused": self.refused,
             "requests_per_s": round(self.rps, 3),
             "errors": self.errors,
-            "reason": self.reason,
             "start_s": round(self.ready_at - self.launched_at, 3) if self.ready_at else None,
         }
+        if not private:
+            return public
+        return {**public, "pid": self.pid, "job_id": self.job_id or None, "reason": self.reason}
 
 
 class Launcher(Protocol):
@@ -87,6 +90,10 @@ class Launcher(Protocol):
     def launch(self, replica: Replica) -> None: ...
 
     def address(self, replica: Replica) -> str | None: ...
+
+    def expected_host(self, replica: Replica) -> str | None:
+        """The host a replica must register from, when the launcher knows it."""
+        ...
 
     def exited(self, replica: Replica) -> str | None: ...
 
@@ -112,21 +119,23 @@ class ReplicaPool:
         health_interval_s: float,
         start_timeout_s: float,
         on_dead: Callable[[Replica], None] = lambda replica: None,
+        clock: Clock = MONOTONIC,
     ) -> None:
         self.launcher = launcher
         self.health_interval_s = health_interval_s
         self.start_timeout_s = start_timeout_s
         self.on_dead = on_dead
+        self.clock = clock
         self.replicas: dict[str, Replica] = {}
         self.ready: list[Replica] = []  # the routable ones, kept current on every change
         self.session: aiohttp.ClientSession | None = None
         self._next_id = 0
         self._in_flight = 0
         self._area = 0.0  # integral of requests in flight over time (request-seconds)
-        self._changed_at = time.monotonic()
+        self._changed_at = clock.now()
         self._requests = 0
         # (time, area, requests, in flight) at the last sample
-        self._sampled = (time.monotonic(), 0.0, 0, 0)
+        self._sampled = (self._changed_at, 0.0, 0, 0)
         self._stopping: set[asyncio.Task] = set()
         # Requests in flight that count as a burst: reaching it wakes the autoscaler at
         # once instead of at its next check (set by the autoscaler after each decision).
@@ -136,7 +145,7 @@ class ReplicaPool:
     # --- load accounting (on every proxied request; kept cheap) ---------------------
 
     def _advance(self) -> None:
-        now = time.monotonic()
+        now = self.clock.now()
         self._area += self._in_flight * (now - self._changed_at)
         self._changed_at = now
 
@@ -183,7 +192,7 @@ class ReplicaPool:
         return sum(1 for r in self.replicas.values() if r.state in states)
 
     def launch(self) -> Replica:
-        replica = Replica(f"r{self._next_id}")
+        replica = Replica(f"r{self._next_id}", launched_at=self.clock.now())
         self._next_id += 1
         self.replicas[replica.id] = replica
         self.launcher.launch(replica)
@@ -195,7 +204,7 @@ class ReplicaPool:
         self.ready = [r for r in self.replicas.values() if r.state is State.READY]
 
     def mark_ready(self, replica: Replica) -> None:
-        replica.ready_at = time.monotonic()
+        replica.ready_at = self.clock.now()
         replica.strikes = 0
         self._set_state(replica, State.READY)
         log.info("replica %s ready at %s", replica.id, replica.url)
@@ -229,7 +238,7 @@ class ReplicaPool:
         if replica.state is State.DRAINING:
             self._set_state(replica, State.READY)
         elif replica.state is State.PARKED:
-            replica.launched_at = time.monotonic()
+            replica.launched_at = self.clock.now()
             self._set_state(replica, State.STARTING)
 
     def _stop(self, replica: Replica, state: State, reason: str) -> None:
@@ -284,7 +293,7 @@ class ReplicaPool:
             self.mark_dead(replica, "its /ready stopped answering 200")
 
     def _check_start_deadline(self, replica: Replica) -> None:
-        if time.monotonic() - replica.launched_at > self.start_timeout_s:
+        if self.clock.now() - replica.launched_at > self.start_timeout_s:
             self.mark_dead(replica, f"not ready within {self.start_timeout_s:g} s")
 
     async def health_loop(self) -> None:

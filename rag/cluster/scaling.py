@@ -39,6 +39,7 @@ from rag.cluster.pool import Launcher, Replica, ReplicaPool, State
 from rag.cluster.process import write_port_file
 from rag.config import Config, ScalingConfig, compose_from_argv
 from rag.storage import scratch_folder
+from rag.web import connection_cap
 
 log = logging.getLogger("rag.cluster")
 
@@ -66,7 +67,6 @@ def replica_overrides(argv: list[str], cfg: Config, replica: Replica) -> list[st
     return [
         *shared,
         f"variant={v.scaling.replica_variant}",
-        f"variant.batched={v.batched}",
         f"variant.max_batch_size={v.max_batch_size}",
         f"variant.max_wait_ms={v.max_wait_ms}",
         f"variant.max_queue={v.max_queue}",
@@ -87,7 +87,8 @@ class ScalingService:
         self.decisions = DecisionLog(run_dir / "autoscaler.csv")
         self.deaths: list[str] = []  # since the last check, for the decision's reason
         self.url = ""  # where replicas reach the balancer, once it listens
-        # Replicas present it to register; the balancer presents it to their admin calls.
+        # Registration always needs it; the launcher hands it to its own replicas, and the
+        # balancer presents it to their admin calls.
         self.token = os.environ.get(TOKEN_ENV) or secrets.token_hex(16)
         self.pool = ReplicaPool(
             self._launcher(argv),
@@ -105,8 +106,10 @@ class ScalingService:
                 # as the server's limit: a query's characters may take 12 bytes each as JSON
                 max_body_bytes=12 * cfg.server.max_query_chars + 1024,
                 body_timeout_s=cfg.server.body_timeout_s,
+                head_timeout_s=cfg.server.head_timeout_s,
                 hop_timeout_s=scaling.hop_timeout_s,
-                max_connections=scaling.max_connections,
+                # each client connection may hold one to a replica too
+                max_connections=connection_cap(scaling.max_connections, files_per_connection=2),
                 token=self.token,
                 labels={
                     "variant": cfg.variant.name,
@@ -179,7 +182,7 @@ class ScalingService:
         """The pool as the autoscaler sees it now, with the load since the last check."""
         sample = self.pool.sample()
         return Observation(
-            now=time.monotonic(),
+            now=self.pool.clock.now(),
             seconds=sample.seconds,
             ongoing=sample.ongoing,
             rps=sample.rps,

@@ -2,7 +2,7 @@
 
 A job runs `serve_replica`: it starts `python -m rag.serve <replica overrides>` on its node,
 waits for the port, and registers `http://<node>:<port>` with the balancer (with the
-balancer's token when it is not on loopback); from then on the balancer's health checks
+balancer's token); from then on the balancer's health checks
 decide when it is ready.  SIGTERM (scancel, scale-down) is passed to the server, which
 drains; a job whose balancer has been unreachable for half a minute (killed before it
 could cancel its jobs) stops itself, so no replica outlives its balancer.  The launcher
@@ -160,6 +160,9 @@ class SlurmLauncher:
 
     def address(self, replica: Replica) -> str | None:
         return None  # the job registers its address itself
+
+    def expected_host(self, replica: Replica) -> str | None:
+        return None  # a job's node is not known here: its token vouches for it
 
     def exited(self, replica: Replica) -> str | None:
         if replica.handle is None:

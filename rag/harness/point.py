@@ -23,6 +23,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from rag.cluster.process import ServerProcess, http_get
+from rag.config import ServerKind, batch_limits
 from rag.harness.environment import point_environment
 from rag.harness.files import (
     FAILURE,
@@ -60,13 +61,14 @@ class Point:
 
     @property
     def external(self) -> bool:
-        return self.cfg.variant.name == "external"
+        return self.cfg.variant.kind is ServerKind.external
 
     def columns(self) -> dict[str, Any]:
         """What identifies the point in every CSV row: the tag, the folder, the main axes,
         and every overridden key with its value."""
         cfg = self.cfg
         variant = cfg.variant
+        max_batch_size, max_wait_ms = batch_limits(variant)
         columns: dict[str, Any] = {
             "tag": cfg.tag,
             "point": self.name,
@@ -75,8 +77,8 @@ class Point:
             "corpus": "external" if self.external else cfg.corpus.name,
             "offered_rps": cfg.load.rps,
             "timing_mode": cfg.load.timing_mode,
-            "max_batch_size": variant.max_batch_size if variant.batched else 1,
-            "max_wait_ms": variant.max_wait_ms if variant.batched else 0.0,
+            "max_batch_size": max_batch_size,
+            "max_wait_ms": max_wait_ms,
         }
         for override in self.overrides:
             key = override.split("=", 1)[0].lstrip("+~")
@@ -153,8 +155,8 @@ def _warm_up(point: Point, url: str) -> None:
     if n <= 0:
         return
     config = replace(
-        point.load_config(url), timing_mode="ideal", rps=1000.0, num_requests=n, duration=0.0,
-        max_in_flight=1, progress=False, tag="",
+        point.load_config(url), timing_mode="ideal", rps=1000.0, concurrency=0, num_requests=n,
+        duration=0.0, max_in_flight=1, progress=False, tag="",
     )  # fmt: skip
     rows, summary = _load(config)
     if summary["ok"] == 0:

@@ -1,4 +1,5 @@
-"""The open-loop load generator: schedules, the sender, statistics, run files, the CLI.
+"""The load generator: schedules, the open-loop and closed-loop senders, statistics, run
+files, the CLI.
 
 Torch-free by design (a test checks it): the client process must stay light.
 """

@@ -17,11 +17,16 @@ class LoadConfig:
 
     target: str = _option("http://127.0.0.1:8000", "service base URL (or the full POST URL)")
     path: str = _option("/rag", "endpoint path appended to a base URL")
-    assign: bool = _option(False, "two-step target: GET <target>/assign -> {backend}, then POST")
-    timing_mode: str = _option("poisson", "ideal | poisson | gamma | trace")
+    assign: bool = _option(False, "two-step: GET <target>/assign -> {backend}, then POST to it")
+    timing_mode: str = _option(
+        "poisson", "ideal | poisson | gamma | trace (open loop) | concurrency (closed loop)"
+    )
     rps: float = _option(10.0, "target requests per second (ideal, poisson, gamma)")
-    num_requests: int = _option(100, "requests in the schedule (0 = as many as fit duration)")
-    duration: float = _option(0.0, "seconds of schedule (0 = no limit)")
+    concurrency: int = _option(
+        0, "closed loop: users, each sending its next request when its answer arrives"
+    )
+    num_requests: int = _option(100, "requests to send (0 = as many as fit duration)")
+    duration: float = _option(0.0, "seconds of schedule, or of a closed loop (0 = no limit)")
     burstiness: float = _option(1.0, "gamma shape: 1 = poisson, <1 burstier, >1 more regular")
     trace: str = _option(
         "", "timestamps file for timing_mode=trace, or a saved schedule.csv (times and queries)"

@@ -1,6 +1,7 @@
 """One load run in four steps a sweep can also call one by one: `plan` (check the settings,
-build the schedule, record the environment), `send` (open loop, one row per request),
-`summarise_run` and `write_run`.  `run_load` does all four.
+build the schedule, record the environment), `send` (the open loop, or the closed loop of
+`timing_mode=concurrency`; one row per request), `summarise_run` and `write_run`.
+`run_load` does all four.
 
 HTTP only: nothing here imports model code, so a client process stays light.
 """
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import signal
 import sys
 import threading
@@ -17,9 +19,18 @@ from typing import Any
 
 import numpy as np
 
+from rag.loadgen.closed_loop import ClosedLoopSender
 from rag.loadgen.config import LoadConfig
 from rag.loadgen.files import environment, output_paths
-from rag.loadgen.schedule import Schedule, build_schedule, load_queries, write_schedule
+from rag.loadgen.schedule import (
+    CLOSED_LOOP,
+    TIMING_MODES,
+    Schedule,
+    build_schedule,
+    load_queries,
+    query_draw,
+    write_schedule,
+)
 from rag.loadgen.sender import ROW_COLUMNS, Sender
 from rag.loadgen.stats import summarise
 from rag.storage import write_csv, write_json
@@ -31,15 +42,29 @@ PROGRESS_LOG_S = 10.0  # between progress lines when nobody watches a terminal
 
 @dataclass(frozen=True)
 class Plan:
-    """What is fixed before the first request: the settings, the schedule, and the
-    environment at the start (it becomes meta.json)."""
+    """What is fixed before the first request: the settings, the schedule (a closed loop
+    has none: its queries are drawn as its users send), and the environment at the start
+    (it becomes meta.json)."""
 
     config: LoadConfig
-    schedule: Schedule
+    schedule: Schedule | None
     meta: dict[str, Any]
+
+    @property
+    def closed_loop(self) -> bool:
+        return self.schedule is None
 
 
 def _check(config: LoadConfig) -> None:
+    modes = (*TIMING_MODES, CLOSED_LOOP)
+    if config.timing_mode not in modes:
+        raise ValueError(f"timing_mode must be one of {modes}, not {config.timing_mode!r}")
+    if (config.timing_mode == CLOSED_LOOP) != (config.concurrency > 0):
+        raise ValueError("timing_mode=concurrency goes with concurrency >= 1, and only it")
+    if config.timing_mode == CLOSED_LOOP and config.max_in_flight:
+        raise ValueError("a closed loop's concurrency is its cap: leave max_in_flight at 0")
+    if config.timing_mode == CLOSED_LOOP and config.num_requests <= 0 and config.duration <= 0:
+        raise ValueError("give num_requests or duration (or both)")
     if config.timeout <= 0:
         raise ValueError("timeout must be > 0")
     if config.max_in_flight < 0:
@@ -51,6 +76,9 @@ def _check(config: LoadConfig) -> None:
 def plan(config: LoadConfig) -> Plan:
     """Check the settings and build the schedule (ValueError or OSError when they are bad)."""
     _check(config)
+    if config.timing_mode == CLOSED_LOOP:
+        load_queries(config.queries)  # a bad query file fails here, not in the run
+        return Plan(config, None, environment(asdict(config), config.num_requests, math.nan))
     schedule = build_schedule(
         config.timing_mode,
         config.rps,
@@ -66,10 +94,31 @@ def plan(config: LoadConfig) -> Plan:
 
 def _progress_line(sender: Sender) -> str:
     p50 = f"{np.median(sender.recent) * 1e3:.1f} ms" if sender.recent else "-"
+    planned = f"/{sender.planned}" if sender.planned else ""
     return (
-        f"sent {sender.launched}/{len(sender.rows)}  ok {sender.succeeded}"
-        f"  failed {sender.failed}  p50 {p50}"
+        f"sent {sender.launched}{planned}  ok {sender.succeeded}  failed {sender.failed}  p50 {p50}"
     )
+
+
+def _sender(run: Plan) -> Sender:
+    config = run.config
+    options: dict[str, Any] = dict(
+        path=config.path,
+        k=config.k,
+        assign=config.assign,
+        timeout=config.timeout,
+        stop_grace=config.stop_grace,
+    )
+    if run.schedule is None:
+        return ClosedLoopSender(
+            query_draw(config.seed, load_queries(config.queries)),
+            config.target,
+            concurrency=config.concurrency,
+            num_requests=config.num_requests,
+            duration=config.duration,
+            **options,
+        )
+    return Sender(run.schedule, config.target, max_in_flight=config.max_in_flight, **options)
 
 
 async def _show_progress(sender: Sender, on_terminal: bool) -> None:
@@ -85,19 +134,10 @@ async def _show_progress(sender: Sender, on_terminal: bool) -> None:
 
 
 async def send(run: Plan, stop: asyncio.Event | None = None) -> tuple[Rows, bool]:
-    """Send the schedule open-loop: (one row per scheduled request, whether `stop` ended
-    the run early, as Ctrl-C does)."""
+    """Send the schedule open-loop, or run the closed loop's users: (one row per scheduled
+    or sent request, whether `stop` ended the run early, as Ctrl-C does)."""
     config = run.config
-    sender = Sender(
-        run.schedule,
-        config.target,
-        path=config.path,
-        k=config.k,
-        assign=config.assign,
-        timeout=config.timeout,
-        max_in_flight=config.max_in_flight,
-        stop_grace=config.stop_grace,
-    )
+    sender = _sender(run)
     on_terminal = sys.stderr.isatty()
     show = asyncio.ensure_future(_show_progress(sender, on_terminal)) if config.progress else None
     try:
@@ -114,21 +154,28 @@ async def send(run: Plan, stop: asyncio.Event | None = None) -> tuple[Rows, bool
 
 
 def summarise_run(run: Plan, rows: Rows, interrupted: bool) -> dict[str, Any]:
-    """The run's settings and statistics as one flat row (summary.csv)."""
+    """The run's settings and statistics as one flat row (summary.csv).  A closed loop
+    has no target or schedule rate (NaN), and its latency runs from each send."""
     config = run.config
-    target_rps = config.rps if config.timing_mode != "trace" else run.schedule.rate
+    if run.schedule is None:
+        schedule_rps = target_rps = math.nan
+    else:
+        schedule_rps = run.schedule.rate
+        target_rps = config.rps if config.timing_mode != "trace" else schedule_rps
     return {
         "tag": config.tag,
         "start_time": run.meta["start_time"],
         "target": config.target,
         "assign": config.assign,
+        "loop": "closed" if run.closed_loop else "open",
         "timing_mode": config.timing_mode,
+        "concurrency": config.concurrency,
         "burstiness": config.burstiness,
         "seed": config.seed,
         "k": config.k,
         "max_in_flight": config.max_in_flight,
         "timeout_s": config.timeout,
-        **summarise(rows, run.schedule.rate, target_rps, interrupted),
+        **summarise(rows, schedule_rps, target_rps, interrupted),
     }
 
 
@@ -139,9 +186,11 @@ def _columns(rows: Rows) -> list[str]:
 
 
 def write_run(run: Plan, out: str, rows: Rows, summary: dict[str, Any]) -> None:
-    """requests.csv at `out`, and summary.csv, schedule.csv and meta.json beside it."""
+    """requests.csv at `out`, and summary.csv, schedule.csv (an open loop's) and
+    meta.json beside it."""
     paths = output_paths(out)
-    write_schedule(run.schedule, paths["schedule"])
+    if run.schedule is not None:
+        write_schedule(run.schedule, paths["schedule"])
     write_json(paths["meta"], run.meta)
     write_csv(paths["requests"], rows, _columns(rows))
     write_csv(paths["summary"], [summary], list(summary))

@@ -2,12 +2,15 @@
 
 A schedule is computed up front from the seed, so a run can be repeated exactly, saved next
 to its results, and replayed later.  Offsets are seconds from the run's start; the first
-request is at offset 0.
+request is at offset 0.  A closed loop has no schedule, only the same seeded draw of
+queries, taken one request at a time.
 """
 
 from __future__ import annotations
 
 import csv
+import itertools
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,7 +18,8 @@ import numpy as np
 
 from rag.storage import write_csv
 
-TIMING_MODES = ("ideal", "poisson", "gamma", "trace")
+TIMING_MODES = ("ideal", "poisson", "gamma", "trace")  # the open loop's schedules
+CLOSED_LOOP = "concurrency"  # the timing mode of the closed loop: users, not a schedule
 BUILTIN_QUERIES = Path(__file__).resolve().parent.parent / "data" / "queries.txt"
 
 
@@ -141,6 +145,21 @@ def load_queries(path: str = "") -> list[str]:
     return queries
 
 
+def _streams(seed: int) -> tuple[np.random.SeedSequence, np.random.SeedSequence]:
+    """Independent seeds for the timing and the queries, so that changing the query list
+    never changes the timing."""
+    timing, queries = np.random.SeedSequence(seed).spawn(2)
+    return timing, queries
+
+
+def query_draw(seed: int, queries: list[str]) -> Iterator[str]:
+    """The seeded draw of queries, one per request in order, without end: a schedule takes
+    as many as it has offsets, a closed loop one per request it sends."""
+    rng = np.random.default_rng(_streams(seed)[1])
+    while True:
+        yield queries[int(rng.integers(len(queries)))]
+
+
 def build_schedule(
     timing_mode: str,
     rps: float = 0.0,
@@ -151,19 +170,16 @@ def build_schedule(
     trace: str = "",
     queries: list[str] | None = None,
 ) -> Schedule:
-    """Offsets and a seeded draw of queries, from independent streams so that changing the
-    query list never changes the timing.  A trace that carries its queries (a saved
+    """Offsets and the seeded draw of queries.  A trace that carries its queries (a saved
     schedule.csv) replays them, in its order, instead of a draw."""
-    timing_seed, query_seed = np.random.SeedSequence(seed).spawn(2)
     offsets = arrival_offsets(
-        timing_mode, rps, num_requests, duration, timing_seed, burstiness, trace
+        timing_mode, rps, num_requests, duration, _streams(seed)[0], burstiness, trace
     )
     saved = read_trace(trace)[1] if timing_mode == "trace" else None
     if saved is not None:
         return Schedule(offsets=offsets, queries=saved[: len(offsets)])
-    pool = queries if queries is not None else load_queries()
-    picks = np.random.default_rng(query_seed).integers(len(pool), size=len(offsets))
-    return Schedule(offsets=offsets, queries=[pool[i] for i in picks])
+    draw = query_draw(seed, queries if queries is not None else load_queries())
+    return Schedule(offsets=offsets, queries=list(itertools.islice(draw, len(offsets))))
 
 
 def write_schedule(schedule: Schedule, path: Path) -> None:

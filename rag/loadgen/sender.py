@@ -44,6 +44,22 @@ ROW_COLUMNS = (
 )
 
 
+class NotRetried(aiohttp.ClientConnectionError):
+    """A connection failure of an idempotent request, which aiohttp would otherwise retry
+    once on a fresh connection; a measuring client never retries.  `__cause__` is the
+    original error."""
+
+
+async def _never_retry(
+    request: aiohttp.ClientRequest, handler: aiohttp.ClientHandlerType
+) -> aiohttp.ClientResponse:
+    """Client middleware: turn the failures aiohttp retries into NotRetried."""
+    try:
+        return await handler(request)
+    except (aiohttp.ClientOSError, aiohttp.ServerDisconnectedError) as exc:
+        raise NotRetried(str(exc)) from exc
+
+
 class _Failed(Exception):
     """A response that arrived but is not a success, already classified."""
 
@@ -75,7 +91,9 @@ def _parse(status: int, payload: bytes, required: str) -> dict[str, Any]:
     return data
 
 
-def _error_class(exc: Exception) -> str:
+def _error_class(exc: BaseException) -> str:
+    if isinstance(exc, NotRetried) and exc.__cause__ is not None:
+        return _error_class(exc.__cause__)
     if isinstance(exc, TimeoutError):
         return "timeout"
     if isinstance(exc, aiohttp.ClientOSError) and exc.errno in CLIENT_OS_ERRORS:
@@ -85,6 +103,16 @@ def _error_class(exc: Exception) -> str:
     if isinstance(exc, aiohttp.ClientPayloadError | aiohttp.ClientResponseError):
         return "bad_body"
     return "client"
+
+
+def new_row(request_id: int, query: str, scheduled_s: float) -> dict[str, Any]:
+    """A request's row before it is sent: every column, its own filled in."""
+    return {
+        **dict.fromkeys(ROW_COLUMNS),
+        "request_id": request_id,
+        "query": query,
+        "scheduled_s": scheduled_s,
+    }
 
 
 def _server_fields(row: dict[str, Any], data: dict[str, Any]) -> None:
@@ -102,8 +130,9 @@ class Sender:
     """Sends one schedule to one target and fills `rows`, one per scheduled request.
 
     With `assign`, each request first asks `GET <target>/assign` for a backend (the older
-    two-step load balancer) and then posts there.  `max_in_flight` > 0 caps concurrency;
-    the wait for a slot delays the send and so shows as send lag and latency.
+    two-step load balancer) and then posts to exactly the URL it was given.
+    `max_in_flight` > 0 caps concurrency; the wait for a slot delays the send and so shows
+    as send lag and latency.
     """
 
     def __init__(
@@ -119,15 +148,15 @@ class Sender:
         stop_grace: float = 5.0,
     ) -> None:
         self.offsets = schedule.offsets
-        bodies = {q: json.dumps({"query": q, "k": k}).encode() for q in set(schedule.queries)}
-        self.bodies = [bodies[q] for q in schedule.queries]
+        self.k = k
+        self._encoded: dict[str, bytes] = {}
+        self.bodies = [self.body(q) for q in schedule.queries]
         self.rows: list[dict[str, Any]] = [
-            {**dict.fromkeys(ROW_COLUMNS), "request_id": i, "query": q, "scheduled_s": float(t)}
+            new_row(i, q, float(t))
             for i, (t, q) in enumerate(zip(schedule.offsets, schedule.queries, strict=True))
         ]
         self.url = endpoint(target, path)
         self.assign_url = endpoint(target, "/assign") if assign else None
-        self.path = path
         self.timeout = timeout
         self.stop_grace = stop_grace
         self.slot: Any = (
@@ -142,6 +171,17 @@ class Sender:
         self.recent: deque[float] = deque(maxlen=1000)  # latest latencies, for progress
         self.session: aiohttp.ClientSession
 
+    @property
+    def planned(self) -> int | None:
+        """Requests the run will send, when known before it ends."""
+        return len(self.rows)
+
+    def body(self, query: str) -> bytes:
+        """The JSON request body for `query` (encoded once per distinct query)."""
+        if query not in self._encoded:
+            self._encoded[query] = json.dumps({"query": query, "k": self.k}).encode()
+        return self._encoded[query]
+
     async def run(self, stop: asyncio.Event) -> bool:
         """Send the whole schedule (until `stop`), wait for what is in flight, then derive
         each row's intervals; True when stopped early."""
@@ -151,9 +191,6 @@ class Sender:
             cookie_jar=aiohttp.DummyCookieJar(),
             timeout=aiohttp.ClientTimeout(total=None),  # our own per-request timeout
         ) as self.session:
-            # aiohttp retries an idempotent request (the GET /assign) once on a stale
-            # keep-alive connection; a measuring client never retries.
-            self.session._retry_connection = False
             pending: set[asyncio.Task[None]] = set()
             gc.freeze()  # the rows are long-lived: keep collections from scanning them
             try:
@@ -222,13 +259,15 @@ class Sender:
             async with asyncio.timeout(self.timeout):
                 url = self.url
                 if self.assign_url is not None:
-                    async with session.get(self.assign_url, allow_redirects=False) as resp:
+                    async with session.get(
+                        self.assign_url, allow_redirects=False, middlewares=(_never_retry,)
+                    ) as resp:
                         payload = await resp.read()
                     row["status"] = resp.status
                     row["backend"] = backend = str(
                         _parse(resp.status, payload, "backend")["backend"]
                     )
-                    url = endpoint(backend, self.path)
+                    url = URL(backend)
                 async with session.post(
                     url, data=body, headers=JSON_HEADERS, allow_redirects=False
                 ) as resp:

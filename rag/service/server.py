@@ -1,4 +1,5 @@
-"""One server process: `python -m rag.serve variant=base|batched port=... model=...`.
+"""One server process: `python -m rag.serve variant=base|batched|continuous port=...`, as
+started by hand, by the sweep for a point, or by the scaling variant for a replica.
 
 The port is bound before uvicorn starts (so port 0 yields a known free port, written to
 `port_file` for a launching parent), and SIGTERM drains before the process exits.
@@ -9,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-import socket
 import sys
 from contextlib import suppress
 from typing import Any
@@ -19,6 +19,7 @@ import uvicorn
 from rag.cluster.process import write_port_file
 from rag.config import Config, compose_from_argv
 from rag.service.app import ServerState, create_app
+from rag.web import bind_socket, guarded_config
 
 
 class DrainingServer(uvicorn.Server):
@@ -39,15 +40,6 @@ class DrainingServer(uvicorn.Server):
         )
 
 
-def bind_socket(host: str, port: int) -> socket.socket:
-    """Bind before starting uvicorn so that port 0 yields a known free port."""
-    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
-    sock.listen(2048)
-    return sock
-
-
 def main(argv: list[str] | None = None) -> int:
     cfg: Config = compose_from_argv(argv)  # type: ignore[assignment]
     logging.basicConfig(level=cfg.server.log_level.upper())
@@ -60,13 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     port = sock.getsockname()[1]
     server = DrainingServer(
-        uvicorn.Config(
-            app,
-            http=state.connections.protocol(),
-            log_level=cfg.server.log_level,
-            access_log=False,
-            lifespan="on",
-        ),
+        guarded_config(app, state.connections, log_level=cfg.server.log_level, lifespan="on"),
         state,
     )
     state.on_fatal = lambda: setattr(server, "should_exit", True)

@@ -1,5 +1,8 @@
 """What the HTTP handlers of one server share: the pipeline once loaded, its batcher, the
-lifecycle (loading, ready, draining) and the metrics."""
+lifecycle (loading, ready, draining) and the metrics.
+
+The server process (rag.service.server) makes one; the handlers (rag.service.app) reach the
+pipeline only through the batcher it picks for the variant's kind."""
 
 from __future__ import annotations
 
@@ -14,11 +17,11 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from rag.cluster.admin import TOKEN_ENV
-from rag.config import Config
+from rag.config import Config, ServerKind, batch_limits
 from rag.service.batching import Batcher, BatchRecord, Draining
 from rag.service.metrics import ServerMetrics
 from rag.service.validation import QueryLimits
-from rag.web import ConnectionGuard
+from rag.web import ConnectionGuard, connection_cap
 
 if TYPE_CHECKING:
     from rag.service.continuous import ContinuousBatcher
@@ -52,14 +55,15 @@ class ServerState:
     tasks: set[asyncio.Task] = field(default_factory=set)
     # All model work (loading, warm-up, batches) runs on this one thread: torch's OpenMP
     # pool belongs to the thread that first used it, and from any other thread the same
-    # batch ran 1.6x slower here (0.81 s vs 1.28 s for one SmolLM2 request in bf16).
+    # batch runs markedly slower.
     compute: ThreadPoolExecutor = field(
         default_factory=lambda: ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute")
     )
 
     def __post_init__(self) -> None:
         server = self.cfg.server
-        self.connections = ConnectionGuard(server.max_connections, server.head_timeout_s)
+        cap = connection_cap(server.max_connections, files_per_connection=1)
+        self.connections = ConnectionGuard(cap, server.head_timeout_s)
         self.metrics = ServerMetrics(
             queue_depth=lambda: self.batcher.depth if self.batcher else 0,
             dropped=lambda: self.batcher.dropped + self.batcher.expired if self.batcher else 0,
@@ -129,10 +133,10 @@ class ServerState:
         return self.torch_threads
 
     def _batcher_for(self, pipeline: RAGPipeline) -> Batcher | ContinuousBatcher:
-        """The variant's way into the pipeline: whole batches, or the engine's running
-        batch (continuous)."""
+        """The variant's way into the pipeline: whole batches (of one, one at a time), or
+        the engine's running batch (continuous)."""
         variant = self.cfg.variant
-        if variant.continuous:
+        if variant.kind is ServerKind.continuous:
             from rag.service.continuous import ContinuousBatcher  # the pipeline's imports
 
             return ContinuousBatcher(
@@ -142,10 +146,11 @@ class ServerState:
                 self.compute,
                 on_step=self._record_batch,
             )
+        max_batch_size, max_wait_ms = batch_limits(variant)
         return Batcher(
             lambda items: pipeline.answer_batch([q for q, _ in items], [k for _, k in items]),
-            max_batch_size=variant.max_batch_size if variant.batched else 1,
-            max_wait_s=variant.max_wait_ms / 1e3 if variant.batched else 0.0,
+            max_batch_size=max_batch_size,
+            max_wait_s=max_wait_ms / 1e3,
             max_queue=variant.max_queue,
             on_batch=self._record_batch,
             executor=self.compute,

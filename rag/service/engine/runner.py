@@ -15,8 +15,10 @@ from transformers import PreTrainedModel
 
 from rag.service.engine.forward import Forward
 from rag.service.engine.slots import SlotCache, StepPlan, causal_mask
+from rag.service.engine.static import StaticDecode
 
 SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+DECODE_STEPS = ("dynamic", "static", "graphs")
 
 
 class UnsupportedModel(ValueError):
@@ -37,17 +39,29 @@ def check_supported(model: PreTrainedModel) -> None:
 class SlotModel:
     """A causal LM whose keys and values live in `slots` fixed slots of `positions`.
 
-    Build it after any change to the model's linear layers (4-bit decode): its forward
-    pass concatenates their weights."""
+    A decode-only step is `decode`: `dynamic` (shaped by its rows and their longest
+    position), `static` (padded to fixed shapes, `StaticDecode`) or `graphs` (the static
+    step replayed from CUDA graphs); a step that prefills is always dynamic.  Build it after
+    any change to the model's linear layers (4-bit decode): its forward pass concatenates
+    their weights."""
 
-    def __init__(self, model: PreTrainedModel, slots: int, positions: int) -> None:
+    def __init__(
+        self, model: PreTrainedModel, slots: int, positions: int, decode: str = "dynamic"
+    ) -> None:
+        if decode not in DECODE_STEPS:
+            raise ValueError(f"decode step {decode!r} is not one of {', '.join(DECODE_STEPS)}")
         check_supported(model)
+        self.decode_step = decode
         config = model.config
         head_dim = getattr(config, "head_dim", None) or (
             config.hidden_size // config.num_attention_heads
         )
         self.model = model
         self.device = model.device
+        # Prompt attention as `eager_attention` under an explicit mask: the CPU's fast path;
+        # elsewhere SDPA's kernels are faster, but torch's FLOP counter cannot follow their
+        # causal bias, so counting FLOPs on a GPU turns this on.
+        self.masked_prompts = self.device.type == "cpu"
         self.cache = SlotCache(
             config.num_hidden_layers,
             slots,
@@ -58,9 +72,19 @@ class SlotModel:
             model.device,
         )
         self.forward = Forward(model, self.cache)
+        self.static = (
+            StaticDecode(self.forward, self.cache, graphs=decode == "graphs")
+            if decode != "dynamic"
+            else None
+        )
 
     def _long(self, values: Sequence[int]) -> torch.Tensor:
-        return torch.tensor(values, dtype=torch.long, device=self.device)
+        host = torch.tensor(values, dtype=torch.long)
+        if self.device.type == "cpu":
+            return host
+        # Copied from pinned memory, the step's inputs are queued behind the work before
+        # them rather than waited for.
+        return host.pin_memory().to(self.device, non_blocking=True)
 
     def prefill(self, prompts: Sequence[tuple[int, Sequence[int], int]]) -> torch.Tensor:
         """The logits [prompts, vocab] of each prompt's last token (see `step`)."""
@@ -84,6 +108,8 @@ class SlotModel:
 
         Prompts and rows share each matmul: a row costs a few more of the prompt's
         compute-bound rows instead of a step of its own reading every weight."""
+        if not prompts and self.static is not None:
+            return self.static(last_tokens, positions)
         tokens: list[int] = []
         slot_of_token: list[int] = []
         position_of_token: list[int] = []
@@ -110,7 +136,11 @@ class SlotModel:
         )
         plan = StepPlan(
             self._long(slot_of_token), self._long(position_of_token), tuple(spans),
-            tuple(causal_mask(count, past, self.device) for _, _, count, past in spans),
+            tuple(self._prompt_mask(count, past) for _, _, count, past in spans),
             rows, span, mask, keys, values,
         )  # fmt: skip
         return self.forward(self._long(tokens), plan, self._long(last))
+
+    def _prompt_mask(self, count: int, past: int) -> torch.Tensor | None:
+        """Masked prompt attention takes a mask; SDPA knows the causal shape itself."""
+        return causal_mask(count, past, self.device) if self.masked_prompts else None

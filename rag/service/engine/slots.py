@@ -16,23 +16,25 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
 
 
 @dataclass(frozen=True)
 class StepPlan:
     """The tokens of one forward pass, packed in one row: first the prompts being prefilled
     (`spans`: slot, first packed token, count, positions already in the slot from a reused
-    prefix; `span_masks`: each one's `causal_mask`), then one token for each of slots
-    0..rows-1 being decoded.  Each token's keys go to (`slot_of_token`,
-    `position_of_token`).  A decoded row attends to its slot's first position + 1 keys
-    (`mask`: [rows, 1, 1, span]; None when every row sees all `span`), read through
-    `decode_keys` and `decode_values` ([layers, rows, kv_heads, span, head_dim] views of the
-    cache, taken once per step rather than once per layer)."""
+    prefix; `span_masks`: each one's `causal_mask` on the CPU, None elsewhere), then one
+    token for each of slots 0..rows-1 being decoded.  Each token's keys go to
+    (`slot_of_token`, `position_of_token`).  A decoded row attends to its slot's first
+    position + 1 keys (`mask`: [rows, 1, 1, span], boolean or additive; None when every
+    row sees all `span`), read through `decode_keys` and `decode_values` ([layers, rows,
+    kv_heads, span, head_dim] views of the cache, taken once per step rather than once per
+    layer)."""
 
     slot_of_token: torch.Tensor
     position_of_token: torch.Tensor
     spans: tuple[tuple[int, int, int, int], ...]
-    span_masks: tuple[torch.Tensor, ...]
+    span_masks: tuple[torch.Tensor | None, ...]
     rows: int
     span: int
     mask: torch.Tensor | None
@@ -122,14 +124,19 @@ def causal_mask(count: int, past: int, device: torch.device) -> torch.Tensor:
 
 
 def prompt_attention(
-    query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, scale: float
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    mask: torch.Tensor | None,
+    scale: float,
 ) -> torch.Tensor:
     """A prompt's queries [count, heads, head_dim] over its slot's keys and values [past +
-    count, kv_heads, head_dim] under its `causal_mask`; [count, heads, head_dim].  On the
-    CPU `eager_attention`, elsewhere SDPA, whose GPU kernels are the fast ones."""
-    if query.device.type == "cpu":
+    count, kv_heads, head_dim], each token seeing the reused positions and the prompt up to
+    itself; [count, heads, head_dim].  On the CPU `eager_attention` under its
+    `causal_mask`, elsewhere `sdpa_attention`, whose GPU kernels are the fast ones."""
+    if mask is not None:
         return eager_attention(query, keys, values, mask, scale)
-    return sdpa_attention(query, keys, values, mask, scale)
+    return sdpa_attention(query, keys, values, scale)
 
 
 def eager_attention(
@@ -150,13 +157,14 @@ def eager_attention(
 
 
 def sdpa_attention(
-    query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, scale: float
+    query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float
 ) -> torch.Tensor:
-    """`eager_attention`'s result through torch's scaled_dot_product_attention."""
+    """`eager_attention`'s result through torch's scaled_dot_product_attention.  The causal
+    shape is given as a bias aligned to the last key (the prompt follows the reused
+    positions), not as a mask tensor, so that a GPU runs the flash kernel."""
     q, k, v = (t.transpose(0, 1)[None] for t in (query, keys, values))
-    out = F.scaled_dot_product_attention(
-        q, k, v, attn_mask=mask.to(q.dtype), scale=scale, enable_gqa=True
-    )
+    causal = causal_lower_right(query.shape[0], keys.shape[0])
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=causal, scale=scale, enable_gqa=True)
     return out[0].transpose(0, 1)
 
 
