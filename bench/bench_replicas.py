@@ -1,7 +1,7 @@
 """Do replicas add throughput?  The scaling variant with N = 1, 2, 4 fixed replicas of the
 simulated model, saturated, side by side in one run.
 
-    flock -x /tmp/ragbench-cpu.lock .venv/bin/python bench/bench_replicas.py [--check]
+    ragbench-bench .venv/bin/python bench/bench_replicas.py [--check]
 
 `model=simulated` replicas sleep for a cost model's time (default 200 ms + 50 ms per
 request per batch, batches up to 20) instead of computing, so on two cores this measures

@@ -74,6 +74,9 @@ class SimulatedCost:
     generate_fixed_ms: float = 200.0
     generate_per_query_ms: float = 50.0
     fitted_from: str = ""  # the bench record the numbers were fitted to ("" = set by hand)
+    # A file that replicas sharing one simulated device lock while they compute, so they
+    # divide its time instead of adding their own ("" = a device for each replica).
+    device_lock: str = ""
 
 
 @dataclass
@@ -142,7 +145,11 @@ class ScalingConfig:
     carry (Knative's panic mode: no scale-down until `stable_window_s` without panic).
     Scale-down takes the highest recommendation of the last `downscale_delay_s` (Kubernetes
     HPA's stabilisation window) and waits that long after any change.  Starting replicas
-    count as capacity, so a burst is not answered twice.
+    count as capacity, so a burst is not answered twice.  After a scale-up has settled
+    (`gain_settle_s`), the pool's served rate over `gain_window_s` is compared with the rate
+    before it: replicas that added under `gain_share` of one replica's rate each while the
+    queue grew are taken back, and scale-ups above that count are held for
+    `saturation_cooldown_s` (rag/cluster/gain.py).
     """
 
     replica_variant: str = "batched"  # what each replica runs: batched | continuous
@@ -156,6 +163,10 @@ class ScalingConfig:
     panic_threshold: float = 2.0
     upscale_delay_s: float = 5.0
     downscale_delay_s: float = 30.0
+    gain_share: float = 0.25  # a replica adding less of one replica's rate is no gain (0: off)
+    gain_settle_s: float = 5.0  # after a scale-up's replicas are ready, before measuring
+    gain_window_s: float = 10.0  # the served rate is measured over this
+    saturation_cooldown_s: float = 120.0  # scale-ups above a knee held this long (doubling)
     policy: str = "least_outstanding"  # least_outstanding | round_robin | power_of_two
     launcher: str = "local"  # local | slurm
     health_interval_s: float = 0.5
@@ -176,7 +187,7 @@ class SlurmReplicaConfig:
     partition: str | None = None
     account: str | None = None
     qos: str | None = None
-    gres: str = "gpu:1"
+    gres: str = "gpu:1"  # "": no generic resource (CPU replicas)
     cpus_per_task: int = 4
     mem_gb: int = 16
     time_min: int = 120

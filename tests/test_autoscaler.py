@@ -1,4 +1,5 @@
-"""The autoscaler's rules and the balancer's policies, on known loads and counters."""
+"""The autoscaler's load rules (what a scale-up bought is off here: tests/test_gain.py
+has it) and the balancer's policies, on known loads and counters."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from dataclasses import dataclass, replace
 import pytest
 
 from rag.cluster.autoscaler import DECISION_COLUMNS, Autoscaler, DecisionLog
+from rag.cluster.observation import Observation
 from rag.cluster.policies import LeastOutstanding, PowerOfTwo, RoundRobin, make_policy
 from rag.config import ScalingConfig
 
@@ -23,7 +25,13 @@ CFG = ScalingConfig(
     panic_threshold=2.0,
     upscale_delay_s=4,
     downscale_delay_s=8,
+    gain_share=0.0,
 )
+
+
+def load(now: float, ongoing: float, ready: int, starting: int = 0, **more) -> Observation:
+    """One check's observation over the last second."""
+    return Observation(now, 1.0, ongoing, more.pop("rps", 0.0), ready, starting, **more)
 
 
 class Pool:
@@ -42,7 +50,9 @@ class Pool:
         self.now += 1
         self.ready += sum(1 for t in self.starting if t <= self.now)
         self.starting = [t for t in self.starting if t > self.now]
-        decision = self.scaler.decide(self.now, ongoing, rps, 1.0, self.ready, len(self.starting))
+        decision = self.scaler.decide(
+            load(self.now, ongoing, self.ready, len(self.starting), rps=rps)
+        )
         change = decision.replicas - self.ready - len(self.starting)
         self.starting += [self.now + self.start_s] * max(0, change)
         for _ in range(max(0, -change)):
@@ -112,9 +122,9 @@ def test_request_rate_target_sizes_the_pool_when_it_asks_for_more():
 
 def test_replaces_a_dead_replica_below_min_and_respects_max():
     scaler = Autoscaler(replace(CFG, min_replicas=2, max_replicas=3))
-    decision = scaler.decide(1.0, 0.0, 0.0, 1.0, ready=1, starting=0)  # one of two died
+    decision = scaler.decide(load(1.0, 0.0, ready=1))  # one of two died
     assert decision.replicas == 2 and "min_replicas" in decision.reason
-    decision = scaler.decide(2.0, 100.0, 0.0, 1.0, ready=2, starting=0)
+    decision = scaler.decide(load(2.0, 100.0, ready=2))
     assert decision.replicas == 3
 
 
@@ -132,8 +142,8 @@ def test_decision_log_rows_are_complete_after_every_write(tmp_path):
     log = DecisionLog(path)
     scaler = Autoscaler(CFG)
     for second in range(1, 4):
-        decision = scaler.decide(float(second), 30.0, 5.0, 1.0, ready=1, starting=0)
-        log.record(decision, 30.0, 5.0, ready=1, starting=0, now=log.started + second)
+        decision = scaler.decide(load(float(second), 30.0, ready=1, rps=5.0))
+        log.record(decision, load(log.started + second, 30.0, ready=1, rps=5.0))
         rows = list(csv.DictReader(path.open()))
         assert len(rows) == second and all(len(r) == len(DECISION_COLUMNS) for r in rows)
     assert rows[0]["replicas_before"] == "1" and int(rows[0]["replicas_after"]) > 1
@@ -162,9 +172,9 @@ def test_policies_choose_from_known_in_flight_counts():
 def test_requests_in_flight_now_reveal_a_step_before_the_window_mean_does():
     scaler = Autoscaler(CFG)
     for second in range(1, 6):
-        scaler.decide(float(second), 2.0, 0.0, 1.0, ready=1, starting=0, in_flight=2)
+        scaler.decide(load(float(second), 2.0, ready=1, in_flight=2))
     assert scaler.burst_level(1) == CFG.panic_threshold * CFG.target_ongoing_requests
     # 0.2 s into a step the interval's mean has barely moved, but 12 are in flight.
-    decision = scaler.decide(5.2, 3.0, 0.0, 0.2, ready=1, starting=0, in_flight=12)
+    decision = scaler.decide(Observation(5.2, 0.2, 3.0, 0.0, ready=1, in_flight=12))
     assert decision.panic and decision.replicas == 3
     assert scaler.burst_level(CFG.max_replicas) == float("inf")  # nothing left to add

@@ -38,9 +38,11 @@ TORCH_FREE = {
         "rag.harness",
         "rag.storage",
     },
-    # The port opens before torch loads; the config schema holds the load settings.
+    # The port opens before torch loads; the config schema holds the load settings; the
+    # admin call checks the balancer's token (rag.cluster.admin).
     "rag.service.app": {
         "rag.clock",
+        "rag.cluster",
         "rag.config",
         "rag.loadgen",
         "rag.service",

@@ -3,6 +3,7 @@ in flight over each interval, and a replica's start deadline runs on the pool's 
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import aiohttp
@@ -14,8 +15,18 @@ from rag.cluster.pool import Replica, ReplicaPool, State
 
 
 def pool_on(clock: FakeClock, run_dir: Path, overrides: list[str]) -> ReplicaPool:
-    launcher = LocalLauncher(lambda replica: list(overrides), run_dir, threads=1, gpus=[])
+    launcher = LocalLauncher(lambda replica: list(overrides), run_dir, cores=1, gpus=[])
     return ReplicaPool(launcher, health_interval_s=0.2, start_timeout_s=10, clock=clock)
+
+
+async def spawned(replica: Replica) -> None:
+    """Yield until the launcher has started the replica's process (it starts once the
+    replicas serving use their share of the cores: at once, with none serving)."""
+    for _ in range(100):
+        if replica.handle is not None:
+            return
+        await asyncio.sleep(0)
+    raise AssertionError("the replica's process was never started")
 
 
 def test_the_load_signal_is_the_exact_mean_of_requests_in_flight(tmp_path):
@@ -50,6 +61,7 @@ def test_a_replica_not_ready_by_its_start_deadline_on_the_pools_clock_is_dead(
             pool.session = session
             replica = pool.launch()
             try:
+                await spawned(replica)
                 await pool.check(replica)
                 states = [replica.state]
                 clock.advance(10.5)

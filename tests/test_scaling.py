@@ -16,10 +16,10 @@ from collections.abc import Callable
 
 import httpx
 import pytest
-from cluster_helpers import alive, replicas, wait_for
+from cluster_helpers import alive, ready, replicas, wait_for
 from raw_http import post_in_parts
 
-from rag.cluster.local import default_threads, replica_env, visible_gpus
+from rag.cluster.local import core_share, machine_cores, replica_env, visible_gpus
 from rag.cluster.pool import Replica
 from rag.cluster.process import ServerFailed, ServerProcess, read_port, spawn, stop_group
 from rag.cluster.scaling import replica_overrides
@@ -177,10 +177,11 @@ def test_a_killed_replica_costs_only_its_in_flight_requests_and_is_replaced(star
 
 
 def test_scales_up_on_a_burst_and_back_down_without_flapping(start_scaling, tmp_path):
+    """The load rules alone (the tests below judge what a scale-up bought)."""
     server = start_scaling(
         "variant.scaling.max_replicas=3", "variant.scaling.target_ongoing_requests=2", *FAST,
         "model.simulated.generate_fixed_ms=250", "model.simulated.generate_per_query_ms=0",
-        "variant.max_batch_size=4",
+        "variant.max_batch_size=4", "variant.scaling.gain_share=0",
     )  # fmt: skip
     steady = LoadConfig(target=server.url, timing_mode="ideal", rps=2, num_requests=12,
                         timeout=60, progress=False)  # fmt: skip
@@ -241,11 +242,80 @@ def test_replicas_get_the_users_model_settings_and_a_share_of_the_machine(monkey
     assert "server.replica_id=r3" in overrides
     assert not [o for o in overrides if o.startswith(("port", "run_dir", "host", "variant.s"))]
     assert compose(overrides).variant.max_batch_size == 7  # what the replica will run
-    assert default_threads(max_replicas=4, cores=2) == 1
-    assert default_threads(max_replicas=2, cores=16) == 8
+    assert core_share(replicas=4, cores=2) == 1
+    assert core_share(replicas=2, cores=16) == 8
+    assert core_share(replicas=1, cores=16) == 16
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
     gpus = visible_gpus("")
     assert [replica_env(i, gpus, 2, 0)["CUDA_VISIBLE_DEVICES"] for i in range(3)] == ["0", "1", "0"]
-    assert replica_env(0, [], 2, 50) == {
-        "OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2", "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE": "50"
+    assert replica_env(0, [], 2, 50, token="t") == {
+        "OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2", "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE": "50",
+        "RAGBENCH_BALANCER_TOKEN": "t",
     }  # fmt: skip
+
+
+def threads_of(replica: dict) -> int | None:
+    return httpx.get(f"{replica['url']}/stats", timeout=10).json()["runtime"]["torch_threads"]
+
+
+def keep_busy(url: str, stop: threading.Event, clients: int = 8) -> list[threading.Thread]:
+    """`clients` clients each sending one request after another until `stop` is set."""
+
+    def client() -> None:
+        with httpx.Client(timeout=60) as http:
+            while not stop.is_set():
+                http.post(f"{url}/rag", json=QUERY)
+
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    for thread in threads:
+        thread.start()
+    return threads
+
+
+@pytest.mark.skipif(machine_cores() < 2, reason="one core has nothing to share")
+def test_replicas_share_the_cores_as_the_pool_grows_and_shrinks(start_server, tmp_path):
+    """One replica computes with every core, as a server started alone does; while a
+    second one runs (loading, serving or draining) each has half; once it stopped, the
+    first has them all again."""
+    cores = machine_cores()
+    server = start_server(
+        "variant=scaling", f"run_dir={tmp_path / 'run'}", *FAST, "model.torch_threads=0",
+        "variant.scaling.max_replicas=2", "variant.scaling.target_ongoing_requests=1",
+        "variant.scaling.gain_share=0",
+    )  # fmt: skip
+    (first,) = replicas(server.url)
+    assert threads_of(first) == cores
+    stop = threading.Event()
+    clients = keep_busy(server.url, stop)
+    try:
+        wait_for(lambda: len(replicas(server.url)) == 2, 60, "a second replica launched")
+        wait_for(lambda: threads_of(first) == cores // 2, 30, "the first told its half")
+        wait_for(lambda: len(ready(server.url)) == 2, 120, "the second ready")
+        assert threads_of(ready(server.url)[1]) == cores // 2
+    finally:
+        stop.set()
+        for client in clients:
+            client.join(60)
+    wait_for(lambda: len(ready(server.url)) == 1, 60, "scaled back down")
+    wait_for(lambda: threads_of(first) == cores, 30, "the first given every core again")
+
+
+def test_a_replica_that_only_divides_one_device_is_taken_back(start_scaling, tmp_path):
+    """Replicas of a simulated model that share one device: the second adds nothing, so
+    the autoscaler takes it back and holds, and autoscaler.csv says why."""
+    server = start_scaling(
+        "variant.scaling.max_replicas=3", "variant.scaling.target_ongoing_requests=2", *FAST,
+        "variant.scaling.gain_settle_s=1", "variant.scaling.gain_window_s=3",
+        f"model.simulated.device_lock={tmp_path / 'device'}", "variant.max_batch_size=4",
+        "model.simulated.generate_fixed_ms=100", "model.simulated.generate_per_query_ms=0",
+    )  # fmt: skip
+    overload = LoadConfig(target=server.url, timing_mode="poisson", rps=60, duration=15,
+                          num_requests=0, timeout=60, progress=False)  # fmt: skip
+    assert run_load(overload)[1]["ok_fraction"] == 1.0
+    wait_for(lambda: serving(server.url) == 1, 30, "one replica left")
+    rows = list(csv.DictReader((tmp_path / "run" / "autoscaler.csv").open()))
+    (no_gain,) = [r for r in rows if r["verdict"] == "no gain"]
+    assert "2 replicas served" in no_gain["reason"] and "above 1 held 120 s" in no_gain["reason"]
+    assert max(int(r["replicas_after"]) for r in rows) == 2  # one trial, never a third
+    after = rows[rows.index(no_gain) :]
+    assert {int(r["replicas_after"]) for r in after} == {1} and after[-1]["knee"] == "1"

@@ -7,8 +7,10 @@ is up; run inside `flock /tmp/ragbench-slurm.lock` with `slurm/local-cluster.sh 
 
 from __future__ import annotations
 
+import csv
 import shutil
 import subprocess
+import threading
 import time
 
 import httpx
@@ -17,6 +19,7 @@ from cluster_helpers import ready, replicas, wait_for
 
 from rag.cluster.process import ServerFailed, ServerProcess
 from rag.cluster.slurm_state import read_partition
+from rag.loadgen import LoadConfig, run_load
 
 pytestmark = pytest.mark.slurm
 
@@ -105,3 +108,40 @@ def test_replica_jobs_that_can_never_start_fail_the_variant_at_once(
     assert "cannot start: PartitionConfig" in message
     assert not subprocess.run(["squeue", "-h", "-n", "ragbench-replica"], capture_output=True,
                               text=True, timeout=30).stdout.strip()  # fmt: skip
+
+
+def test_a_replica_job_is_judged_on_its_own_rate(cluster, cache_overrides, tmp_path):
+    """A load one replica cannot carry brings a second job; once it has served a window
+    with the queue still growing, its own rate is set against the first one's (a job has
+    an allocation of its own, so the pool's total is not what it is judged by)."""
+    server = ServerProcess(
+        [
+            "variant=scaling", "model=simulated", *cache_overrides, f"run_dir={tmp_path}",
+            "variant.scaling.launcher=slurm", "variant.scaling.slurm.gres=",
+            "variant.scaling.slurm.cpus_per_task=1", "variant.scaling.slurm.mem_gb=1",
+            "variant.scaling.slurm.time_min=10", "variant.scaling.health_interval_s=0.5",
+            "variant.scaling.max_replicas=2", "variant.scaling.target_ongoing_requests=2",
+            "variant.scaling.check_interval_s=0.5", "variant.scaling.gain_settle_s=1",
+            "variant.scaling.gain_window_s=3", "variant.max_batch_size=4",
+            "model.simulated.generate_fixed_ms=100", "model.simulated.generate_per_query_ms=0",
+        ],
+        ready_timeout_s=180,
+    )  # fmt: skip
+    server.start()
+    try:
+        overload = LoadConfig(target=server.url, timing_mode="poisson", rps=100,
+                              duration=40, num_requests=0, timeout=120, progress=False)  # fmt: skip
+        sender = threading.Thread(target=run_load, args=(overload,))
+        sender.start()
+        decisions = tmp_path / "autoscaler.csv"
+
+        def judged() -> list[dict]:
+            return [r for r in csv.DictReader(decisions.open()) if r["verdict"] == "gain"]
+
+        wait_for(lambda: bool(judged()), 120, "the second job judged")
+        sender.join(120)
+    finally:
+        server.stop(timeout_s=90)
+    (verdict,) = judged()
+    assert "r1 serves" in verdict["reason"] and "/s on its own, one replica" in verdict["reason"]
+    assert verdict["replicas_after"] == "2"  # kept: it adds its own allocation's worth

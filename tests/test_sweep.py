@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import pandas as pd
@@ -13,6 +14,7 @@ import pytest
 from sweep_helpers import SMALL, VARIANTS, leftovers, points, sweep
 
 from rag.harness.report import aggregate
+from rag.storage import write_csv
 
 
 @pytest.fixture(scope="module")
@@ -163,3 +165,24 @@ def test_an_external_openai_server_swept_with_repeats_has_token_plots_and_goodpu
     assert {"tokens", "goodput", "latency", "throughput"} <= {p.stem for p in out.glob("*.png")}
     report = (out / "report.html").read_text()
     assert re.search(r"2 repeats: 2 settings", report) and "TTFT p50 s" in report
+
+
+def test_the_report_says_where_the_autoscaler_found_no_gain(swept: Path, tmp_path: Path):
+    (point,) = [p for p in points(swept, "t1") if "scaling" in p.name and "rps-8" in p.name]
+    copy = tmp_path / "outputs" / "t1" / point.name
+    shutil.copytree(point, copy)
+    decisions = pd.read_csv(copy / "autoscaler.csv", keep_default_na=False)
+    judged = decisions.iloc[-1].to_dict() | {
+        "verdict": "no gain", "replicas_after": 1, "knee": 1,
+        "reason": "take back to 1; no gain: 1 replica served 7.5/s, 2 serve 7.4/s; above 1"
+        " held 120 s",
+    }  # fmt: skip
+    write_csv(copy / "autoscaler.csv", [*decisions.to_dict("records"), judged], decisions.columns)
+    table = aggregate(tmp_path / "outputs", tmp_path / "results")
+    found = table["no_gain"].iloc[0]
+    assert found.startswith("at ") and "1 replica served 7.5/s, 2 serve 7.4/s" in found
+    assert table["replicas_max"].iloc[0] >= 1
+    report = (tmp_path / "results" / "report.html").read_text()
+    assert "Where replication bought nothing" in report
+    assert "no gain at " in report and "1 replica served 7.5/s, 2 serve 7.4/s" in report
+    assert (tmp_path / "results" / "replicas.png").exists()

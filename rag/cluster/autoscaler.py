@@ -21,20 +21,23 @@ The rules, and where they come from:
 - Starting replicas count as capacity, so a burst that waits for new replicas does not
   ask for them again at every check (the overshoot Ray Serve and HPA users report).
 - Dead replicas are not capacity: they are replaced at the next check.
+- What a scale-up bought is measured (rag/cluster/gain.py): replicas that only divide what
+  the others already use are taken back, and scale-ups above that count are held.
 """
 
 from __future__ import annotations
 
-import csv
-import io
 import math
 import time
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+from rag.cluster.gain import GainCheck
+from rag.cluster.observation import Observation
 from rag.config import ScalingConfig
-from rag.storage import write_atomically
+from rag.storage import write_csv
 
 # As Kubernetes HPA's default: load within 10 % of the target changes nothing.
 TOLERANCE = 0.1
@@ -45,12 +48,16 @@ DECISION_COLUMNS = (
     "ongoing_stable",
     "ongoing_panic",
     "rps",
+    "served",
     "ready",
     "starting",
+    "draining",
     "replicas_before",
     "replicas_after",
     "recommended",
     "panic",
+    "verdict",
+    "knee",
     "reason",
 )
 
@@ -63,10 +70,16 @@ class Decision:
     reason: str
     ongoing_stable: float
     ongoing_panic: float
+    verdict: str = ""  # what a scale-up bought, when one was judged at this check
+    knee: int | None = None  # scale-ups above this are held
+    drain: tuple[str, ...] = ()  # replicas to take back first
+    park: bool = False  # keep the replicas taken back running, to return at once
 
 
 class Autoscaler:
-    def __init__(self, cfg: ScalingConfig) -> None:
+    def __init__(self, cfg: ScalingConfig, own_rate: bool = False) -> None:
+        """`own_rate`: replicas have allocations of their own (SLURM jobs), so each one's
+        gain is judged on its own rate rather than on the pool's."""
         if not 1 <= cfg.min_replicas <= cfg.max_replicas:
             raise ValueError("need 1 <= min_replicas <= max_replicas")
         if cfg.target_ongoing_requests <= 0 or cfg.check_interval_s <= 0:
@@ -80,6 +93,7 @@ class Autoscaler:
         self._last_change = -math.inf
         self._first = math.inf  # the first check
         self._panic_until = -math.inf
+        self.gain = GainCheck(cfg, own_rate)
 
     def _mean(self, now: float, window_s: float, column: int) -> float:
         recent = [(s[1], s[column]) for s in self._samples if s[0] > now - window_s]
@@ -94,36 +108,28 @@ class Autoscaler:
         return want
 
     def burst_level(self, replicas: int) -> float:
-        """Requests in flight at which `replicas` would panic: worth a check at once."""
-        if replicas >= self.cfg.max_replicas:
+        """Requests in flight at which `replicas` would panic: worth a check at once
+        (never while a scale-up could not follow)."""
+        ceiling = self.gain.ceiling(replicas)
+        if replicas >= min(self.cfg.max_replicas, ceiling or math.inf):
             return math.inf
         return self.cfg.panic_threshold * self.cfg.target_ongoing_requests * max(replicas, 1)
 
-    def decide(
-        self,
-        now: float,
-        ongoing: float,
-        rps: float,
-        seconds: float,
-        ready: int,
-        starting: int,
-        in_flight: int = 0,
-    ) -> Decision:
-        """One check: the load over the last `seconds` (mean requests in flight, request
-        rate), the requests in flight now, and the pool as it is now."""
-        cfg = self.cfg
+    def decide(self, obs: Observation) -> Decision:
+        """One check: the load over the last interval and the pool as it is now."""
+        cfg, now = self.cfg, obs.now
         self._first = min(self._first, now)
-        self._samples.append((now, seconds, ongoing, rps))
+        self._samples.append((now, obs.seconds, obs.ongoing, obs.rps))
         while self._samples and self._samples[0][0] <= now - cfg.stable_window_s:
             self._samples.popleft()
         stable = self._mean(now, cfg.stable_window_s, 2)
         stable_rps = self._mean(now, cfg.stable_window_s, 3)
         # A step in load shows first in the requests in flight now; the window's mean
         # catches up a window later.
-        panic_load = max(self._mean(now, cfg.panic_window_s, 2), in_flight)
+        panic_load = max(self._mean(now, cfg.panic_window_s, 2), obs.in_flight)
         want_stable = self._want(stable, stable_rps)
         want_panic = self._want(panic_load, self._mean(now, cfg.panic_window_s, 3))
-        current = ready + starting
+        current = obs.current
         # Panic compares the load itself (not a rounded-up count) with what the replicas
         # are meant to carry, as Knative does, but counting starting ones: a burst already
         # answered by replicas on their way must not panic again.
@@ -148,16 +154,40 @@ class Autoscaler:
         while self._recommendations[0][0] <= now - cfg.downscale_delay_s:
             self._recommendations.popleft()
 
-        def decision(replicas: int, reason: str) -> Decision:
+        verdict = self.gain.observe(obs)
+        word, note = (verdict.word, f"; {verdict.text}") if verdict else ("", "")
+
+        def decision(replicas: int, reason: str, drain: tuple[str, ...] = ()) -> Decision:
             if replicas != current:
                 self._last_change = now
-            return Decision(replicas, recommended, panic, reason, stable, panic_load)
+            knee = self.gain.knee.replicas if self.gain.knee else None
+            return Decision(
+                replicas,
+                recommended,
+                panic,
+                reason + note,
+                stable,
+                panic_load,
+                word,
+                knee,
+                drain,
+                park=self.gain.probing,
+            )
 
         if current < cfg.min_replicas:
             return decision(cfg.min_replicas, f"below min_replicas ({current})")
+        if verdict is not None and verdict.replicas is not None and verdict.replicas != current:
+            to = min(max(verdict.replicas, cfg.min_replicas), cfg.max_replicas)
+            return decision(
+                to, f"{'take back' if to < current else 'back up'} to {to}", verdict.drain
+            )
         if want_up > current and current < cfg.max_replicas:
+            wanted, why = self.gain.limit(obs, min(want_up, cfg.max_replicas))
+            if wanted <= current:
+                return decision(current, f"hold: {why}")
+            self.gain.scaled(obs, wanted)
             mode = "panic" if bursting and want_panic > want_stable else "load"
-            return decision(min(want_up, cfg.max_replicas), f"scale up ({mode})")
+            return decision(wanted, f"scale up ({mode}{'; ' + why if why else ''})")
         if current > cfg.max_replicas:
             return decision(cfg.max_replicas, "above max_replicas")
         lowest_safe = max(max(r for _, r in self._recommendations), cfg.min_replicas)
@@ -171,44 +201,35 @@ class Autoscaler:
 
 
 class DecisionLog:
-    """autoscaler.csv: one row per check, rewritten whole and renamed into place, so a
-    reader (the harness plotting replicas over time) never sees a half row."""
+    """autoscaler.csv: one row per check, the whole file rewritten atomically each time, so
+    a reader (the harness plotting replicas over time) never sees a half row."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self.started = time.monotonic()
-        self._buffer = io.StringIO()
-        self._writer = csv.writer(self._buffer, lineterminator="\n")
-        self._writer.writerow(DECISION_COLUMNS)
-        self._flush()
+        self.rows: list[dict[str, Any]] = []
+        write_csv(self.path, self.rows, DECISION_COLUMNS)
 
-    def record(
-        self,
-        decision: Decision,
-        ongoing: float,
-        rps: float,
-        ready: int,
-        starting: int,
-        now: float,
-    ) -> None:
-        self._writer.writerow(
-            [
-                time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime()),
-                f"{now - self.started:.3f}",
-                f"{ongoing:.3f}",
-                f"{decision.ongoing_stable:.3f}",
-                f"{decision.ongoing_panic:.3f}",
-                f"{rps:.3f}",
-                ready,
-                starting,
-                ready + starting,
-                decision.replicas,
-                decision.recommended,
-                int(decision.panic),
-                decision.reason,
-            ]
+    def record(self, decision: Decision, obs: Observation) -> None:
+        self.rows.append(
+            {
+                "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime()),
+                "elapsed_s": f"{obs.now - self.started:.3f}",
+                "ongoing": f"{obs.ongoing:.3f}",
+                "ongoing_stable": f"{decision.ongoing_stable:.3f}",
+                "ongoing_panic": f"{decision.ongoing_panic:.3f}",
+                "rps": f"{obs.rps:.3f}",
+                "served": f"{obs.served:.3f}",
+                "ready": obs.ready,
+                "starting": obs.starting,
+                "draining": obs.draining,
+                "replicas_before": obs.current,
+                "replicas_after": decision.replicas,
+                "recommended": decision.recommended,
+                "panic": int(decision.panic),
+                "verdict": decision.verdict,
+                "knee": decision.knee,
+                "reason": decision.reason,
+            }
         )
-        self._flush()
-
-    def _flush(self) -> None:
-        write_atomically(self.path, self._buffer.getvalue())
+        write_csv(self.path, self.rows, DECISION_COLUMNS)

@@ -27,7 +27,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import hmac
 import ipaddress
 import logging
 import urllib.parse
@@ -42,6 +41,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from yarl import URL
 
+from rag.cluster.admin import TOKEN_HEADER, token_refusal
 from rag.cluster.pool import Replica, ReplicaPool, State
 from rag.web import (
     CLIENT_GONE,
@@ -70,7 +70,6 @@ log = logging.getLogger("rag.cluster")
 
 SHUTDOWN_TIMEOUT_S = 15.0  # on stop, forwarded requests get this long to finish
 FORWARDED_HEADERS = ("Content-Type", "Retry-After")
-TOKEN_HEADER = "X-Ragbench-Token"
 
 
 def is_loopback(host: str) -> bool:
@@ -399,13 +398,8 @@ class Balancer:
 
     def _token_problem(self, request: Request) -> JSONResponse | None:
         """None when the request carries the balancer's token; else the 401 or 403."""
-        given = request.headers.get(TOKEN_HEADER)
-        if given is None:
-            return json_error(401, f"this needs the balancer's token in {TOKEN_HEADER}")
-        token = self.settings.token
-        if not token or not hmac.compare_digest(given.encode(), token.encode()):
-            return json_error(403, f"the {TOKEN_HEADER} given is not the balancer's token")
-        return None
+        refusal = token_refusal(request.headers.get(TOKEN_HEADER), self.settings.token)
+        return None if refusal is None else json_error(*refusal)
 
     async def _registration(self, request: Request) -> tuple[Replica, dict] | Response:
         """The replica and the request's JSON, or the refusal."""

@@ -4,7 +4,9 @@ A replica is `starting` from launch until its own `/ready` answers 200, then `re
 ready replicas receive traffic), `draining` once chosen for scale-down (no new requests;
 stopped when its last one is answered), and finally `stopped` (an orderly end) or `dead`
 (it exited, its job ended, it refused a connection or failed its health checks).  A dead
-replica is never routed to again; the autoscaler replaces it.
+replica is never routed to again; the autoscaler replaces it.  A replica taken out for a
+while (to measure the pool without it) is `parked` once drained: kept running, idle, so it
+can return at once (`starting` again until its `/ready` answers).
 
 The pool also keeps the autoscaler's signal exactly: the area under the curve of requests
 in flight, so the mean over any interval is known without sampling.
@@ -33,6 +35,7 @@ class State(StrEnum):
     STARTING = "starting"
     READY = "ready"
     DRAINING = "draining"
+    PARKED = "parked"
     STOPPED = "stopped"
     DEAD = "dead"
 
@@ -54,6 +57,7 @@ class Replica:
     ready_at: float | None = None
     handle: Any = field(default=None, repr=False)  # the launcher's own (Popen, submitit job)
     strikes: int = 0
+    parking: bool = False  # draining to be parked, not stopped
     _requests_at_sample: int = 0
 
     @property
@@ -98,12 +102,14 @@ class Launcher(Protocol):
 
 @dataclass
 class Sample:
-    """The load over one interval: mean requests in flight and requests per second."""
+    """The load over one interval: mean requests in flight, requests forwarded and answered
+    per second."""
 
     ongoing: float
     rps: float
     seconds: float
     in_flight: int  # at the end of the interval
+    served: float  # answers per second (an answer of any status)
 
 
 class ReplicaPool:
@@ -128,7 +134,8 @@ class ReplicaPool:
         self._area = 0.0  # integral of requests in flight over time (request-seconds)
         self._changed_at = clock.now()
         self._requests = 0
-        self._sampled = (self._changed_at, 0.0, 0)  # (time, area, requests) at the last sample
+        # (time, area, requests, in flight) at the last sample
+        self._sampled = (self._changed_at, 0.0, 0, 0)
         self._stopping: set[asyncio.Task] = set()
         # Requests in flight that count as a burst: reaching it wakes the autoscaler at
         # once instead of at its next check (set by the autoscaler after each decision).
@@ -156,20 +163,28 @@ class ReplicaPool:
         self._in_flight -= 1
         replica.in_flight -= 1
         if replica.state is State.DRAINING and replica.in_flight == 0:
-            self._stop(replica, State.STOPPED, "scaled down")
+            self._drained(replica)
 
     def sample(self) -> Sample:
-        """Mean requests in flight and the request rate since the previous sample."""
+        """Mean requests in flight, the request rate and the answer rate since the previous
+        sample."""
         self._advance()
-        then, area, requests = self._sampled
+        then, area, requests, in_flight = self._sampled
         now = self._changed_at
         seconds = max(now - then, 1e-9)
-        self._sampled = (now, self._area, self._requests)
+        self._sampled = (now, self._area, self._requests, self._in_flight)
         for replica in self.replicas.values():
             replica.rps = (replica.requests - replica._requests_at_sample) / seconds
             replica._requests_at_sample = replica.requests
-        rps = (self._requests - requests) / seconds
-        return Sample((self._area - area) / seconds, rps, seconds, self._in_flight)
+        forwarded = self._requests - requests
+        answered = forwarded - (self._in_flight - in_flight)
+        return Sample(
+            (self._area - area) / seconds,
+            forwarded / seconds,
+            seconds,
+            self._in_flight,
+            answered / seconds,
+        )
 
     # --- lifecycle --------------------------------------------------------------------
 
@@ -202,12 +217,29 @@ class ReplicaPool:
         self._stop(replica, State.DEAD, reason)
         self.on_dead(replica)
 
-    def drain(self, replica: Replica) -> None:
-        """Scale-down: no new requests; stopped once its in-flight requests are answered."""
+    def drain(self, replica: Replica, park: bool = False) -> None:
+        """Scale-down: no new requests; once its in-flight requests are answered, stopped
+        (or parked, if `park`)."""
+        replica.parking = park and replica.state is State.READY
         if replica.state is State.STARTING or replica.in_flight == 0:
-            self._stop(replica, State.STOPPED, "scaled down")
+            self._drained(replica)
         elif replica.state is State.READY:
             self._set_state(replica, State.DRAINING)
+
+    def _drained(self, replica: Replica) -> None:
+        if replica.parking:
+            self._set_state(replica, State.PARKED)
+        else:
+            self._stop(replica, State.STOPPED, "scaled down")
+
+    def unpark(self, replica: Replica) -> None:
+        """Back into service: a draining one at once, a parked one once /ready answers."""
+        replica.parking = False
+        if replica.state is State.DRAINING:
+            self._set_state(replica, State.READY)
+        elif replica.state is State.PARKED:
+            replica.launched_at = self.clock.now()
+            self._set_state(replica, State.STARTING)
 
     def _stop(self, replica: Replica, state: State, reason: str) -> None:
         replica.reason = reason

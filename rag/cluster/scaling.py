@@ -24,13 +24,16 @@ from collections.abc import Coroutine
 from contextlib import suppress
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
+from rag.cluster.admin import TOKEN_ENV
 from rag.cluster.autoscaler import Autoscaler, DecisionLog
 from rag.cluster.balancer import Balancer, BalancerSettings
-from rag.cluster.local import LocalLauncher, default_threads, visible_gpus
+from rag.cluster.local import LocalLauncher, machine_cores, visible_gpus
+from rag.cluster.observation import Observation
 from rag.cluster.policies import make_policy
 from rag.cluster.pool import Launcher, Replica, ReplicaPool, State
 from rag.cluster.process import write_port_file
@@ -42,7 +45,6 @@ log = logging.getLogger("rag.cluster")
 
 # Keys that configure the scaling process itself; every other override goes to replicas.
 OWN_KEYS = ("variant", "host", "port", "port_file", "run_dir")
-TOKEN_ENV = "RAGBENCH_BALANCER_TOKEN"
 # Replicas that may die before any replica was ever ready before the service gives up: a
 # replica that cannot start (a bad override, a missing model) would otherwise be replaced
 # forever, and whoever started the variant would wait for a readiness that never comes.
@@ -80,11 +82,13 @@ class ScalingService:
         self.cfg = cfg
         self.scaling: ScalingConfig = scaling
         self.run_dir = run_dir
-        self.autoscaler = Autoscaler(scaling)
+        # SLURM jobs have allocations of their own: each is judged on its own rate.
+        self.autoscaler = Autoscaler(scaling, own_rate=scaling.launcher == "slurm")
         self.decisions = DecisionLog(run_dir / "autoscaler.csv")
         self.deaths: list[str] = []  # since the last check, for the decision's reason
         self.url = ""  # where replicas reach the balancer, once it listens
-        # Registration always needs it; the launcher hands it to its own replicas.
+        # Registration always needs it; the launcher hands it to its own replicas, and the
+        # balancer presents it to their admin calls.
         self.token = os.environ.get(TOKEN_ENV) or secrets.token_hex(16)
         self.pool = ReplicaPool(
             self._launcher(argv),
@@ -142,9 +146,10 @@ class ScalingService:
                 overrides,
                 self.run_dir,
                 # the user's model.torch_threads reaches replicas with their overrides
-                threads=None if cfg.model.torch_threads else default_threads(scaling.max_replicas),
+                cores=None if cfg.model.torch_threads else machine_cores(),
                 gpus=visible_gpus(scaling.gpus),
                 mps_thread_percentage=scaling.mps_thread_percentage,
+                token=self.token,
             )
         if scaling.launcher == "slurm":
             from rag.cluster.slurm import SlurmLauncher  # imports submitit
@@ -165,44 +170,61 @@ class ScalingService:
         interval = self.scaling.check_interval_s
         next_check = time.monotonic() + interval
         while True:
-            with suppress(TimeoutError):
+            try:
                 await asyncio.wait_for(self.pool.burst.wait(), next_check - time.monotonic())
-            if time.monotonic() >= next_check:
+            except TimeoutError:  # the scheduled check (a timer may fire a little early)
                 next_check += interval
             self.check()
             self.pool.burst.clear()
             await asyncio.sleep(interval / 10)
 
-    def check(self) -> None:
-        """One autoscaler decision, applied to the pool and logged."""
-        now = time.monotonic()
+    def observe(self) -> Observation:
+        """The pool as the autoscaler sees it now, with the load since the last check."""
         sample = self.pool.sample()
-        ready, starting = len(self.pool.ready), self.pool.count(State.STARTING)
-        decision = self.autoscaler.decide(
-            now, sample.ongoing, sample.rps, sample.seconds, ready, starting, sample.in_flight
-        )
-        self.pool.burst_level = self.autoscaler.burst_level(decision.replicas)
-        change = decision.replicas - (ready + starting)
-        for _ in range(change):
-            self.pool.launch()
-        for replica in self._scale_down_order()[: max(0, -change)]:
-            self.pool.drain(replica)
-        reason = "; ".join([decision.reason, *self.deaths])
-        self.deaths.clear()
-        self.decisions.record(
-            dataclasses.replace(decision, reason=reason),
-            sample.ongoing,
-            sample.rps,
-            ready,
-            starting,
-            now,
+        return Observation(
+            now=self.pool.clock.now(),
+            seconds=sample.seconds,
+            ongoing=sample.ongoing,
+            rps=sample.rps,
+            ready=len(self.pool.ready),
+            starting=self.pool.count(State.STARTING),
+            draining=self.pool.count(State.DRAINING),
+            in_flight=sample.in_flight,
+            served=sample.served,
+            rates={r.id: r.rps for r in self.pool.ready},
+            places=frozenset(urlsplit(r.url).hostname or "" for r in self.pool.ready),
         )
 
-    def _scale_down_order(self) -> list[Replica]:
-        """Starting replicas first (nothing to drain), then the least busy, newest first."""
+    def check(self) -> None:
+        """One autoscaler decision, applied to the pool and logged."""
+        obs = self.observe()
+        decision = self.autoscaler.decide(obs)
+        self.pool.burst_level = self.autoscaler.burst_level(decision.replicas)
+        change = decision.replicas - obs.current
+        parked = [r for r in self.pool.replicas.values() if r.parking or r.state is State.PARKED]
+        returning = parked[: max(0, change)]
+        for replica in returning:  # out for a probe that found they paid: back at once
+            self.pool.unpark(replica)
+        for _ in range(change - len(returning)):
+            self.pool.launch()
+        for replica in self._scale_down_order(decision.drain)[: max(0, -change)]:
+            self.pool.drain(replica, park=decision.park)
+        if not decision.park:
+            for replica in parked[len(returning) :]:
+                self.pool.drain(replica)  # no probe waits for them: stopped
+        if isinstance(self.pool.launcher, LocalLauncher):
+            self.pool.launcher.share_cores()
+        reason = "; ".join([decision.reason, *self.deaths])
+        self.deaths.clear()
+        self.decisions.record(dataclasses.replace(decision, reason=reason), obs)
+
+    def _scale_down_order(self, first: tuple[str, ...] = ()) -> list[Replica]:
+        """The replicas named first, then starting ones (nothing to drain), then the least
+        busy, newest first."""
         capacity = [r for r in self.pool.replicas.values() if r.capacity]
         return sorted(
-            reversed(capacity), key=lambda r: (r.state is not State.STARTING, r.in_flight)
+            reversed(capacity),
+            key=lambda r: (r.id not in first, r.state is not State.STARTING, r.in_flight),
         )
 
     async def run(self) -> int:
@@ -213,6 +235,8 @@ class ScalingService:
         connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=30)
         async with aiohttp.ClientSession(connector=connector) as session:
             self.pool.session = session
+            if isinstance(self.pool.launcher, LocalLauncher):
+                self.pool.launcher.session = session  # for the replicas' admin calls
             try:
                 port = await self.balancer.start(cfg.host, cfg.port)
             except OSError as exc:

@@ -27,7 +27,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from rag.cluster.balancer import TOKEN_HEADER, is_loopback
+from rag.cluster.admin import TOKEN_ENV, TOKEN_HEADER
+from rag.cluster.balancer import is_loopback
 from rag.cluster.pool import Replica
 from rag.cluster.process import (
     die_with_parent,
@@ -64,7 +65,8 @@ def serve_replica(
     with scratch_folder("replica") as folder:
         port_file = Path(folder) / "port"
         command = server_command("rag.serve", overrides, host, port_file)
-        process = spawn(command, Path(log_path), {}, before_exec=die_with_parent)
+        env = {TOKEN_ENV: token}  # for the balancer's admin calls
+        process = spawn(command, Path(log_path), env, before_exec=die_with_parent)
         signal.signal(signal.SIGTERM, lambda *_: process.send_signal(signal.SIGTERM))
         deadline = time.monotonic() + start_timeout_s
         while (port := read_port(port_file)) is None:
@@ -118,13 +120,12 @@ class SlurmLauncher:
         self.start_timeout_s = start_timeout_s
         self.executor = submitit.AutoExecutor(folder=run_dir / "slurm", cluster="slurm")
         options: dict[str, Any] = {
-            "slurm_gres": cfg.gres,
             "cpus_per_task": cfg.cpus_per_task,
             "mem_gb": cfg.mem_gb,
             "timeout_min": cfg.time_min,
             "name": "ragbench-replica",
         }
-        for key in ("partition", "account", "qos"):
+        for key in ("gres", "partition", "account", "qos"):
             if value := getattr(cfg, key):
                 options[f"slurm_{key}"] = value
         if cfg.setup:

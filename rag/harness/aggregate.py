@@ -53,17 +53,29 @@ def request_figures(folder: Path) -> dict[str, Any]:
 
 
 def replica_figures(folder: Path) -> dict[str, Any]:
-    """Most and mean replicas over a scaling run (from the autoscaler's decisions)."""
+    """Most and mean replicas over a scaling run, and where the autoscaler found that a
+    scale-up added nothing (from its decisions)."""
     path = folder / "autoscaler.csv"
     if not path.exists():
         return {}
-    frame = pd.read_csv(path)
+    frame = pd.read_csv(path, keep_default_na=False)
     if frame.empty or "replicas_after" not in frame:
         return {}
-    return {
+    figures: dict[str, Any] = {
         "replicas_max": int(frame["replicas_after"].max()),
         "replicas_mean": float(frame["replicas_after"].mean()),
     }
+    if "verdict" in frame:
+        found = frame[frame["verdict"] == "no gain"]
+        figures["no_gain"] = " | ".join(
+            f"at {row.elapsed_s:.0f} s: {_no_gain_text(row.reason)}" for row in found.itertuples()
+        )
+    return figures
+
+
+def _no_gain_text(reason: str) -> str:
+    """The verdict's own words from a decision's reason ("...; no gain: <words>")."""
+    return reason.rsplit("no gain: ", 1)[-1]
 
 
 def environment_figures(folder: Path) -> dict[str, Any]:

@@ -131,29 +131,74 @@ def batch_sizes(table: pd.DataFrame, root: Path, out: Path) -> Path | None:
     return save_figure(fig, out / "batch_sizes.png")
 
 
+RATE_WINDOW_S = 5.0  # the served rate beside the replicas: a trailing mean over this
+VERDICT_MARKS = {"no gain": ("X", "tab:red"), "probe": ("v", "tab:orange"),
+                 "gain": ("^", "tab:green")}  # fmt: skip
+
+
+def trailing_rate(elapsed: np.ndarray, rate: np.ndarray, window_s: float) -> np.ndarray:
+    """A per-check rate (over each check's interval) as its mean over the trailing
+    `window_s`: the area under it, differenced, so checks of any length weigh their time."""
+    seconds = np.diff(elapsed, prepend=elapsed[0])
+    area = np.cumsum(rate * seconds)
+    earlier = np.interp(elapsed - window_s, elapsed, area, left=0.0)
+    span = np.minimum(window_s, elapsed - elapsed[0])
+    return np.divide(area - earlier, span, out=np.zeros_like(area), where=span > 0)
+
+
+def _scaling_panel(ax: plt.Axes, frame: pd.DataFrame) -> None:
+    """Replicas over time on the left axis, requests arriving and answered per second
+    beside them on the right, and a mark where the autoscaler judged a scale-up."""
+    elapsed = frame["elapsed_s"].to_numpy(dtype=float)
+    ax.step(elapsed, frame["replicas_after"], where="post", lw=2, color="tab:blue",
+            label="replicas (ready + starting)")  # fmt: skip
+    for word, (marker, colour) in VERDICT_MARKS.items():
+        judged = frame[frame["verdict"] == word] if "verdict" in frame else frame.iloc[0:0]
+        if not judged.empty:
+            ax.plot(judged["elapsed_s"], judged["replicas_after"], marker, color=colour, ms=11,
+                    ls="", label=word)  # fmt: skip
+    ax.set_xlabel("time since the variant started (s)")
+    ax.set_ylabel("replicas", color="tab:blue")
+    ax.set_ylim(0, max(2, int(frame["replicas_after"].max())) + 0.5)
+    ax.yaxis.get_major_locator().set_params(integer=True)
+    ax.grid(True, alpha=0.3)
+    rates = ax.twinx()
+    columns = (("rps", "arriving", ":", "gray"), ("served", "answered", "-", "tab:orange"))
+    for column, name, style, colour in columns:
+        if column in frame:
+            rate = trailing_rate(elapsed, frame[column].to_numpy(dtype=float), RATE_WINDOW_S)
+            rates.plot(elapsed, rate, style, color=colour, lw=1.5,
+                       label=f"{name}/s ({RATE_WINDOW_S:g} s mean)")  # fmt: skip
+    rates.set_ylabel("requests/s", color="tab:orange")
+    rates.set_ylim(bottom=0)
+    handles, labels = ax.get_legend_handles_labels()
+    more, more_labels = rates.get_legend_handles_labels()
+    ax.legend(handles + more, labels + more_labels, fontsize=7, ncol=3, loc="upper center",
+              bbox_to_anchor=(0.5, -0.16))  # fmt: skip
+
+
 def replicas_over_time(table: pd.DataFrame, root: Path, out: Path) -> Path | None:
-    """Replicas (ready plus starting) after each autoscaler check, per scaling point."""
+    """Per scaling point: replicas after each autoscaler check with the served rate beside
+    them, and where the autoscaler judged what a scale-up bought."""
     table = measured(table)
     if table.empty:
         return None
     points = [p for p in table.itertuples() if (root / p.folder / "autoscaler.csv").exists()]
     if not points:
         return None
-    modes = sorted({p.timing_mode for p in points})
-    fig, axes = _grid(1, len(modes), width=7, height=4.5)
-    colours = _rate_colours(pd.Series([p.offered_rps for p in points]))
-    for ax, mode in zip(axes[0], modes, strict=True):
-        for point in sorted((p for p in points if p.timing_mode == mode),
-                            key=lambda p: p.offered_rps):  # fmt: skip
-            frame = pd.read_csv(root / point.folder / "autoscaler.csv")
-            if frame.empty:
-                continue
-            ax.step(frame["elapsed_s"], frame["replicas_after"], where="post", lw=2,
-                    color=colours[point.offered_rps], label=f"{point.offered_rps:g}/s")  # fmt: skip
-        ax.set_xlabel("time since the variant started (s)")
-        ax.set_ylabel("replicas (ready + starting)")
-        ax.yaxis.get_major_locator().set_params(integer=True)
-        ax.set_title(f"Replicas over time, {mode} arrivals")
-        ax.grid(True, alpha=0.3)
-        ax.legend(title="offered", fontsize=8)
+    rows = sorted({(series_label(p._asdict(), table), p.timing_mode) for p in points})
+    rates = sorted({p.offered_rps for p in points})
+    fig, axes = _grid(len(rows), len(rates), width=6.5, height=5)
+    for ax in axes.flat:
+        ax.set_visible(False)
+    for point in points:
+        frame = pd.read_csv(root / point.folder / "autoscaler.csv")
+        if frame.empty:
+            continue
+        row = (series_label(point._asdict(), table), point.timing_mode)
+        ax = axes[rows.index(row)][rates.index(point.offered_rps)]
+        ax.set_visible(True)
+        _scaling_panel(ax, frame)
+        ax.set_title(f"{row[0]}, {point.offered_rps:g}/s offered, {point.timing_mode}")
+    fig.suptitle("Replicas over time and what they served", fontsize=14)
     return save_figure(fig, out / "replicas.png")

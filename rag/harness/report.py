@@ -34,7 +34,8 @@ CAPTIONS = {
     "latency_cdf.png": "Share of all scheduled requests answered within a time.",
     "stages.png": "Mean time a request spent in each server stage.",
     "batch_sizes.png": "The batch sizes requests were served in.",
-    "replicas.png": "The autoscaler's replica count through each scaling run.",
+    "replicas.png": "The autoscaler's replica count through each scaling run, the answers"
+    " per second beside it, and where it judged what a scale-up bought.",
 }
 TABLE = {
     "tag": "tag", "variant": "variant", "model": "model", "timing_mode": "arrivals",
@@ -43,7 +44,8 @@ TABLE = {
     "latency_p50_s": "p50 s", "latency_p99_s": "p99 s", "ttft_p50_s": "TTFT p50 s",
     "ttft_p99_s": "TTFT p99 s", "tpot_p50_s": "TPOT p50 s", "output_tokens_per_s": "tokens/s",
     "goodput_rps": "goodput/s", "ok_fraction": "succeeded",
-    "schedule_kept": "client kept schedule", "max_rps": "max rps (search)",
+    "schedule_kept": "client kept schedule", "replicas_max": "replicas (max)",
+    "max_rps": "max rps (search)",
 }  # fmt: skip
 CLOSED_LOOP_NOTE = (
     "<p class=note>Points whose loop is <b>closed</b> ran a closed loop (timing mode"
@@ -129,6 +131,29 @@ def _figure(path: Path) -> str:
         f"<figcaption>{caption}</figcaption></figure>"  # fmt: skip
 
 
+def _scaling_section(ok: pd.DataFrame) -> list[str]:
+    """Where the autoscaler found that more replicas added nothing, point by point."""
+    if "replicas_max" not in ok or ok["replicas_max"].isna().all():
+        return []
+    scaling = ok[ok["replicas_max"].notna()]
+    found = scaling["no_gain"].fillna("") if "no_gain" in scaling else pd.Series("", scaling.index)
+    lines = [
+        f"<li>{html.escape(str(row.variant))} at {row.offered_rps:g}/s ({row.timing_mode}):"
+        f" up to {row.replicas_max:.0f} replicas; "
+        + (f"no gain {html.escape(text)}" if text else "no scale-up was found to add nothing")
+        + "</li>"
+        for row, text in zip(scaling.itertuples(), found, strict=True)
+    ]
+    return [
+        "<h2>Where replication bought nothing</h2>",
+        "<p class=note>After each scale-up the autoscaler compares the served rate before and"
+        " after; replicas that added under <code>gain_share</code> (a quarter) of one"
+        " replica's rate while the queue grew were taken back, and scale-ups above the rest"
+        " held (each point's autoscaler.csv has every decision).</p>",
+        f"<ul>{''.join(lines)}</ul>",
+    ]
+
+
 def render(table: pd.DataFrame, plots: list[Path], sources: str) -> str:
     ok = table[table["outcome"] == "ok"] if not table.empty else table
     failed = table[table["outcome"] == "failed"] if not table.empty else table
@@ -147,6 +172,7 @@ def render(table: pd.DataFrame, plots: list[Path], sources: str) -> str:
         parts.append(CLOSED_LOOP_NOTE)
     if "model" in ok and (ok["model"] == "simulated").any():
         parts.append(SIMULATED_NOTE)
+    parts += _scaling_section(ok)
     if not failed.empty:
         failures = {"tag": "tag", "point": "point", "failure_reason": "reason"}
         parts += ["<h2>Failed points</h2>", _table(failed, failures)]

@@ -25,7 +25,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from starlette.requests import ClientDisconnect
 
 from rag.config import Config, token_limit
-from rag.service import openai_api
+from rag.service import admin, openai_api
 from rag.service.api import (
     RAG_ERRORS,
     RAG_REQUEST_BODY,
@@ -165,7 +165,7 @@ async def stats(request: Request) -> dict[str, Any]:
         "engine": _engine_use(pipeline) if pipeline else None,
         "batch_size_counts": dict(sorted(batcher.batch_size_counts.items())) if batcher else {},
         "corpus_size": pipeline.index.size if pipeline else None,
-        "runtime": _runtime(pipeline) if pipeline else None,
+        "runtime": _runtime(state, pipeline) if pipeline else None,
     }
 
 
@@ -177,13 +177,14 @@ def _engine_use(pipeline: RAGPipeline) -> dict[str, int] | None:
     return {"slots": engine.slots, "active": len(engine.active), "waiting": len(engine.waiting)}
 
 
-def _runtime(pipeline: RAGPipeline) -> dict[str, Any]:
+def _runtime(state: ServerState, pipeline: RAGPipeline) -> dict[str, Any]:
     """What the models run on; a simulated generator describes its cost model instead."""
     if hasattr(pipeline.generator, "describe"):
         return pipeline.generator.describe()
     from rag.service.models import describe_runtime
 
-    return describe_runtime(pipeline.generator)
+    # torch's thread count is per thread: the compute thread's, not this one's
+    return {**describe_runtime(pipeline.generator), "torch_threads": state.torch_threads}
 
 
 def load_default_pipeline(cfg: Config) -> RAGPipeline:
@@ -227,6 +228,7 @@ def create_app(cfg: Config) -> FastAPI:
     state = app.state.rag = ServerState(cfg, partial(load_default_pipeline, cfg))
     app.include_router(router)
     app.include_router(openai_api.router)
+    app.include_router(admin.router)
     for exception, handler in ERROR_HANDLERS.items():
         app.add_exception_handler(exception, handler)
     # A query's characters may each take up to 12 bytes as JSON escapes (surrogate pairs).

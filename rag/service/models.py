@@ -386,8 +386,16 @@ def load_embedder(cfg: ModelConfig, batch_size: int = 64) -> Embedder:
 
 
 def configure_threads(cfg: ModelConfig) -> None:
-    if cfg.torch_threads > 0 and torch.get_num_threads() != cfg.torch_threads:
-        torch.set_num_threads(cfg.torch_threads)
+    compute_threads(cfg.torch_threads)
+
+
+def compute_threads(threads: int = 0) -> int:
+    """Set torch's intra-op threads for the calling thread to `threads` (0: leave them;
+    OpenMP keeps the count per thread, so call it on the thread that computes); the count
+    it now uses."""
+    if threads > 0 and torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+    return torch.get_num_threads()
 
 
 def describe_runtime(generator: Generator) -> dict[str, str | int | bool]:

@@ -2,7 +2,8 @@
 
 Scaling experiments need replicas whose service time behaves like a model's (a fixed cost
 per batch plus a cost per request) without competing for the machine's cores: N real
-replicas on two cores cannot add throughput, N sleeping ones can.  Retrieval stays real
+replicas on two cores cannot add throughput, N sleeping ones can.  With a device lock,
+replicas sleep one at a time, as replicas sharing one device would compute.  Retrieval stays real
 (FAISS over hashed bag-of-words vectors, so related words still find related documents),
 and nothing here imports torch.  Answers say `simulated`; they are never a performance
 claim about a model.
@@ -16,6 +17,7 @@ prints the overrides that make the simulated model mimic the measured one.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import hashlib
 import json
 import re
@@ -46,8 +48,15 @@ def cost_of(cfg: ModelConfig) -> SimulatedCost:
     return cfg.simulated
 
 
-def _sleep_ms(fixed_ms: float, per_query_ms: float, batch: int) -> None:
-    time.sleep(max(0.0, fixed_ms + per_query_ms * batch) / 1e3)
+def _sleep_ms(fixed_ms: float, per_query_ms: float, batch: int, device_lock: str) -> None:
+    """The batch's simulated time; with a device lock, holding the device all along."""
+    seconds = max(0.0, fixed_ms + per_query_ms * batch) / 1e3
+    if not device_lock:
+        time.sleep(seconds)
+        return
+    with open(device_lock, "a") as device:
+        fcntl.flock(device, fcntl.LOCK_EX)  # released when the file closes
+        time.sleep(seconds)
 
 
 @dataclass(frozen=True)
@@ -75,7 +84,8 @@ class SimulatedEmbedder:
         return DIM
 
     def embed_queries(self, texts: Sequence[str]) -> np.ndarray:
-        _sleep_ms(self.cost.embed_fixed_ms, self.cost.embed_per_query_ms, len(texts))
+        c = self.cost
+        _sleep_ms(c.embed_fixed_ms, c.embed_per_query_ms, len(texts), c.device_lock)
         return self._vectors(texts)
 
     def embed_documents(self, texts: Sequence[str]) -> np.ndarray:
@@ -121,7 +131,8 @@ class SimulatedGenerator:
         if questions is None:
             questions = [Question(p, 0, Decoding.configured(self.cfg)) for p in prompts]
         steps = max(q.decoding.max_tokens for q in questions)
-        total_ms = self.cost.generate_fixed_ms + self.cost.generate_per_query_ms * len(prompts)
+        c = self.cost
+        total_ms = c.generate_fixed_ms + c.generate_per_query_ms * len(prompts)
         words = f"[simulated answer after {len(prompts)}-request batch]".split(" ")
         words += ["."] * (steps - len(words))
         made = [0] * len(questions)
@@ -129,7 +140,7 @@ class SimulatedGenerator:
         for step in range(1, steps + 1):
             if all(q.cancelled for q in questions):
                 break
-            time.sleep(max(0.0, total_ms) / steps / 1e3)
+            _sleep_ms(total_ms / steps, 0.0, 0, c.device_lock)
             last = time.perf_counter()
             first = first or last
             events = []
@@ -164,6 +175,7 @@ class SimulatedGenerator:
                 f"generate {c.generate_fixed_ms:g} + {c.generate_per_query_ms:g}/query ms"
             ),
             "fitted_from": c.fitted_from,
+            "shared_device": bool(c.device_lock),
         }
 
 

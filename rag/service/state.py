@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -17,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from rag.cluster.admin import TOKEN_ENV
 from rag.config import Config, ServerKind, batch_limits, token_limit
 from rag.service.answering import Answering, NotReady
 from rag.service.batching import Batcher, BatchRecord, Draining
@@ -48,6 +50,10 @@ class ServerState:
     draining: bool = False
     failure: str = ""
     on_fatal: Callable[[], None] = lambda: None
+    # What the admin endpoint requires: the token of the balancer that launched this server
+    # ("" refuses every admin call).
+    admin_token: str = field(default_factory=lambda: os.environ.get(TOKEN_ENV, ""))
+    torch_threads: int | None = None  # on the compute thread; None for the simulated model
     connections: ConnectionGuard = field(init=False)
     metrics: ServerMetrics = field(init=False)
     subscriptions: Subscriptions = field(init=False)  # set by open(), on the event loop
@@ -108,6 +114,8 @@ class ServerState:
             pipeline = await loop.run_in_executor(self.compute, self.load_pipeline)
             loaded = time.perf_counter()
             await loop.run_in_executor(self.compute, pipeline.warm_up)
+            if not self.simulated:
+                self.torch_threads = await self.set_threads(0)
             self.batcher = self._batcher_for(pipeline)
         except Exception as exc:
             self.failure = f"{type(exc).__name__}: {exc}"
@@ -123,6 +131,26 @@ class ServerState:
             f"warm-up {time.perf_counter() - loaded:.1f} s)",
             flush=True,
         )
+
+    @property
+    def simulated(self) -> bool:
+        """The simulated model: nothing computes, so there are no threads to set."""
+        from rag.service.simulated import is_simulated
+
+        model = self.cfg.model
+        return is_simulated(model.generator) and is_simulated(model.embedder)
+
+    async def set_threads(self, threads: int) -> int | None:
+        """Compute with `threads` torch threads (0: keep the count), set on the compute
+        thread after the batch it runs; the count it now uses, None when nothing computes
+        (the simulated model)."""
+        if self.simulated:
+            return None
+        from rag.service.models import compute_threads  # imports torch: off the start path
+
+        loop = asyncio.get_running_loop()
+        self.torch_threads = await loop.run_in_executor(self.compute, compute_threads, threads)
+        return self.torch_threads
 
     def _batcher_for(self, pipeline: RAGPipeline) -> Batcher | ContinuousBatcher:
         """The variant's way into the pipeline: whole batches (of one, one at a time), or

@@ -1,0 +1,230 @@
+"""What a scale-up bought, judged on synthetic traces: a pool whose replicas add capacity
+scales to what the load needs, one whose replicas share one resource stops at the knee and
+takes the rest back, and noise makes neither flap.  The pool is a fluid queue: each second
+the ready replicas serve up to their capacity, the rest waits."""
+
+from __future__ import annotations
+
+import itertools
+import random
+from collections.abc import Callable
+from dataclasses import replace
+
+import pytest
+
+from rag.cluster.autoscaler import Autoscaler
+from rag.cluster.gain import GainCheck, Window, window_of
+from rag.cluster.observation import Observation
+from rag.config import ScalingConfig
+
+CFG = ScalingConfig(
+    min_replicas=1,
+    max_replicas=6,
+    target_ongoing_requests=4,
+    check_interval_s=1,
+    stable_window_s=10,
+    panic_window_s=2,
+    panic_threshold=2.0,
+    upscale_delay_s=4,
+    downscale_delay_s=8,
+    gain_share=0.25,
+    gain_settle_s=2,
+    gain_window_s=6,
+    saturation_cooldown_s=60,
+)
+
+
+def adds(per_replica: float) -> Callable[[int], float]:
+    """Replicas with a resource each: capacity grows with them."""
+    return lambda n: per_replica * n
+
+
+def shares(total: float, knee: int = 1) -> Callable[[int], float]:
+    """Replicas dividing one resource: capacity stops growing at `knee` replicas."""
+    return lambda n: total * min(n, knee) / knee
+
+
+class FluidPool:
+    """Replicas as the autoscaler sees them: new ones ready `start_s` after launch, ones
+    taken back gone `drain_s` after; each second they serve up to `capacity(ready)`, each
+    request in service for `service_s` (in flight: the queue and those in service)."""
+
+    def __init__(
+        self,
+        capacity: Callable[[int], float],
+        cfg: ScalingConfig = CFG,
+        start_s: int = 3,
+        drain_s: int = 2,
+        service_s: float = 0.5,
+        noise: float = 0.0,
+        seed: int = 0,
+    ) -> None:
+        self.scaler = Autoscaler(cfg)
+        self.capacity = capacity
+        self.start_s, self.drain_s, self.noise = start_s, drain_s, noise
+        self.service_s = service_s
+        self.rng = random.Random(seed)
+        self.ready = 1
+        self.starting: list[int] = []  # when each becomes ready
+        self.draining: list[int] = []  # when each is gone
+        self.queue = 0.0
+        self.places = frozenset({"here"})
+        self.now = 0
+        self.counts: list[int] = []
+        self.served: list[float] = []
+        self.rows: list[tuple[str, str]] = []  # (verdict, reason) at each check
+
+    def run(self, arrivals: float, seconds: int) -> FluidPool:
+        for _ in range(seconds):
+            self.step(arrivals)
+        return self
+
+    def step(self, arrivals: float) -> int:
+        self.now += 1
+        self.ready += sum(1 for t in self.starting if t <= self.now)
+        self.starting = [t for t in self.starting if t > self.now]
+        self.draining = [t for t in self.draining if t > self.now]
+        before = self.queue
+        capacity = self.capacity(self.ready) * (1 + self.rng.uniform(-self.noise, self.noise))
+        served = min(before + arrivals, capacity)
+        self.queue = before + arrivals - served
+        obs = Observation(
+            now=float(self.now),
+            seconds=1.0,
+            ongoing=(before + self.queue) / 2 + served * self.service_s,
+            rps=arrivals,
+            ready=self.ready,
+            starting=len(self.starting),
+            draining=len(self.draining),
+            in_flight=round(self.queue + served * self.service_s),
+            served=served,
+            rates={f"r{i}": served / self.ready for i in range(self.ready)},
+            places=self.places,
+        )
+        decision = self.scaler.decide(obs)
+        change = decision.replicas - obs.current
+        self.starting += [self.now + self.start_s] * max(0, change)
+        for _ in range(max(0, -change)):
+            if self.starting:
+                self.starting.pop()
+            else:
+                self.ready -= 1
+                self.draining.append(self.now + self.drain_s)
+        self.counts.append(decision.replicas)
+        self.served.append(served)
+        self.rows.append((decision.verdict, decision.reason))
+        return decision.replicas
+
+    def verdicts(self, word: str) -> list[str]:
+        return [reason for verdict, reason in self.rows if verdict == word]
+
+    def changes(self, since: int = 0) -> int:
+        return sum(a != b for a, b in itertools.pairwise(self.counts[since:]))
+
+
+def test_replicas_that_add_capacity_scale_to_what_the_load_needs():
+    """A step out of light load: no rate before it to compare with, so the first replica
+    added is judged by a probe; once it paid it is back at once, and the pool grows as the
+    load asks, at most doubling at a time (35/s in service for half a second each at 4 per
+    replica: 5 replicas)."""
+    pool = FluidPool(adds(10.0)).run(arrivals=5, seconds=20).run(arrivals=35, seconds=90)
+    assert pool.counts[-1] == 5 and pool.changes(since=95) == 0
+    assert "back up to 2" in pool.verdicts("gain")[0]
+    assert pool.counts[pool.counts.index(4) - 1] == 2  # 2 -> 4 -> 6, never 2 -> 6
+    assert not pool.verdicts("no gain")
+    assert len(pool.verdicts("probe")) == 1
+    (gain,) = pool.verdicts("gain")
+    assert "2 replicas served 20.0/s, 1 serves 10.0/s" in gain
+    assert sum(pool.served[-20:]) / 20 == pytest.approx(35)  # keeps up
+
+
+def test_a_step_onto_a_shared_resource_is_probed_and_taken_back():
+    pool = FluidPool(shares(10.0)).run(arrivals=2, seconds=20).run(arrivals=15, seconds=80)
+    assert max(pool.counts) == 2  # one trial, never more at once
+    assert len(pool.verdicts("probe")) == 1
+    (no_gain,) = pool.verdicts("no gain")
+    assert "2 replicas served 10.0/s, 1 serves 10.0/s; above 1 held 60 s" in no_gain
+    back = pool.counts.index(1, pool.counts.index(2))
+    assert set(pool.counts[back:]) == {1}  # held for the cool-down
+    assert "no gain above 1 replica" in pool.rows[-1][1]  # and saying why
+
+
+def test_a_loaded_pool_judges_its_scale_up_against_the_rate_before_it():
+    """A load just over what one replica serves: the replica was loaded before the
+    scale-up, so its rate then is the comparison, and the new one goes at once."""
+    pool = FluidPool(shares(10.0)).run(arrivals=11, seconds=60)
+    assert not pool.verdicts("probe")
+    (no_gain,) = pool.verdicts("no gain")
+    assert "1 replica served 10.0/s, 2 serve 10.0/s" in no_gain
+    assert pool.counts[-1] == 1
+
+
+def test_replicas_that_share_two_cores_stop_at_the_knee():
+    """Once the second replica paid, the load asks for twice as many; four serve what two
+    do, so two go back, and the next try after the hold adds one."""
+    pool = FluidPool(shares(20.0, knee=2)).run(arrivals=4, seconds=20).run(30, 150)
+    assert pool.counts[-1] == 2 and max(pool.counts) == 4
+    first, second = pool.verdicts("no gain")
+    assert "4 replicas served 20.0/s, 2 serve 20.0/s; above 2 held 60 s" in first
+    assert "2 replicas served 20.0/s, 3 serve 20.0/s; above 2 held 120 s" in second
+
+
+def test_noisy_replicas_that_add_capacity_neither_flap_nor_look_saturated():
+    pool = FluidPool(adds(10.0), noise=0.2, seed=3).run(arrivals=5, seconds=20).run(28, 240)
+    assert not pool.verdicts("no gain")
+    assert pool.counts[100] in (3, 4) and pool.changes(since=100) == 0
+
+
+def test_noisy_replicas_on_a_shared_resource_stay_at_the_knee_between_trials():
+    """After each hold the pool tries one replica more, and each hold is twice the last:
+    four minutes hold three trials, each taken back."""
+    pool = FluidPool(shares(10.0), noise=0.2, seed=5).run(arrivals=2, seconds=20).run(14, 240)
+    assert max(pool.counts) == 2 and pool.counts[-1] == 1
+    holds = [reason.split("held ")[1] for reason in pool.verdicts("no gain")]
+    assert holds == ["60 s", "120 s", "240 s"]
+    ups = sum(b > a for a, b in itertools.pairwise(pool.counts))
+    assert ups == len(holds)
+
+
+def test_a_replica_on_another_host_forgets_the_knee():
+    pool = FluidPool(shares(10.0)).run(arrivals=11, seconds=30)
+    assert pool.scaler.gain.knee is not None and pool.counts[-1] == 1
+    pool.places = frozenset({"here", "there"})  # the machine changed
+    pool.run(arrivals=11, seconds=1)
+    assert pool.scaler.gain.knee is None
+
+
+def test_replicas_on_their_own_allocations_are_judged_on_their_own_rate():
+    """r1 serves a tenth of what r0 does while the queue grows: taken back, itself."""
+    scaler = Autoscaler(CFG, own_rate=True)
+    queue = 0.0
+    decisions = []
+    for second in range(1, 30):
+        rates = {"r0": 10.0} if second < 5 else {"r0": 10.0, "r1": 1.0}
+        served = sum(rates.values())
+        before, queue = queue, queue + 15.0 - served
+        obs = Observation(float(second), 1.0, (before + queue) / 2, 15.0, ready=len(rates),
+                          served=served, rates=rates, places=frozenset({"n1"}))  # fmt: skip
+        decisions.append(scaler.decide(obs))
+    (taken,) = [d for d in decisions if d.verdict == "no gain"]
+    assert taken.drain == ("r1",) and taken.replicas == 1
+    assert "r1 serves 1.0/s on its own, one replica 10.0/s" in taken.reason
+
+
+def test_the_served_rate_is_arrivals_less_the_growth_of_requests_in_flight():
+    # In flight rising 3/s with arrivals at 10/s: 7/s served, the queue grew.
+    trace = [Observation(float(t), 1.0, 3.0 * t, 10.0, ready=1) for t in range(1, 8)]
+    measured = window_of(trace)
+    assert measured == Window(7.0, 10.0, pytest.approx(3.0), {})
+    assert measured.served == pytest.approx(7.0) and measured.grew
+
+
+def test_the_check_can_be_turned_off():
+    pool = FluidPool(shares(10.0), cfg=replace(CFG, gain_share=0.0))
+    pool.run(arrivals=2, seconds=20).run(arrivals=15, seconds=60)
+    assert max(pool.counts) > 2 and not any(verdict for verdict, _ in pool.rows)
+
+
+def test_refuses_a_window_too_short_to_measure():
+    with pytest.raises(ValueError, match="gain_window_s"):
+        GainCheck(replace(CFG, gain_window_s=2))
