@@ -24,9 +24,9 @@ install: $(STAMP)
 demo: install
 	$(BIN)/python -m rag.demo
 
-# Two workers: servers starting in one overlap another's model work (tests/conftest.py groups them).
+# Two workers, a test file's tests on one: servers starting in one overlap the other's model work.
 test: install
-	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadgroup
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 lint: install
 	$(BIN)/ruff check .

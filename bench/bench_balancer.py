@@ -36,7 +36,6 @@ from pathlib import Path
 from typing import Any
 
 from record import BenchRecord, add_check_option
-from stream_client import open_loop, p50
 
 from rag.loadgen import LoadConfig, run_load
 
@@ -242,8 +241,10 @@ def measure(url: str, rate: float, seconds: float) -> dict[str, float]:
 
 def first_token_p50_ms(url: str, rate: float, seconds: float, seed: int) -> tuple[float, int]:
     """TTFT p50 of streamed answers on a poisson schedule, and how many failed."""
-    answers = asyncio.run(open_loop(url, rate, seconds, seed))
-    return p50([a.ttft_s for a in answers]) * 1e3, sum(not a.ok for a in answers)
+    config = LoadConfig(target=url, timing_mode="poisson", rps=rate, duration=seconds,
+                        num_requests=0, seed=seed, timeout=10.0, progress=False)  # fmt: skip
+    _, summary = run_load(config)
+    return summary["ttft_p50_s"] * 1e3, summary["failed"]
 
 
 def main() -> int:

@@ -15,7 +15,6 @@ from its scheduled send.  Targets, as the median over rounds: tokens/s streamed 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import statistics
 import sys
@@ -23,30 +22,36 @@ import sys
 import httpx
 from bench_overload import CLIENT_NICENESS
 from record import BenchRecord, add_check_option
-from stream_client import closed_loop, open_loop, p50
 
 from rag.cluster.process import ServerProcess
+from rag.loadgen import LoadConfig, run_load
 
 VARIANTS = ("batched", "continuous")
 
 
 def saturated(url: str, users: int, seconds: float, stream: bool) -> dict[str, float]:
-    answers, wall = asyncio.run(closed_loop(url, users, seconds, stream))
-    ok = [a for a in answers if a.ok]
+    """A closed loop of `users` for `seconds` through the load generator."""
+    load = LoadConfig(target=url, timing_mode="concurrency", concurrency=users,
+                      duration=seconds, num_requests=0, stream=stream, timeout=300,
+                      progress=False)  # fmt: skip
+    summary = run_load(load)[1]
     return {
-        "tokens_per_s": sum(a.tokens for a in ok) / wall,
-        "answers_per_s": len(ok) / wall,
-        "failed": len(answers) - len(ok),
+        "tokens_per_s": summary["output_tokens_per_s"],
+        "answers_per_s": summary["throughput_rps"],
+        "failed": summary["failed"],
     }
 
 
 def ttft(url: str, rps: float, seconds: float, seed: int) -> dict[str, float]:
-    answers = asyncio.run(open_loop(url, rps, seconds, seed))
+    """A streamed poisson schedule: TTFT and e2e from each request's scheduled send."""
+    load = LoadConfig(target=url, timing_mode="poisson", rps=rps, duration=seconds,
+                      num_requests=0, seed=seed, timeout=300, progress=False)  # fmt: skip
+    summary = run_load(load)[1]
     return {
-        "ttft_p50_s": p50([a.ttft_s for a in answers]),  # a failed one counts as never
-        "e2e_p50_s": p50([a.end_s if a.ok else float("inf") for a in answers]),
-        "failed": sum(not a.ok for a in answers),
-        "sent": len(answers),
+        "ttft_p50_s": summary["ttft_p50_s"],
+        "e2e_p50_s": summary["latency_adj_p50_s"],  # a failed request counts as never
+        "failed": summary["failed"],
+        "sent": summary["scheduled"],
     }
 
 

@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from filelock import FileLock
 
 from rag.cluster.process import ServerProcess
 
@@ -74,9 +75,7 @@ def cuda_visible() -> bool:
     return torch.cuda.is_available()
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    _group_for_workers(items)
     marked = [item for item in items if item.get_closest_marker("slurm")]
     if marked and not slurm_cluster_up():
         skip = pytest.mark.skip(
@@ -93,10 +92,15 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
-def _group_for_workers(items: list[pytest.Item]) -> None:
-    """`make test` runs two pytest-xdist workers with `--dist loadgroup`: a file's tests stay
-    on one worker (they share module fixtures: a sweep, a started server), and every test on
-    the one-node SLURM cluster on the same one, so two never compete for its two CPUs."""
-    for item in items:
-        group = "slurm" if item.get_closest_marker("slurm") else item.nodeid.split("::")[0]
-        item.add_marker(pytest.mark.xdist_group(group))
+@pytest.fixture(autouse=True)
+def one_slurm_test_at_a_time(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[None]:
+    """`make test` runs two pytest-xdist workers (`--dist loadfile`: a file's tests on one,
+    sharing its module fixtures); the SLURM tests of both share one one-node cluster of two
+    CPUs, so they take turns rather than wait behind each other's jobs."""
+    if request.node.get_closest_marker("slurm") is None:
+        yield
+        return
+    with FileLock(tmp_path_factory.getbasetemp().parent / "slurm-tests.lock"):
+        yield
