@@ -6,6 +6,7 @@ the ready replicas serve up to their capacity, the rest waits."""
 from __future__ import annotations
 
 import itertools
+import math
 import random
 from collections.abc import Callable
 from dataclasses import replace
@@ -47,7 +48,8 @@ def shares(total: float, knee: int = 1) -> Callable[[int], float]:
 class FluidPool:
     """Replicas as the autoscaler sees them: new ones ready `start_s` after launch, ones
     taken back gone `drain_s` after; each second they serve up to `capacity(ready)`, each
-    request in service for `service_s` (in flight: the queue and those in service)."""
+    request in service for `service_s` (in flight: the queue and those in service); past
+    `queue_limit` waiting, a request is refused at once."""
 
     def __init__(
         self,
@@ -58,11 +60,13 @@ class FluidPool:
         service_s: float = 0.5,
         noise: float = 0.0,
         seed: int = 0,
+        queue_limit: float = math.inf,
     ) -> None:
         self.scaler = Autoscaler(cfg)
         self.capacity = capacity
         self.start_s, self.drain_s, self.noise = start_s, drain_s, noise
         self.service_s = service_s
+        self.queue_limit = queue_limit  # beyond it a request is refused at once (429)
         self.rng = random.Random(seed)
         self.ready = 1
         self.starting: list[int] = []  # when each becomes ready
@@ -88,6 +92,8 @@ class FluidPool:
         capacity = self.capacity(self.ready) * (1 + self.rng.uniform(-self.noise, self.noise))
         served = min(before + arrivals, capacity)
         self.queue = before + arrivals - served
+        refused = max(0.0, self.queue - self.queue_limit)
+        self.queue -= refused
         obs = Observation(
             now=float(self.now),
             seconds=1.0,
@@ -98,6 +104,7 @@ class FluidPool:
             draining=len(self.draining),
             in_flight=round(self.queue + served * self.service_s),
             served=served,
+            refused=refused,
             rates={f"r{i}": served / self.ready for i in range(self.ready)},
             places=self.places,
         )
@@ -147,6 +154,16 @@ def test_a_step_onto_a_shared_resource_is_probed_and_taken_back():
     back = pool.counts.index(1, pool.counts.index(2))
     assert set(pool.counts[back:]) == {1}  # held for the cool-down
     assert "no gain above 1 replica" in pool.rows[-1][1]  # and saying why
+
+
+def test_replicas_that_refuse_what_they_cannot_take_are_judged_on_what_they_served():
+    """A bounded queue: past it the replicas answer 429 at once, so requests in flight stop
+    growing while the load still exceeds what they serve.  Refusals are no capacity: the
+    scale-up onto the shared resource is seen to serve nothing more and taken back."""
+    pool = FluidPool(shares(10.0), queue_limit=20).run(arrivals=15, seconds=80)
+    (no_gain,) = pool.verdicts("no gain")
+    assert "2 replicas served 10.0/s, 1 serves 10.0/s" in no_gain
+    assert pool.counts[-1] == 1 and not pool.verdicts("kept up")
 
 
 def test_a_loaded_pool_judges_its_scale_up_against_the_rate_before_it():
@@ -217,6 +234,10 @@ def test_the_served_rate_is_arrivals_less_the_growth_of_requests_in_flight():
     measured = window_of(trace)
     assert measured == Window(7.0, 10.0, pytest.approx(3.0), {})
     assert measured.served == pytest.approx(7.0) and measured.grew
+    # In flight steady, 4/s of the 10/s refused at once: 6/s served, the pool fell short.
+    refusing = [Observation(float(t), 1.0, 5.0, 10.0, ready=1, refused=4.0) for t in range(1, 8)]
+    measured = window_of(refusing)
+    assert measured.served == pytest.approx(6.0) and measured.grew
 
 
 def test_the_check_can_be_turned_off():

@@ -46,6 +46,20 @@ def test_the_load_signal_is_the_exact_mean_of_requests_in_flight(tmp_path):
     assert (first.ongoing, first.rps, first.seconds, first.in_flight) == (1.5, 0.5, 4.0, 1)
     assert (second.ongoing, second.rps, second.seconds, second.in_flight) == (1.0, 0.0, 2.0, 0)
     assert (a.in_flight, b.in_flight, a.requests, b.requests) == (0, 0, 1, 1)
+    assert (first.served, first.refused, second.served, second.refused) == (0.25, 0, 0.5, 0)
+
+
+def test_a_refused_answer_is_counted_apart_from_those_served(tmp_path):
+    clock = FakeClock()
+    pool = pool_on(clock, tmp_path, [])
+    replica = Replica("a")
+    for served in (True, False, False, True):
+        pool.begin(replica)
+        pool.end(replica, served)
+    pool.begin(replica)  # still in flight at the sample
+    clock.advance(2.0)
+    sample = pool.sample()
+    assert (sample.rps, sample.served, sample.refused, sample.in_flight) == (2.5, 1.0, 1.0, 1)
 
 
 def test_a_replica_not_ready_by_its_start_deadline_on_the_pools_clock_is_dead(

@@ -353,7 +353,7 @@ class Balancer:
         session = self.pool.session
         assert session is not None
         self.pool.begin(replica)
-        relayed = False
+        relayed = served = False
         try:
             upstream = await session.request(
                 method,
@@ -369,6 +369,7 @@ class Balancer:
                 payload = await upstream.read()
             if upstream.status >= 500:
                 replica.errors += 1
+            served = upstream.status < 400
             kept = {h: upstream.headers[h] for h in FORWARDED_HEADERS if h in upstream.headers}
             return Response(payload, status_code=upstream.status, headers=kept)
         except aiohttp.ClientConnectorError as exc:
@@ -387,7 +388,7 @@ class Balancer:
             )
         finally:
             if not relayed:
-                self.pool.end(replica)
+                self.pool.end(replica, served)
 
     def replica_failed(self, replica: Replica) -> None:
         """A replica broke a hop: counted, and its health checked now."""
@@ -466,7 +467,7 @@ class Relay(Response):
                 self.upstream.close()  # the replica sees its client leave
         finally:
             self.upstream.release()
-            self.balancer.pool.end(self.replica)
+            self.balancer.pool.end(self.replica, self.status_code < 400)
 
     async def _pass_on(self, send: Send) -> bool:
         pending = b""

@@ -8,7 +8,8 @@ passed, the pool's served rate over a window is compared with its rate before:
 
 - the served rate over a window is the arrival rate less the growth of requests in flight
   (the slope of the integrated in-flight mean, which completions arriving a batch at a
-  time do not jolt as a count of them would);
+  time do not jolt as a count of them would) and less the requests refused or failed
+  (replicas that answer 429 at once are short of capacity, not serving);
 - the pool is saturated when the replicas added serve less than `gain_share` of one
   replica's rate each while the queue still grew (had it stopped growing, the load and not
   the replicas bounded what they served).  The replicas beyond what the rate after is worth
@@ -56,19 +57,23 @@ class Window:
     arrivals: float  # requests/s
     growth: float  # requests/s by which requests in flight rose
     rates: dict[str, float]  # requests/s to each replica ready all through the window
+    refused: float = 0.0  # requests/s refused or failed
 
     @property
     def served(self) -> float:
-        return self.arrivals - self.growth
+        return self.arrivals - self.growth - self.refused
 
     @property
     def grew(self) -> bool:
-        return self.growth > GROWTH_TOLERANCE * self.arrivals
+        """The pool fell short of the arrivals: its queue grew, or it refused what it
+        could not take."""
+        return self.growth + self.refused > GROWTH_TOLERANCE * self.arrivals
 
 
 def window_of(observations: Sequence[Observation]) -> Window:
     seconds = sum(o.seconds for o in observations)
     arrivals = sum(o.rps * o.seconds for o in observations) / seconds
+    refused = sum(o.refused * o.seconds for o in observations) / seconds
     growth = 0.0
     if len(observations) >= 3:
         middles = [o.now - o.seconds / 2 for o in observations]
@@ -79,7 +84,7 @@ def window_of(observations: Sequence[Observation]) -> Window:
         replica: sum(o.rates[replica] * o.seconds for o in observations) / seconds
         for replica in throughout
     }
-    return Window(seconds, arrivals, growth, rates)
+    return Window(seconds, arrivals, growth, rates, refused)
 
 
 def replicas(n: int) -> str:

@@ -18,7 +18,10 @@ class Observation:
     starting: int = 0
     draining: int = 0  # taken out of rotation, still answering what they hold
     in_flight: int = 0  # requests in flight now
-    served: float = 0.0  # requests answered per second over the interval
+    served: float = 0.0  # requests answered per second over the interval (2xx/3xx)
+    # Requests/s the replicas refused or failed (429, 503, 504, ...): an answer that costs a
+    # replica next to nothing is not capacity.
+    refused: float = 0.0
     # Requests/s forwarded to each ready replica over the interval, by replica id.
     rates: Mapping[str, float] = field(default_factory=dict)
     # Where the ready replicas compute (their hosts): replicas on one host share it.

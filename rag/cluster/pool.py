@@ -109,7 +109,8 @@ class Sample:
     rps: float
     seconds: float
     in_flight: int  # at the end of the interval
-    served: float  # answers per second (an answer of any status)
+    served: float  # answers per second (2xx/3xx)
+    refused: float  # refusals and failures per second
 
 
 class ReplicaPool:
@@ -134,8 +135,9 @@ class ReplicaPool:
         self._area = 0.0  # integral of requests in flight over time (request-seconds)
         self._changed_at = clock.now()
         self._requests = 0
-        # (time, area, requests, in flight) at the last sample
-        self._sampled = (self._changed_at, 0.0, 0, 0)
+        self._refused = 0  # hops refused or failed
+        # (time, area, requests, in flight, refused) at the last sample
+        self._sampled = (self._changed_at, 0.0, 0, 0, 0)
         self._stopping: set[asyncio.Task] = set()
         # Requests in flight that count as a burst: reaching it wakes the autoscaler at
         # once instead of at its next check (set by the autoscaler after each decision).
@@ -158,9 +160,11 @@ class ReplicaPool:
         replica.in_flight += 1
         replica.requests += 1
 
-    def end(self, replica: Replica) -> None:
+    def end(self, replica: Replica, served: bool = True) -> None:
+        """A request's hop is over: `served` False when it was refused or failed."""
         self._advance()
         self._in_flight -= 1
+        self._refused += not served
         replica.in_flight -= 1
         if replica.state is State.DRAINING and replica.in_flight == 0:
             self._drained(replica)
@@ -169,21 +173,23 @@ class ReplicaPool:
         """Mean requests in flight, the request rate and the answer rate since the previous
         sample."""
         self._advance()
-        then, area, requests, in_flight = self._sampled
+        then, area, requests, in_flight, refused = self._sampled
         now = self._changed_at
         seconds = max(now - then, 1e-9)
-        self._sampled = (now, self._area, self._requests, self._in_flight)
+        self._sampled = (now, self._area, self._requests, self._in_flight, self._refused)
         for replica in self.replicas.values():
             replica.rps = (replica.requests - replica._requests_at_sample) / seconds
             replica._requests_at_sample = replica.requests
         forwarded = self._requests - requests
-        answered = forwarded - (self._in_flight - in_flight)
+        refusals = self._refused - refused
+        answered = forwarded - (self._in_flight - in_flight) - refusals
         return Sample(
             (self._area - area) / seconds,
             forwarded / seconds,
             seconds,
             self._in_flight,
             answered / seconds,
+            refusals / seconds,
         )
 
     # --- lifecycle --------------------------------------------------------------------

@@ -191,6 +191,7 @@ class ScalingService:
             draining=self.pool.count(State.DRAINING),
             in_flight=sample.in_flight,
             served=sample.served,
+            refused=sample.refused,
             rates={r.id: r.rps for r in self.pool.ready},
             places=frozenset(urlsplit(r.url).hostname or "" for r in self.pool.ready),
         )
