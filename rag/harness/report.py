@@ -139,7 +139,7 @@ def _scaling_section(ok: pd.DataFrame) -> list[str]:
     found = scaling["no_gain"].fillna("") if "no_gain" in scaling else pd.Series("", scaling.index)
     lines = [
         f"<li>{html.escape(str(row.variant))} at {row.offered_rps:g}/s ({row.timing_mode}):"
-        f" up to {row.replicas_max:.0f} replicas; "
+        f" up to {row.replicas_max:.0f} replica{'s' * (row.replicas_max != 1)}; "
         + (f"no gain {html.escape(text)}" if text else "no scale-up was found to add nothing")
         + "</li>"
         for row, text in zip(scaling.itertuples(), found, strict=True)
