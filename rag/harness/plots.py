@@ -11,7 +11,7 @@ rate: its panels put the number of concurrent users on x and say "closed loop".
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import matplotlib
@@ -151,29 +151,49 @@ def save_figure(fig: plt.Figure, path: Path) -> Path:
     return path
 
 
+def stats_vs_rate(
+    table: pd.DataFrame,
+    stats: Sequence[tuple[str, str]],
+    label: Callable[[str, str, str], tuple[str, str]],
+    title: str,
+    path: Path,
+) -> Path:
+    """A panel per statistic (columns) and arrival process (rows), each variant a series
+    against the offered rate; `label(column, stat, mode)` gives a panel's title and y label."""
+    modes = timing_modes(table)
+    fig, axes = plt.subplots(len(modes), len(stats), figsize=(16, 4.2 * len(modes)), squeeze=False)
+    for r, mode in enumerate(modes):
+        rows = table[table["timing_mode"] == mode]
+        for c, (column, stat) in enumerate(stats):
+            ax = axes[r][c]
+            for name, colour, s in series(rows):
+                plot_series(ax, s, column, name, colour)
+            log_axis(ax)
+            panel_title, ylabel = label(column, stat, mode)
+            ax.set_title(panel_title)
+            ax.set_ylabel(ylabel)
+            rate_axis(ax, rows)
+            warning_legend(ax, rows)
+    fig.suptitle(title, fontsize=14)
+    return save_figure(fig, path)
+
+
+def since_send(mode: str) -> str:
+    """Where a point's times run from: each send in a closed loop, else the schedule."""
+    return "each send" if mode == CLOSED_LOOP else "scheduled send"
+
+
 def latency_vs_rate(table: pd.DataFrame, out: Path) -> Path | None:
     """Mean, p50, p95, p99 latency against the offered rate; a row per arrival process."""
     table = measured(table)
     if table.empty:
         return None
-    modes = timing_modes(table)
-    fig, axes = plt.subplots(
-        len(modes), len(LATENCY_STATS), figsize=(16, 4.2 * len(modes)), squeeze=False
-    )
-    for r, mode in enumerate(modes):
-        rows = table[table["timing_mode"] == mode]
-        for c, (column, stat) in enumerate(LATENCY_STATS):
-            ax = axes[r][c]
-            for label, colour, s in series(rows):
-                plot_series(ax, s, column, label, colour)
-            log_axis(ax)
-            ax.set_title(f"{stat} latency, {mode_title(mode)}")
-            since = "each send" if mode == CLOSED_LOOP else "scheduled send"
-            ax.set_ylabel(f"latency from {since} (s, log)")
-            rate_axis(ax, rows)
-            warning_legend(ax, rows)
-    fig.suptitle("Latency against offered load (successful requests)", fontsize=14)
-    return save_figure(fig, out / "latency.png")
+
+    def label(column: str, stat: str, mode: str) -> tuple[str, str]:
+        return f"{stat} latency, {mode_title(mode)}", f"latency from {since_send(mode)} (s, log)"
+
+    title = "Latency against offered load (successful requests)"
+    return stats_vs_rate(table, LATENCY_STATS, label, title, out / "latency.png")
 
 
 def throughput_vs_rate(table: pd.DataFrame, out: Path) -> Path | None:

@@ -14,13 +14,14 @@ import pandas as pd
 
 from rag.harness.plots import (
     CLOSED_LOOP,
-    log_axis,
     measured,
     mode_title,
     plot_series,
     rate_axis,
     save_figure,
     series,
+    since_send,
+    stats_vs_rate,
     timing_modes,
     warning_legend,
 )
@@ -42,27 +43,16 @@ def token_latency_vs_rate(table: pd.DataFrame, out: Path) -> Path | None:
     table = _with(table, [column for column, _ in TOKEN_STATS])
     if table.empty:
         return None
-    modes = timing_modes(table)
-    fig, axes = plt.subplots(
-        len(modes), len(TOKEN_STATS), figsize=(16, 4.2 * len(modes)), squeeze=False
-    )
-    for r, mode in enumerate(modes):
-        rows = table[table["timing_mode"] == mode]
-        for c, (column, stat) in enumerate(TOKEN_STATS):
-            ax = axes[r][c]
-            for label, colour, s in series(rows):
-                plot_series(ax, s, column, label, colour)
-            log_axis(ax)
-            ax.set_title(f"{stat}, {mode_title(mode)}")
-            if column.startswith("ttft"):
-                since = "each send" if mode == CLOSED_LOOP else "scheduled send"
-                ax.set_ylabel(f"first token from {since} (s, log)")
-            else:
-                ax.set_ylabel("time per output token (s, log)")
-            rate_axis(ax, rows)
-            warning_legend(ax, rows)
-    fig.suptitle("Time to first token and per output token (successful requests)", fontsize=14)
-    return save_figure(fig, out / "tokens.png")
+
+    def label(column: str, stat: str, mode: str) -> tuple[str, str]:
+        if column.startswith("ttft"):
+            ylabel = f"first token from {since_send(mode)} (s, log)"
+        else:
+            ylabel = "time per output token (s, log)"
+        return f"{stat}, {mode_title(mode)}", ylabel
+
+    title = "Time to first token and per output token (successful requests)"
+    return stats_vs_rate(table, TOKEN_STATS, label, title, out / "tokens.png")
 
 
 def _objectives(rows: pd.DataFrame) -> str:
