@@ -131,13 +131,13 @@ class FluidPool:
 
 def test_replicas_that_add_capacity_scale_to_what_the_load_needs():
     """A step out of light load: no rate before it to compare with, so the first replica
-    added is judged by a probe; once it paid it is back at once, and the pool grows as the
-    load asks, at most doubling at a time (35/s in service for half a second each at 4 per
-    replica: 5 replicas)."""
+    added is judged by a probe; once it paid a whole replica's rate it is back at once, and
+    the pool goes straight to what the load asks (the backlog of the probe: 6, then 35/s
+    in service for half a second each at 4 per replica: 5 replicas)."""
     pool = FluidPool(adds(10.0)).run(arrivals=5, seconds=20).run(arrivals=35, seconds=90)
     assert pool.counts[-1] == 5 and pool.changes(since=95) == 0
     assert "back up to 2" in pool.verdicts("gain")[0]
-    assert pool.counts[pool.counts.index(4) - 1] == 2  # 2 -> 4 -> 6, never 2 -> 6
+    assert pool.counts[pool.counts.index(6) - 1] == 2  # 2 -> 6 at once
     assert not pool.verdicts("no gain")
     assert len(pool.verdicts("probe")) == 1
     (gain,) = pool.verdicts("gain")
@@ -176,13 +176,23 @@ def test_a_loaded_pool_judges_its_scale_up_against_the_rate_before_it():
     assert pool.counts[-1] == 1
 
 
+def test_replicas_that_add_less_than_a_whole_replica_at_most_double():
+    """Each replica adds half of the first one's rate: a gain, but one that shrinks towards
+    a knee, so each scale-up after it at most doubles the pool."""
+    pool = FluidPool(lambda n: 5.0 * (n + 1)).run(arrivals=5, seconds=20).run(40, 120)
+    assert all(b <= 2 * a for a, b in itertools.pairwise(pool.counts))
+    assert pool.counts[-1] == 6 and not pool.verdicts("no gain")
+    assert "2 replicas served 15.0/s, 1 serves 10.0/s" in pool.verdicts("gain")[0]
+
+
 def test_replicas_that_share_two_cores_stop_at_the_knee():
-    """Once the second replica paid, the load asks for twice as many; four serve what two
-    do, so two go back, and the next try after the hold adds one."""
+    """Once the second replica paid a whole replica's rate, the pool goes to what the load
+    asks; six serve what two do, so four go back, and the next try after the hold adds
+    one."""
     pool = FluidPool(shares(20.0, knee=2)).run(arrivals=4, seconds=20).run(30, 150)
-    assert pool.counts[-1] == 2 and max(pool.counts) == 4
+    assert pool.counts[-1] == 2 and max(pool.counts) == 6
     first, second = pool.verdicts("no gain")
-    assert "4 replicas served 20.0/s, 2 serve 20.0/s; above 2 held 60 s" in first
+    assert "6 replicas served 20.0/s, 2 serve 20.0/s; above 2 held 60 s" in first
     assert "2 replicas served 20.0/s, 3 serve 20.0/s; above 2 held 120 s" in second
 
 
@@ -201,6 +211,26 @@ def test_noisy_replicas_on_a_shared_resource_stay_at_the_knee_between_trials():
     assert holds == ["60 s", "120 s", "240 s"]
     ups = sum(b > a for a, b in itertools.pairwise(pool.counts))
     assert ups == len(holds)
+
+
+def test_a_scale_up_is_not_judged_once_the_load_has_stopped():
+    """The load ends while a scale-up is being judged: the queue only drains, whatever the
+    replicas can serve, so no window after it says anything (neither kept up nor a gain),
+    and the pool falls back once the load asks for less."""
+    pool = FluidPool(adds(10.0)).run(arrivals=5, seconds=20).run(arrivals=35, seconds=5)
+    assert pool.scaler.gain.trial is not None
+    pool.run(arrivals=0, seconds=40)
+    assert not any(verdict for verdict, _ in pool.rows)
+    assert pool.counts[-1] == 1
+
+
+def test_a_lull_shorter_than_two_checks_is_still_load():
+    """A poisson load has empty seconds; one check without arrivals does not stop the
+    judgement."""
+    pool = FluidPool(shares(10.0))
+    for second in range(80):
+        pool.step(arrivals=0.0 if second % 5 == 0 else 15.0)
+    assert pool.verdicts("no gain")
 
 
 def test_a_replica_on_another_host_forgets_the_knee():
@@ -238,6 +268,10 @@ def test_the_served_rate_is_arrivals_less_the_growth_of_requests_in_flight():
     refusing = [Observation(float(t), 1.0, 5.0, 10.0, ready=1, refused=4.0) for t in range(1, 8)]
     measured = window_of(refusing)
     assert measured.served == pytest.approx(6.0) and measured.grew
+    # The longest run of checks without an arrival: the load stopped, not a lull.
+    stopping = [Observation(float(t), 1.0, 5.0, 10.0 * (t not in (3, 5, 6)), ready=1)
+                for t in range(1, 8)]  # fmt: skip
+    assert window_of(stopping).idle == 2.0
 
 
 def test_the_check_can_be_turned_off():

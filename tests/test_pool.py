@@ -89,3 +89,21 @@ def test_a_replica_not_ready_by_its_start_deadline_on_the_pools_clock_is_dead(
     assert states == [State.STARTING, State.DEAD]
     assert replica.reason == "not ready within 10 s"
     assert replica.handle.poll() is not None  # stopped with it
+
+
+def test_a_replica_back_from_a_probe_keeps_the_start_time_of_its_launch(tmp_path):
+    """/replicas' start_s is launch to the first /ready: a parked replica that returns
+    within a fraction of a second did not start again."""
+    clock = FakeClock()
+    pool = pool_on(clock, tmp_path, [])
+    replica = Replica("a", launched_at=clock.now())
+    pool.replicas[replica.id] = replica
+    clock.advance(2.0)
+    pool.mark_ready(replica)
+    pool.drain(replica, park=True)
+    assert replica.state is State.PARKED
+    clock.advance(30.0)
+    pool.unpark(replica)
+    clock.advance(0.3)
+    pool.mark_ready(replica)
+    assert replica.describe()["start_s"] == 2.0

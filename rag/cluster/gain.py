@@ -23,10 +23,14 @@ passed, the pool's served rate over a window is compared with its rate before:
   queue still grows after it, the added replicas are taken out for one window to measure
   the count before (a probe: they are kept running, idle, and return at once if they
   paid);
-- none is added while a scale-up is being judged, at most as many as there are at once,
-  and one at a time when there is no saturated window to compare with until a scale-up
-  has paid (and after a knee), so a machine with nothing to spare pays for one replica's
-  trial, not for four.
+- none is added while a scale-up is being judged; one at a time when there is no
+  saturated window to compare with until a scale-up has paid (and after a knee), so a
+  machine with nothing to spare pays for one replica's trial, not for four; at most as
+  many as there are at once after a scale-up that paid less than a whole replica's rate
+  each (within `gain_share` of it), and straight to what the load asks after one that
+  paid in full: replicas that each added a whole replica's rate are not near a knee;
+- a window in which arrivals stopped (the load ended, the queue only drains) judges
+  nothing: its queue shrinks whatever the replicas can serve.
 
 Replicas on allocations of their own (SLURM jobs) are judged on their own rate instead: one
 ready for a settling time and a window, whose own rate is under `gain_share` of the other
@@ -46,6 +50,9 @@ from rag.config import ScalingConfig
 
 # The queue grew when requests in flight rose by more than this share of the arrivals.
 GROWTH_TOLERANCE = 0.05
+# Check intervals in a row without an arrival that mean the load stopped, not a lull of a
+# poisson load (at 5 requests/s two empty seconds come once in about 22,000).
+STOPPED_INTERVALS = 2
 MAX_DOUBLINGS = 4  # a repeated knee holds at most 16 x the cool-down
 
 
@@ -58,6 +65,7 @@ class Window:
     growth: float  # requests/s by which requests in flight rose
     rates: dict[str, float]  # requests/s to each replica ready all through the window
     refused: float = 0.0  # requests/s refused or failed
+    idle: float = 0.0  # the longest run of seconds without an arrival
 
     @property
     def served(self) -> float:
@@ -84,7 +92,16 @@ def window_of(observations: Sequence[Observation]) -> Window:
         replica: sum(o.rates[replica] * o.seconds for o in observations) / seconds
         for replica in throughout
     }
-    return Window(seconds, arrivals, growth, rates, refused)
+    return Window(seconds, arrivals, growth, rates, refused, longest_idle(observations))
+
+
+def longest_idle(observations: Sequence[Observation]) -> float:
+    """The longest run of consecutive checks without an arrival, in seconds."""
+    longest = run = 0.0
+    for o in observations:
+        run = run + o.seconds if o.rps == 0 else 0.0
+        longest = max(longest, run)
+    return longest
 
 
 def replicas(n: int) -> str:
@@ -131,7 +148,10 @@ class GainCheck:
         self.history: deque[Observation] = deque()
         self.trial: Trial | None = None
         self.knee: Knee | None = None
-        self.proven = False  # a scale-up has paid: more than one at a time even out of a step
+        # What the last scale-up that paid added per replica, in one replica's rate (0:
+        # none has): more than one at a time even out of a step, as many as the load asks
+        # once it is about a whole replica's rate.
+        self.paid = 0.0
         self.strikes = 0  # knees found in a row, each doubling the hold
         self._ready_since: dict[str, float] = {}
         self._judged: set[str] = set()
@@ -153,7 +173,7 @@ class GainCheck:
         while self.history[0].now < obs.now - keep:
             self.history.popleft()
         if self.knee is not None and not obs.places <= self.knee.places:
-            self.knee, self.strikes, self.proven = None, 0, False  # another machine
+            self.knee, self.strikes, self.paid = None, 0, 0.0  # another machine
         elif self.knee is not None and obs.now >= self.knee.until:
             self.knee = None
         if not self.enabled:
@@ -170,7 +190,11 @@ class GainCheck:
             return None
         if self.trial is not None:
             return current
-        if not self.strikes and (self.proven or self._saturated_window(current) is not None):
+        if self.strikes:
+            return current + 1
+        if self.paid >= 1 - self.cfg.gain_share:
+            return None
+        if self.paid or self._saturated_window(current) is not None:
             return 2 * max(current, 1)
         return current + 1
 
@@ -217,6 +241,11 @@ class GainCheck:
         measured = window_of(run[::-1])
         return measured if measured.grew else None
 
+    def _stopped(self, measured: Window) -> bool:
+        """Arrivals stopped in the window: a queue that only drains says nothing of what
+        the replicas can serve."""
+        return measured.idle >= STOPPED_INTERVALS * self.cfg.check_interval_s - 1e-9
+
     def _judge_trial(self, obs: Observation) -> Verdict | None:
         trial, cfg = self.trial, self.cfg
         if trial is None:
@@ -232,6 +261,8 @@ class GainCheck:
         if obs.now - trial.settled_at < cfg.gain_settle_s + cfg.gain_window_s - 1e-9:
             return None
         measured = window_of(self._recent(obs.now))
+        if self._stopped(measured):
+            return None  # judged on the next window with arrivals all through
         if not measured.grew:
             self.trial = None
             return Verdict(
@@ -265,7 +296,7 @@ class GainCheck:
             f" {at_high.served:.1f}/s"
         )
         if added >= self.cfg.gain_share * unit:
-            self.proven, self.strikes = True, 0
+            self.paid, self.strikes = added / unit, 0
             return Verdict("gain", f"gain: {rates}", replicas=high if probed else None)
         # As many replicas as the rate after is worth, if each up to the knee added a whole
         # replica's rate and the rest nothing (a probe is back at `low` already).
@@ -280,7 +311,7 @@ class GainCheck:
     def _hold(self, obs: Observation, knee: int) -> float:
         """Hold scale-ups above `knee`; the next try, after the hold, adds one replica."""
         self.strikes += 1
-        self.proven = False
+        self.paid = 0.0
         hold = self.cfg.saturation_cooldown_s * 2 ** min(self.strikes - 1, MAX_DOUBLINGS)
         self.knee = Knee(knee, obs.now + hold, obs.places)
         return hold
@@ -298,9 +329,13 @@ class GainCheck:
             r for r, since in self._ready_since.items()
             if r not in self._judged and obs.now - since >= cfg.gain_settle_s + cfg.gain_window_s
         ]  # fmt: skip
+        if not due:
+            return None
+        measured = window_of(self._recent(obs.now))
+        if self._stopped(measured):
+            return None
         for replica in due:
             self._judged.add(replica)
-            measured = window_of(self._recent(obs.now))
             others = [r for r in measured.rates if r != replica]
             if replica not in measured.rates or not others or not measured.grew:
                 continue  # alone, or the load (not the replicas) bounded what each served
@@ -308,7 +343,7 @@ class GainCheck:
             unit = sum(measured.rates[r] for r in others) / len(others)
             rates = f"{replica} serves {own:.1f}/s on its own, one replica {unit:.1f}/s"
             if own >= cfg.gain_share * unit:
-                self.proven, self.strikes = True, 0
+                self.paid, self.strikes = own / unit, 0
                 return Verdict("gain", f"gain: {rates}")
             knee = obs.current - 1
             hold = self._hold(obs, knee)

@@ -55,6 +55,7 @@ class Replica:
     reason: str = ""  # why it stopped or died
     launched_at: float = 0.0  # on the pool's clock, as ready_at
     ready_at: float | None = None
+    start_s: float | None = None  # launch to its first /ready (a return from a probe is none)
     handle: Any = field(default=None, repr=False)  # the launcher's own (Popen, submitit job)
     strikes: int = 0
     parking: bool = False  # draining to be parked, not stopped
@@ -77,7 +78,7 @@ class Replica:
             "refused": self.refused,
             "requests_per_s": round(self.rps, 3),
             "errors": self.errors,
-            "start_s": round(self.ready_at - self.launched_at, 3) if self.ready_at else None,
+            "start_s": None if self.start_s is None else round(self.start_s, 3),
         }
         if not private:
             return public
@@ -211,6 +212,8 @@ class ReplicaPool:
 
     def mark_ready(self, replica: Replica) -> None:
         replica.ready_at = self.clock.now()
+        if replica.start_s is None:
+            replica.start_s = replica.ready_at - replica.launched_at
         replica.strikes = 0
         self._set_state(replica, State.READY)
         log.info("replica %s ready at %s", replica.id, replica.url)
