@@ -13,7 +13,7 @@ from gguf import GGMLQuantizationType, quants
 from rag.config import compose
 from rag.service.engine import kernels
 from rag.service.engine.engine import Sequence
-from rag.service.engine.int4 import READERS, Int4Linear
+from rag.service.engine.int4 import READERS, Int4Linear, use_int4_for_decode, write_blocks
 from rag.service.engine.slots import causal_mask, eager_attention, sdpa_attention
 from rag.service.generator import Generator
 from rag.service.models import load_generator
@@ -167,6 +167,30 @@ def test_int4_linear_multiplies_few_rows_in_4_bit_and_many_with_the_dense_weight
     torch.testing.assert_close(layer(x), exact, rtol=1e-3, atol=1e-3)
     many = torch.randn(5, 128)
     torch.testing.assert_close(layer(many), dense(many))
+
+
+def test_4_bit_blocks_go_back_into_the_layers_they_name_and_never_where_they_do_not_fit(
+    tmp_path, cache_dir
+):
+    model = tiny_generator(cache_dir).model
+    down = model.model.layers[0].mlp.down_proj  # [64, 128]
+    raw = quants.quantize(down.weight.detach().numpy(), GGMLQuantizationType.Q4_1)
+    parts = READERS[GGMLQuantizationType.Q4_1](raw)
+    path = tmp_path / "blocks.safetensors"
+    write_blocks(path, {"model.layers.0.mlp.down_proj.weight": parts})
+    assert use_int4_for_decode(model, path, max_rows=4) == 1
+    layer = model.model.layers[0].mlp.down_proj
+    assert isinstance(layer, Int4Linear) and layer.dense is down
+    x = torch.randn(3, 128)
+    exact = x @ torch.from_numpy(quants.dequantize(raw, GGMLQuantizationType.Q4_1)).T
+    torch.testing.assert_close(layer(x), exact, rtol=1e-3, atol=1e-3)
+
+    write_blocks(path, {"model.layers.0.mlp.up_proj.weight": parts})  # [128, 64]: no fit
+    with pytest.raises(ValueError, match="do not fit"):
+        use_int4_for_decode(model, path, max_rows=4)
+    write_blocks(path, {"model.layers.9.mlp.down_proj.weight": parts})  # no such layer
+    with pytest.raises(ValueError, match="do not fit"):
+        use_int4_for_decode(model, path, max_rows=4)
 
 
 @pytest.mark.packaged

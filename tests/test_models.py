@@ -14,6 +14,7 @@ from filelock import FileLock
 
 from rag.config import compose
 from rag.service.models import (
+    BLOCKS_FILE,
     CACHE_MANIFEST,
     ModelNotFoundError,
     cpu_has_native_bf16,
@@ -130,7 +131,7 @@ def test_gguf_cache_is_built_once_and_a_corrupt_one_rebuilt(tmp_path, cache_dir)
     source = resolve_source(GGUF_SPEC)
     folder = dequantized_cache(source, cfg)  # shared with the other packaged tests
     manifest = json.loads((folder / CACHE_MANIFEST).read_text())
-    assert "model.safetensors" in manifest and "tokenizer.json" in manifest
+    assert {"model.safetensors", "tokenizer.json", BLOCKS_FILE} <= manifest.keys()
     assert dequantized_cache(source, cfg) == folder  # a complete cache is reused as is
 
     private = compose(["model.dtype=float32", f"model.cache_dir={tmp_path}"]).model
@@ -182,6 +183,7 @@ def test_manifest_lists_every_file(tmp_path):
     (tmp_path / "b.json").write_text("{}")
     _write_manifest(tmp_path)
     assert _cache_is_complete(tmp_path)
+    assert not _cache_is_complete(tmp_path, required=("c.bin",))  # an older version's cache
     (tmp_path / "a.bin").write_bytes(b"abd")
     assert not _cache_is_complete(tmp_path)
     assert not _cache_is_complete(Path(tmp_path / "missing"))

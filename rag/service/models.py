@@ -39,7 +39,7 @@ from transformers import (
 from rag.config import ModelConfig
 from rag.service.embedder import Embedder
 from rag.service.engine.engine import Engine, TokenChooser
-from rag.service.engine.int4 import use_int4_for_decode
+from rag.service.engine.int4 import save_blocks, use_int4_for_decode
 from rag.service.engine.runner import SlotModel, UnsupportedModel, check_supported
 from rag.service.generator import Generator
 from rag.service.shaped import borrowed_tokenizer, is_shaped, shape_of
@@ -50,6 +50,7 @@ log = logging.getLogger(__name__)
 transformers.utils.logging.disable_progress_bar()  # bars would flood server logs
 
 CACHE_MANIFEST = "ragbench-manifest.json"
+BLOCKS_FILE = "int4-blocks.safetensors"  # the GGUF's 4-bit blocks, for decode
 CPUINFO = Path("/proc/cpuinfo")
 # Tiny models borrow a real tokenizer so their prompts tokenise like the real thing.
 TINY_TOKENIZER = "minilm"
@@ -156,10 +157,13 @@ def _file_digest(path: Path) -> str:
         return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
-def _cache_is_complete(folder: Path) -> bool:
-    """A cache folder counts only if its manifest exists and every file matches its digest."""
+def _cache_is_complete(folder: Path, required: tuple[str, ...] = ()) -> bool:
+    """A cache folder counts only if its manifest exists, lists the `required` files (a
+    cache built by an older version may lack one) and every file matches its digest."""
     try:
         manifest = json.loads((folder / CACHE_MANIFEST).read_text())
+        if any(name not in manifest for name in required):
+            return False
         return all(_file_digest(folder / name) == digest for name, digest in manifest.items())
     except (OSError, ValueError, AttributeError):
         return False
@@ -173,7 +177,8 @@ def _write_manifest(folder: Path) -> None:
 
 
 def dequantized_cache(source: ResolvedSource, cfg: ModelConfig) -> Path:
-    """Return a folder holding the GGUF model as plain safetensors, building it if needed.
+    """Return a folder holding the GGUF model as plain safetensors, and its 4-bit blocks
+    (`BLOCKS_FILE`), building it if needed.
 
     The folder is published whole (written under a temporary name, then renamed), so a crash
     leaves no half-written cache; a cache that fails its digests is removed and rebuilt.
@@ -185,7 +190,7 @@ def dequantized_cache(source: ResolvedSource, cfg: ModelConfig) -> Path:
     folder = cache_root(cfg) / f"{gguf.stem}-{_file_digest(gguf)[:16]}"
     with _one_builder(folder):
         if folder.exists():
-            if _cache_is_complete(folder):
+            if _cache_is_complete(folder, required=(BLOCKS_FILE,)):
                 return folder
             log.warning("model cache %s is corrupt or incomplete; rebuilding it", folder)
             shutil.rmtree(folder)
@@ -211,7 +216,8 @@ def _one_builder(folder: Path) -> Iterator[None]:
 
 
 def _dequantize(source: ResolvedSource, folder: Path) -> None:
-    """Load the GGUF through transformers (which dequantises it) and publish it as `folder`."""
+    """Load the GGUF through transformers (which dequantises it) and publish it as `folder`
+    with the 4-bit blocks of its linear layers."""
     assert source.path is not None and source.gguf_file is not None
     gguf = source.path / source.gguf_file
     log.warning("dequantising %s once (about 15 s); later starts load the cache", gguf.name)
@@ -227,6 +233,7 @@ def _dequantize(source: ResolvedSource, folder: Path) -> None:
     with publishing(folder) as staging:
         model.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
+        save_blocks(model, gguf, staging / BLOCKS_FILE)
         _write_manifest(staging)
 
 
@@ -307,6 +314,7 @@ def load_generator(cfg: ModelConfig, max_tokens: int = 0) -> Generator:
     source = resolve_source(cfg.generator)
     device = pick_device(cfg.device)
     dtype = pick_dtype(cfg.dtype, device)
+    blocks = None
     try:
         if source.kind == "tiny":
             _check_tiny(source, "tiny:llama")
@@ -319,10 +327,11 @@ def load_generator(cfg: ModelConfig, max_tokens: int = 0) -> Generator:
             name = location or source.path or source.hub_id
             tokenizer = AutoTokenizer.from_pretrained(name)
             model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
+            blocks = location / BLOCKS_FILE if location else None
     except OSError as exc:
         raise _hub_error(source, exc) from exc
     model = _place(model, device, dtype)
-    engine = build_engine(model, tokenizer, cfg, source, max_tokens) if cfg.engine else None
+    engine = build_engine(model, tokenizer, cfg, blocks, max_tokens) if cfg.engine else None
     generator = Generator(model, tokenizer, cfg, engine)
     generator.share_prefix(cfg.system_prompt)
     return generator
@@ -332,19 +341,19 @@ def build_engine(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     cfg: ModelConfig,
-    source: ResolvedSource,
+    blocks: Path | None = None,
     max_tokens: int = 0,
 ) -> Engine | None:
-    """The step-level engine over `model`, with 4-bit decode where the GGUF allows it;
-    None (transformers' generate) for a model family the engine does not drive."""
+    """The step-level engine over `model`, with 4-bit decode from a GGUF's `blocks`
+    (`BLOCKS_FILE` of its cache) where there are some; None (transformers' generate) for
+    a model family the engine does not drive."""
     try:
         check_supported(model)
     except UnsupportedModel as exc:
         log.warning("%s; generating with transformers' generate", exc)
         return None
-    if cfg.int4_decode and source.gguf_file and model.device.type == "cpu":
-        assert source.path is not None
-        use_int4_for_decode(model, source.path / source.gguf_file, cfg.int4_max_rows)
+    if cfg.int4_decode and blocks is not None and model.device.type == "cpu":
+        use_int4_for_decode(model, blocks, cfg.int4_max_rows)
     decode = cfg.decode_step
     if decode == "auto":
         decode = "graphs" if model.device.type == "cuda" else "dynamic"

@@ -22,6 +22,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from gguf import GGMLQuantizationType, GGUFReader
+from safetensors import safe_open
+from safetensors.numpy import save_file
 from torch.utils.flop_counter import register_flop_formula
 from transformers import PreTrainedModel
 from transformers.modeling_gguf_pytorch_utils import (
@@ -33,6 +35,7 @@ from transformers.modeling_gguf_pytorch_utils import (
 from rag.service.engine.packed import dense_product
 
 GROUP = 32
+FIELDS = ("codes", "scales", "zeros")  # of Blocks, in order
 INT4_MM = torch.ops.aten._weight_int4pack_mm_for_cpu
 
 
@@ -175,28 +178,84 @@ def _reproduces(parts: list[Blocks], weight: torch.Tensor, chunk: int = 1024) ->
     return True
 
 
-def use_int4_for_decode(model: PreTrainedModel, gguf_path: Path, max_rows: int) -> int:
-    """Replace every linear layer whose weight the GGUF holds in 4-bit-expressible blocks
-    (and the LM head, tied to the embedding) with an Int4Linear; returns how many.
-
-    Each one is checked against the weight transformers loaded from the same file, so a
-    name or layout mismatch fails here, loudly, and never changes an answer.
-    """
-    weights = dict(model.named_parameters(remove_duplicate=False))
-    linear_of: dict[int, list[str]] = {}  # a weight tensor's id -> the linear layers using it
-    for name, weight in weights.items():
+def linear_layers(model: PreTrainedModel) -> dict[str, list[str]]:
+    """Each parameter name -> the linear layers whose weight it is (the tied LM head's
+    weight is also the embedding's, so both names lead to `lm_head`)."""
+    users: dict[int, list[str]] = {}  # a weight tensor's id -> the linear layers using it
+    named = dict(model.named_parameters(remove_duplicate=False))
+    for name, weight in named.items():
         module_name = name.removesuffix(".weight")
         if name.endswith(".weight") and isinstance(
             model.get_submodule(module_name), torch.nn.Linear
         ):
-            linear_of.setdefault(id(weight), []).append(module_name)
-    replaced = 0
+            users.setdefault(id(weight), []).append(module_name)
+    return {name: users[id(weight)] for name, weight in named.items() if id(weight) in users}
+
+
+def save_blocks(model: PreTrainedModel, gguf_path: Path, path: Path) -> int:
+    """Write the 4-bit parts of every linear layer's weight that the GGUF holds in blocks
+    to `path` (safetensors); returns how many weights.  Done once, when the model cache is
+    built: reading the GGUF's blocks and mapping its names takes longer than loading the
+    model, and a replica's start is what the autoscaler waits for.
+
+    Each weight's parts are checked against the weight transformers dequantised from the
+    same file, so a name or layout mismatch fails the build, loudly, and never changes an
+    answer.
+    """
+    weights = dict(model.named_parameters(remove_duplicate=False))
+    layers = linear_layers(model)
+    blocks: dict[str, list[Blocks]] = {}
     for source, parts in read_blocks(gguf_path, model):
-        weight = weights[source].detach()
-        modules = linear_of.get(id(weights[source]), [])
-        if modules and not _reproduces(parts, weight):
+        if source not in layers:
+            continue
+        if not _reproduces(parts, weights[source].detach()):
             raise ValueError(f"GGUF blocks of {source} do not reproduce the loaded weight")
-        for module_name in modules:
+        blocks[source] = parts
+    write_blocks(path, blocks)
+    return len(blocks)
+
+
+def write_blocks(path: Path, blocks: dict[str, list[Blocks]]) -> None:
+    """Each weight's parts as `<weight>/<part>/<field>` in one safetensors file."""
+    dtypes = {"codes": np.uint8, "scales": np.float32, "zeros": np.float32}
+    save_file(
+        {
+            f"{source}/{n}/{field}": np.ascontiguousarray(getattr(part, field), dtypes[field])
+            for source, parts in blocks.items()
+            for n, part in enumerate(parts)
+            for field in FIELDS
+        },
+        path,
+    )
+
+
+def load_blocks(path: Path) -> Iterator[tuple[str, list[Blocks]]]:
+    """What `save_blocks` wrote, one weight at a time (only one matrix's codes in memory)."""
+    with safe_open(path, framework="np") as blocks:
+        parts_of: dict[str, int] = {}
+        for key in blocks.keys():  # noqa: SIM118 (safe_open is not iterable)
+            source, n, _ = key.split("/")
+            parts_of[source] = max(parts_of.get(source, 0), int(n) + 1)
+        for source, count in parts_of.items():
+            yield (
+                source,
+                [
+                    Blocks(*(blocks.get_tensor(f"{source}/{n}/{field}") for field in FIELDS))
+                    for n in range(count)
+                ],
+            )
+
+
+def use_int4_for_decode(model: PreTrainedModel, blocks_path: Path, max_rows: int) -> int:
+    """Replace every linear layer whose weight `blocks_path` (written by `save_blocks`)
+    holds with an Int4Linear; returns how many."""
+    layers = linear_layers(model)
+    weights = dict(model.named_parameters(remove_duplicate=False))
+    replaced = 0
+    for source, parts in load_blocks(blocks_path):
+        if source not in layers or parts[0].codes.shape != tuple(weights[source].shape):
+            raise ValueError(f"4-bit blocks of {source} do not fit the model's weights")
+        for module_name in layers[source]:
             parent, attribute = _parent(model, module_name)
             layer = Int4Linear.from_blocks(getattr(parent, attribute), parts, max_rows)
             setattr(parent, attribute, layer)
