@@ -26,7 +26,7 @@ demo: install
 
 # Two workers, a test file's tests on one: servers starting in one overlap the other's model work.
 test: install
-	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 lint: install
 	$(BIN)/ruff check .
