@@ -40,7 +40,7 @@ def children_cpu_s() -> float:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--workers", type=int, default=3, help="as make test runs")
     parser.add_argument("--busy", action="store_true", help="keep one core busy meanwhile")
     add_check_option(parser)
     args = parser.parse_args()

@@ -125,9 +125,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 def one_slurm_test_at_a_time(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[None]:
-    """`make test` runs two pytest-xdist workers (`--dist loadfile`: a file's tests on one,
-    sharing its module fixtures); the SLURM tests of both share one one-node cluster of two
-    CPUs, so they take turns rather than wait behind each other's jobs."""
+    """`make test` runs several pytest-xdist workers (`--dist loadfile`: a file's tests on
+    one, sharing its module fixtures); the SLURM tests of all share one one-node cluster of
+    two CPUs, so they take turns rather than wait behind each other's jobs."""
     if request.node.get_closest_marker("slurm") is None:
         yield
         return
