@@ -75,7 +75,36 @@ def cuda_visible() -> bool:
     return torch.cuda.is_available()
 
 
+# The test files that take longest, longest first (`pytest --durations=0` summed per file).
+# `make test` hands whole files to its workers in collection order: starting these first
+# leaves the short files to fill in at the end, so the workers finish together.
+LONGEST_FILES = [
+    "test_serve.py",
+    "test_scaling.py",
+    "test_sweep.py",
+    "test_scaling_slurm.py",
+    "test_streaming.py",
+    "test_slurm.py",
+    "test_hardening.py",
+    "test_gpu_check.py",
+    "test_pipeline.py",
+    "test_continuous.py",
+    "test_models.py",
+    "test_scaling_streams.py",
+    "test_loadgen_serve.py",
+    "test_openai_api.py",
+    "test_engine.py",
+    "test_edges.py",
+]
+
+
+def longest_files_first(items: list[pytest.Item]) -> None:
+    rank = {name: position for position, name in enumerate(LONGEST_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: files stay whole
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    longest_files_first(items)
     marked = [item for item in items if item.get_closest_marker("slurm")]
     if marked and not slurm_cluster_up():
         skip = pytest.mark.skip(
@@ -96,9 +125,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 def one_slurm_test_at_a_time(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[None]:
-    """`make test` runs two pytest-xdist workers (`--dist loadfile`: a file's tests on one,
-    sharing its module fixtures); the SLURM tests of both share one one-node cluster of two
-    CPUs, so they take turns rather than wait behind each other's jobs."""
+    """`make test` runs several pytest-xdist workers (`--dist loadfile`: a file's tests on
+    one, sharing its module fixtures); the SLURM tests of all share one one-node cluster of
+    two CPUs, so they take turns rather than wait behind each other's jobs."""
     if request.node.get_closest_marker("slurm") is None:
         yield
         return
