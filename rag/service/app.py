@@ -116,7 +116,7 @@ async def ready(request: Request) -> JSONResponse:
     draining."""
     state = state_of(request)
     if state.failure:
-        return json_error(503, f"model loading failed: {state.failure}")
+        return json_error(503, state.failure)
     if state.draining:
         return json_error(503, "draining")
     if not state.ready:

@@ -103,9 +103,7 @@ class Core:
                 await self.set_threads(0)
             self.batcher = self._batcher_for(pipeline)
         except Exception as exc:
-            detail = f"{type(exc).__name__}: {exc}"
-            log.error("model loading failed: %s", detail)
-            self.send(("failed", detail))
+            self.send(("failed", f"model loading failed: {type(exc).__name__}: {exc}"))
             return False
         self.pipeline = pipeline
         self.batcher.start()

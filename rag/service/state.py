@@ -96,8 +96,8 @@ class ServerState:
         """Loading failed or the core died: the server fails (a launcher restarts it)."""
         self.failure = self.failure or detail
         self.ready = False
-        log.error("serving failed: %s", detail)
-        print(f"ragbench serve: failed: {detail}", file=sys.stderr, flush=True)
+        log.error("%s", detail)
+        print(f"ragbench serve: {detail}", file=sys.stderr, flush=True)
         self.on_fatal()
 
     def submit(self, question: Question, timeout_s: float) -> None:
@@ -112,7 +112,7 @@ class ServerState:
 
     def _refusal(self) -> str | None:
         if self.failure:
-            return f"the server has failed: {self.failure}"
+            return self.failure
         if self.draining:
             return "the server is draining"
         if not self.ready:
