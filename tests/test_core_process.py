@@ -3,14 +3,21 @@ index, engine, serving loop).  Each one's death is the other's, and the server's
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 from pathlib import Path
 
 import httpx
 import pytest
+import uvloop
 from cluster_helpers import alive, wait_for
 from sse_helpers import events
+
+from rag.config import compose
+from rag.service.core_link import CoreLink
+from rag.service.events import Event, Kind
+from rag.service.questions import Decoding, Question
 
 HOVER = "Which animals can hover in the air?"
 
@@ -80,3 +87,31 @@ def test_the_core_ends_when_only_the_http_process_is_killed(start_server):
     finally:
         if alive(core):
             os.kill(core, signal.SIGKILL)
+
+
+def test_a_message_larger_than_the_pipe_reaches_the_core(tmp_path):
+    """On uvloop (what the server runs on), whose reader makes the pipe non-blocking, a
+    message the pipe cannot hold at once still goes through whole: the question arrives
+    and is answered (here refused for its length), and the core lives on."""
+    cfg = compose(["model=simulated", f"corpus.cache_dir={tmp_path}"])
+
+    async def ask() -> list[Event]:
+        answered: asyncio.Queue[list[Event]] = asyncio.Queue()
+        ready = asyncio.Event()
+        link = CoreLink(
+            cfg,
+            deliver=answered.put_nowait,
+            on_ready=lambda _: ready.set(),
+            on_failure=lambda detail: answered.put_nowait([]),
+            on_batch=lambda _: None,
+        )
+        link.start()
+        try:
+            await asyncio.wait_for(ready.wait(), 120)
+            link.submit(Question("x" * 2**24, 2, Decoding(4)), timeout_s=60)
+            return await asyncio.wait_for(answered.get(), 120)
+        finally:
+            link.close()
+
+    (event,) = uvloop.run(ask())
+    assert event.kind is Kind.ERROR and event.payload["status"] == 422

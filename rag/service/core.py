@@ -23,6 +23,7 @@ import contextlib
 import ctypes
 import logging
 import os
+import queue
 import signal
 import sys
 import threading
@@ -55,7 +56,10 @@ class Core:
         self.batcher: Batcher | ContinuousBatcher | None = None
         self.draining = False
         self.torch_threads: int | None = None  # on the compute thread; None: simulated
-        self._send_lock = threading.Lock()  # events come from the compute thread too
+        # What goes to the front, sent by a thread of its own: neither the scheduling loop
+        # nor the compute thread ever waits for the front to read.
+        self._outbox: queue.SimpleQueue[tuple | None] = queue.SimpleQueue()
+        self._sender = threading.Thread(target=self._send_forever, name="to-front", daemon=True)
         self._closed = asyncio.Event()
         # All model work (loading, warm-up, batches) runs on this one thread: torch's
         # OpenMP pool belongs to the thread that first used it, and from any other thread
@@ -64,10 +68,15 @@ class Core:
         self.answering = Answering(cfg, self._serving, self.publish, lambda _: None)
 
     def send(self, message: tuple) -> None:
-        """Thread-safe; a front that is gone is the end of this process (the pipe's EOF
-        stops the loop)."""
-        with self._send_lock, contextlib.suppress(OSError):
-            self.conn.send(message)
+        """Thread-safe, and never waits."""
+        self._outbox.put(message)
+
+    def _send_forever(self) -> None:
+        """A front that is gone is the end of this process (the pipe's EOF stops the
+        loop), so a failed send is not this thread's to report."""
+        while (message := self._outbox.get()) is not None:
+            with contextlib.suppress(OSError):
+                self.conn.send(message)
 
     def publish(self, events: list[Event]) -> None:
         self.send(("events", events))
@@ -82,6 +91,7 @@ class Core:
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
         loop.add_reader(self.conn.fileno(), self._read)
+        self._sender.start()
         try:
             if await self._load():
                 await self._closed.wait()
@@ -90,6 +100,8 @@ class Core:
             if self.batcher is not None:
                 await self.batcher.stop()
             self.compute.shutdown(wait=True)
+            self._outbox.put(None)
+            self._sender.join()
 
     async def _load(self) -> bool:
         """Load the models and run one warm-up batch, then tell the front."""

@@ -60,6 +60,10 @@ class CoreLink:
         self.process.start()
         child.close()
         asyncio.get_running_loop().add_reader(self.conn.fileno(), self._read)
+        # uvloop's reader makes the descriptor non-blocking, and a Connection needs it
+        # blocking (a full pipe would fail a send); the core reads promptly, its own sends
+        # never wait for this process, so a send here waits at most for the core's loop.
+        os.set_blocking(self.conn.fileno(), True)
 
     def submit(self, question: Question, timeout_s: float) -> None:
         """Its events follow (the first may be its refusal)."""
