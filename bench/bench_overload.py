@@ -1,5 +1,6 @@
-"""The batched server under 10x overload, on the default models: does admission by deadline
-keep it useful?
+"""The batched server under 10x overload (the default models unless `--model` names
+another): does admission by deadline keep it useful, and does HTTP work leave the compute
+its pace?
 
 Saturated windows (the load generator's closed loop, 2 x max_batch_size users) alternate
 with overload windows (an open-loop poisson schedule from the load generator at
@@ -18,7 +19,7 @@ machine the server's figures are not charged for the load generator's CPU; any d
 costs the client shows up in its latencies (measured from the scheduled send), never in
 the server's favour.
 
-    python bench/bench_overload.py [--deadline 10] [--rounds 3] [--check]
+    python bench/bench_overload.py [--model tiny] [--deadline 10] [--rounds 3] [--check]
 """
 
 from __future__ import annotations
@@ -72,10 +73,13 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=30.0, help="overload window length")
     parser.add_argument("--saturate-seconds", type=float, default=15.0)
     parser.add_argument("--overload", type=float, default=10.0, help="x saturated throughput")
+    parser.add_argument("--model", default="", help="a model preset (default: the config's)")
     add_check_option(parser)
     args = parser.parse_args()
     record = BenchRecord("overload", vars(args))
     overrides = ["variant=batched", f"variant.request_timeout_s={args.deadline}"]
+    if args.model:
+        overrides.append(f"model={args.model}")
     runs = RECORD_DIR / f"overload-{datetime.now():%Y%m%d-%H%M%S}"
     # Goodput counts from when the queue can have filled to the deadline's worth of work.
     settle_s = min(args.deadline, args.seconds / 2)

@@ -4,7 +4,8 @@ answer as the pipeline produces them, then `done` with the whole answer, or `err
 status that tells the client why there is none.  `cancel` withdraws a question whose answer
 is no longer wanted; one cancelled mid-generation stops at the engine's next step.
 
-Everything here runs on the event loop; the requests' ids are all the HTTP side holds.
+Everything here runs on the core process's event loop (rag.service.core); the requests' ids
+are all the HTTP side holds.
 """
 
 from __future__ import annotations

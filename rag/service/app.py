@@ -5,10 +5,10 @@ Every variant one server runs shares one code path: a request becomes a Question
 to the server's answering, whose events (rag.service.responding) make the answer, whole or
 streamed; answering goes through the variant's batcher (batches of one for `base`, the
 engine's running batch for `continuous`).  The OpenAI-compatible routes
-(rag.service.openai_api) take the same path.  Models load in the
-background after the port opens, so `/ping` answers at once and `/ready` tells a launcher
-when the server is worth sending load to.  Every way a request is refused maps to its status
-in one table, REFUSALS, and every error is `{"detail": str}`.
+(rag.service.openai_api) take the same path.  Models load in the core process
+(rag.service.core) after the port opens, so `/ping` answers at once and `/ready` tells a
+launcher when the server is worth sending load to.  Every way a request is refused maps to
+its status in one table, REFUSALS, and every error is `{"detail": str}`.
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
@@ -36,7 +36,7 @@ from rag.service.api import (
 from rag.service.params import decoding_of, read_params
 from rag.service.questions import Question
 from rag.service.responding import RAGFace, respond
-from rag.service.state import ServerState
+from rag.service.state import CoreGone, ServerState
 from rag.service.validation import QueryRejected, read_request
 from rag.web import (
     CLIENT_GONE,
@@ -52,9 +52,6 @@ from rag.web import (
     parse_json,
     require_json,
 )
-
-if TYPE_CHECKING:
-    from rag.service.pipeline import RAGPipeline
 
 log = logging.getLogger("rag.service")
 
@@ -119,7 +116,7 @@ async def ready(request: Request) -> JSONResponse:
     draining."""
     state = state_of(request)
     if state.failure:
-        return json_error(503, f"model loading failed: {state.failure}")
+        return json_error(503, state.failure)
     if state.draining:
         return json_error(503, "draining")
     if not state.ready:
@@ -136,7 +133,10 @@ router.add_api_route(
 @router.get("/metrics", response_class=PlainTextResponse)
 async def metrics(request: Request) -> PlainTextResponse:
     """Prometheus text exposition format."""
-    rendered = state_of(request).metrics.render()
+    state = state_of(request)
+    with suppress(CoreGone):
+        await state.stats()  # the core's counters as of now
+    rendered = state.metrics.render()
     return PlainTextResponse(rendered, media_type="text/plain; version=0.0.4")
 
 
@@ -144,62 +144,13 @@ async def metrics(request: Request) -> PlainTextResponse:
 async def stats(request: Request) -> dict[str, Any]:
     """The batching knobs, the batch-size histogram (continuous: steps by the running
     batch's size) and what the models run on."""
-    from rag.service.simulated import is_simulated
-
-    state = state_of(request)
-    cfg, batcher, pipeline = state.cfg, state.batcher, state.pipeline
-    return {
-        "variant": cfg.variant.name,
-        "model": cfg.model.name,
-        "simulated": is_simulated(cfg.model.generator) or is_simulated(cfg.model.embedder),
-        "replica": cfg.server.replica_id or None,
-        "max_batch_size": batcher.max_batch_size if batcher else None,
-        "max_wait_ms": batcher.max_wait_s * 1e3 if batcher else None,
-        "max_queue": cfg.variant.max_queue,
-        "queue_depth": batcher.depth if batcher else 0,
-        "running": batcher.running if batcher else 0,
-        "service_rate": batcher.service_rate if batcher else None,
-        "dropped": batcher.dropped if batcher else 0,
-        "expired": batcher.expired if batcher else 0,
-        "cancelled": state.answering.cancelled,
-        "engine": _engine_use(pipeline) if pipeline else None,
-        "batch_size_counts": dict(sorted(batcher.batch_size_counts.items())) if batcher else {},
-        "corpus_size": pipeline.index.size if pipeline else None,
-        "runtime": _runtime(state, pipeline) if pipeline else None,
-    }
-
-
-def _engine_use(pipeline: RAGPipeline) -> dict[str, int] | None:
-    """The engine's slots and how many sequences hold one or wait for one."""
-    engine = getattr(pipeline.generator, "engine", None)
-    if engine is None:
-        return None
-    return {"slots": engine.slots, "active": len(engine.active), "waiting": len(engine.waiting)}
-
-
-def _runtime(state: ServerState, pipeline: RAGPipeline) -> dict[str, Any]:
-    """What the models run on; a simulated generator describes its cost model instead."""
-    if hasattr(pipeline.generator, "describe"):
-        return pipeline.generator.describe()
-    from rag.service.models import describe_runtime
-
-    # torch's thread count is per thread: the compute thread's, not this one's
-    return {**describe_runtime(pipeline.generator), "torch_threads": state.torch_threads}
-
-
-def load_default_pipeline(cfg: Config) -> RAGPipeline:
-    """Imported here, on the compute thread, because torch and transformers take seconds
-    to import: the port opens (and /ping answers) before that."""
-    from rag.service.pipeline import RAGPipeline
-
-    return RAGPipeline.from_config(cfg)
+    return await state_of(request).stats()
 
 
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     state: ServerState = app.state.rag
     state.open()
-    state.spawn(state.load())
     yield
     await state.close()
 
@@ -223,9 +174,9 @@ def openapi(app: FastAPI) -> dict[str, Any]:
 
 
 def create_app(cfg: Config) -> FastAPI:
-    """Build the app; models load in the background once it starts."""
+    """Build the app; the core process starts (and loads the models) once it starts."""
     app = FastAPI(title="ragbench RAG service", lifespan=lifespan)
-    state = app.state.rag = ServerState(cfg, partial(load_default_pipeline, cfg))
+    state = app.state.rag = ServerState(cfg)
     app.include_router(router)
     app.include_router(openai_api.router)
     app.include_router(admin.router)

@@ -5,9 +5,9 @@
     token* (streamed requests: one per engine step that produced text)
     done (the answer, as a non-streamed request receives it) | error (status, detail)
 
-The compute side publishes lists of events through a `Publish` callable (from any thread);
-the HTTP side subscribes to a request's events by its id.  Nothing here holds an HTTP
-object, so the compute side can move into a process of its own with a pipe in between."""
+The compute side publishes lists of events through a `Publish` callable (from any thread)
+in the core process (rag.service.core); they cross a pipe, and the HTTP side subscribes to
+a request's events by its id.  Nothing here holds an HTTP object."""
 
 from __future__ import annotations
 
@@ -49,10 +49,9 @@ def docs_payload(hits: list[Hit]) -> list[dict[str, Any]]:
 
 class Subscriptions:
     """The HTTP side's end: one queue of events per open request, fed in publishing order
-    on the event loop whatever thread published."""
+    on the event loop (the core process's pipe is read there)."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = loop
+    def __init__(self) -> None:
         self._queues: dict[int, asyncio.Queue[Event]] = {}
 
     def open(self, request: int) -> asyncio.Queue[Event]:
@@ -63,11 +62,8 @@ class Subscriptions:
     def close(self, request: int) -> None:
         self._queues.pop(request, None)
 
-    def publish(self, events: list[Event]) -> None:
-        """Thread-safe; events of a request that is no longer open are dropped."""
-        self._loop.call_soon_threadsafe(self._deliver, events)
-
-    def _deliver(self, events: list[Event]) -> None:
+    def deliver(self, events: list[Event]) -> None:
+        """On the event loop; events of a request that is no longer open are dropped."""
         for event in events:
             queue = self._queues.get(event.request)
             if queue is not None:

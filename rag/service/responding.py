@@ -58,10 +58,10 @@ async def respond(request: Request, state: ServerState, question: Question, face
     events = state.subscriptions.open(question.id)
 
     def withdraw() -> None:
-        state.answering.cancel(question.id)
+        state.cancel(question.id)
         state.subscriptions.close(question.id)
 
-    state.answering.submit(question, state.cfg.variant.request_timeout_s)
+    state.submit(question, state.cfg.variant.request_timeout_s)
     first = await unless_client_leaves(events.get(), request.receive)
     if first is None:
         withdraw()

@@ -1,0 +1,117 @@
+"""A server is two processes: the HTTP process (torch-free) and its core process (models,
+index, engine, serving loop).  Each one's death is the other's, and the server's failure."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from pathlib import Path
+
+import httpx
+import pytest
+import uvloop
+from cluster_helpers import alive, wait_for
+from sse_helpers import events
+
+from rag.config import compose
+from rag.service.core_link import CoreLink
+from rag.service.events import Event, Kind
+from rag.service.questions import Decoding, Question
+
+HOVER = "Which animals can hover in the air?"
+
+
+def children(pid: int) -> list[int]:
+    """The processes whose parent is `pid`."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def core_of(front: int) -> int:
+    """The core process: the front's child that loaded torch."""
+    (core,) = [pid for pid in children(front) if loads_torch(pid)]
+    return core
+
+
+def loads_torch(pid: int) -> bool:
+    """Whether torch's native library is mapped into the process (importing torch maps it)."""
+    try:
+        return "libtorch" in Path(f"/proc/{pid}/maps").read_text()
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize("variant", ["base", "batched", "continuous"])
+def test_a_ready_servers_http_process_never_loads_torch(start_server, variant):
+    server = start_server(f"variant={variant}")
+    answer = httpx.post(f"{server.url}/rag", json={"query": HOVER, "stream": True}, timeout=60)
+    assert answer.status_code == 200
+    for route in ("/stats", "/metrics", "/openapi.json"):
+        assert httpx.get(f"{server.url}{route}", timeout=30).status_code == 200
+    front = server.process.pid
+    assert not loads_torch(front)
+    assert loads_torch(core_of(front))  # the check would see torch where it is
+
+
+def test_the_core_dying_fails_the_server_and_its_open_requests(start_server):
+    """A stream in flight ends with a 503 error event, and the HTTP process exits non-zero
+    (a launcher restarts it)."""
+    server = start_server("variant=continuous", "server.max_tokens_limit=4000")
+    body = {"query": HOVER, "k": 1, "stream": True, "max_tokens": 4000, "ignore_eos": True}
+    with httpx.stream("POST", f"{server.url}/rag", json=body, timeout=60) as response:
+        received = []
+        for name, data in events(response):
+            received.append((name, data))
+            if name == "token" and len(received) == 2:
+                os.kill(core_of(server.process.pid), signal.SIGKILL)
+    assert received[0][0] == "docs" and received[1][0] == "token"
+    assert received[-1] == ("error", {"detail": "the compute process has ended"})
+    assert server.process.wait(30) != 0
+
+
+def test_the_core_ends_when_only_the_http_process_is_killed(start_server):
+    server = start_server("variant=batched")
+    core = core_of(server.process.pid)
+    server.process.kill()  # the HTTP process alone, by SIGKILL: no chance to stop the core
+    server.process.wait(30)
+    try:
+        wait_for(lambda: not alive(core), 30, "the core process ended with the HTTP process")
+    finally:
+        if alive(core):
+            os.kill(core, signal.SIGKILL)
+
+
+def test_a_message_larger_than_the_pipe_reaches_the_core(tmp_path):
+    """On uvloop (what the server runs on), whose reader makes the pipe non-blocking, a
+    message the pipe cannot hold at once still goes through whole: the question arrives
+    and is answered (here refused for its length), and the core lives on."""
+    cfg = compose(["model=simulated", f"corpus.cache_dir={tmp_path}"])
+
+    async def ask() -> list[Event]:
+        answered: asyncio.Queue[list[Event]] = asyncio.Queue()
+        ready = asyncio.Event()
+        link = CoreLink(
+            cfg,
+            deliver=answered.put_nowait,
+            on_ready=lambda _: ready.set(),
+            on_failure=lambda detail: answered.put_nowait([]),
+            on_batch=lambda _: None,
+        )
+        link.start()
+        try:
+            await asyncio.wait_for(ready.wait(), 120)
+            link.submit(Question("x" * 2**24, 2, Decoding(4)), timeout_s=60)
+            return await asyncio.wait_for(answered.get(), 120)
+        finally:
+            link.close()
+
+    (event,) = uvloop.run(ask())
+    assert event.kind is Kind.ERROR and event.payload["status"] == 422
