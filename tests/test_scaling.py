@@ -309,7 +309,10 @@ def test_a_replica_that_only_divides_one_device_is_taken_back(start_scaling, tmp
         f"model.simulated.device_lock={tmp_path / 'device'}", "variant.max_batch_size=4",
         "model.simulated.generate_fixed_ms=100", "model.simulated.generate_per_query_ms=0",
     )  # fmt: skip
-    overload = LoadConfig(target=server.url, timing_mode="poisson", rps=60, duration=15,
+    # Overloaded (the device serves 40/s) but not so far that the backlog outlives the
+    # requests' timeout, and for long enough that the trial is judged while load arrives
+    # on a busy machine: a window without arrivals judges nothing.
+    overload = LoadConfig(target=server.url, timing_mode="poisson", rps=48, duration=30,
                           num_requests=0, timeout=60, progress=False)  # fmt: skip
     assert run_load(overload)[1]["ok_fraction"] == 1.0
     wait_for(lambda: serving(server.url) == 1, 30, "one replica left")
