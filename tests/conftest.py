@@ -13,9 +13,11 @@ import shutil
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from filelock import FileLock
+from xdist.scheduler import LoadFileScheduling
 
 from rag.cluster.process import ServerProcess
 
@@ -75,16 +77,19 @@ def cuda_visible() -> bool:
     return torch.cuda.is_available()
 
 
+# The files that use the one SLURM cluster: one worker runs them all, one after another
+# (`SlurmFilesTogether`), so no worker sits idle waiting for another's turn on the cluster.
+SLURM_FILES = ["test_slurm.py", "test_scaling_slurm.py", "test_slurm_state.py"]
+
 # The test files that take longest, longest first (`pytest --durations=0` summed per file).
 # `make test` hands whole files to its workers in collection order: starting these first
 # leaves the short files to fill in at the end, so the workers finish together.
 LONGEST_FILES = [
-    "test_serve.py",
+    *SLURM_FILES,
     "test_scaling.py",
     "test_sweep.py",
-    "test_scaling_slurm.py",
+    "test_serve.py",
     "test_streaming.py",
-    "test_slurm.py",
     "test_hardening.py",
     "test_gpu_check.py",
     "test_pipeline.py",
@@ -121,13 +126,26 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
+class SlurmFilesTogether(LoadFileScheduling):
+    """`--dist loadfile`, except that the SLURM files make one scope: on separate workers
+    their tests would take turns on the cluster, each worker waiting idle for the other."""
+
+    def _split_scope(self, nodeid: str) -> str:
+        file = super()._split_scope(nodeid)
+        return "slurm" if Path(file).name in SLURM_FILES else file
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> LoadFileScheduling | None:
+    return SlurmFilesTogether(config, log) if config.getvalue("dist") == "loadfile" else None
+
+
 @pytest.fixture(autouse=True)
 def one_slurm_test_at_a_time(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[None]:
-    """`make test` runs several pytest-xdist workers (`--dist loadfile`: a file's tests on
-    one, sharing its module fixtures); the SLURM tests of all share one one-node cluster of
-    two CPUs, so they take turns rather than wait behind each other's jobs."""
+    """Under a pytest-xdist mode other than `make test`'s, SLURM tests may run on several
+    workers at once; they share one one-node cluster of two CPUs, so they take turns
+    rather than wait behind each other's jobs."""
     if request.node.get_closest_marker("slurm") is None:
         yield
         return

@@ -134,7 +134,8 @@ def test_max_rps_search(tmp_path: Path, cache_overrides: list[str]):
     summary = pd.read_csv(folder / "summary.csv").iloc[0]
     assert len(trials) == summary["trials"] <= 3
     assert trials["offered_rps"].iloc[0] == 4.0
-    assert summary["max_rps"] == trials.loc[trials["meets_slo"], "offered_rps"].max()
+    met = trials.loc[trials["meets_slo"], "offered_rps"]  # none on a machine busy enough
+    assert summary["max_rps"] == (met.max() if len(met) else 0.0)
     requests = pd.read_csv(folder / "requests.csv")
     assert sorted(requests["trial"].unique()) == list(range(len(trials)))
     aggregate(tmp_path / "outputs", tmp_path / "results")
