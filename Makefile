@@ -7,7 +7,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-TEST_WORKERS ?= 3
+TEST_WORKERS ?= 4
 
 .PHONY: install demo test lint bench clean-cache check-core gpu-bundle
 
@@ -24,8 +24,8 @@ install: $(STAMP)
 demo: install
 	$(BIN)/python -m rag.demo
 
-# Three workers on two cores, a test file's tests on one, the longest files first: many tests
-# wait on the servers they start, so a third worker fills the cores (bench/bench_suite.py).
+# Four workers on two cores, a test file's tests on one, the longest files first: many tests
+# wait on the servers they start, so more workers than cores fill them (bench/bench_suite.py).
 test: install
 	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 

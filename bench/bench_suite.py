@@ -1,5 +1,6 @@
-"""How long does `make test` take?  The suite as `make test` runs it (pytest-xdist, a file
-per worker, the longest files first), timed from the start of pytest to its end.
+"""How long does `make test` take?  `make test` itself (pytest-xdist, a file per worker,
+the longest files first), timed from its start to its end, with the slowest tests listed.
+The SLURM tests run when a cluster is up (`slurm/local-cluster.sh up`, as in CI).
 
     ragbench-bench .venv/bin/python bench/bench_suite.py [--workers N] [--busy] [--check]
 
@@ -13,6 +14,7 @@ of the two cores the workers keep busy, the measure behind the worker count.
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import resource
 import subprocess
@@ -27,10 +29,11 @@ TARGET_S = 7 * 60
 SUMMARY = re.compile(r"(\d+) (passed|failed|skipped|errors?)")
 
 
-def pytest_command(workers: int) -> list[str]:
-    """What `make test` runs (the Makefile's test target), with the slowest tests listed."""
-    return [sys.executable, "-m", "pytest", "-n", str(workers), "--dist", "loadfile",
-            "--no-loadscope-reorder", "-p", "no:cacheprovider", "--durations=15"]  # fmt: skip
+def make_test(workers: int | None) -> subprocess.CompletedProcess:
+    """`make test` (with `workers` in place of the Makefile's count), the slowest 15 listed."""
+    command = ["make", "-s", "test", *([f"TEST_WORKERS={workers}"] if workers else [])]
+    env = {**os.environ, "PYTEST_ADDOPTS": "--durations=15 -p no:cacheprovider"}
+    return subprocess.run(command, cwd=REPO, capture_output=True, text=True, env=env)
 
 
 def children_cpu_s() -> float:
@@ -40,7 +43,7 @@ def children_cpu_s() -> float:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workers", type=int, default=3, help="as make test runs")
+    parser.add_argument("--workers", type=int, help="instead of the Makefile's count")
     parser.add_argument("--busy", action="store_true", help="keep one core busy meanwhile")
     add_check_option(parser)
     args = parser.parse_args()
@@ -48,7 +51,7 @@ def main() -> int:
     spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if args.busy else None
     try:
         cpu_before, started = children_cpu_s(), time.perf_counter()
-        run = subprocess.run(pytest_command(args.workers), cwd=REPO, capture_output=True, text=True)
+        run = make_test(args.workers)
         wall_s, cpu_s = time.perf_counter() - started, children_cpu_s() - cpu_before
     finally:
         if spinner is not None:
@@ -63,7 +66,8 @@ def main() -> int:
         "counts": counts, "exit_status": run.returncode, "tail": run.stdout[-6000:],
     }  # fmt: skip
     if not args.busy:
-        detail = f"{args.workers} workers, {cores_busy:.2f} cores busy"
+        workers = args.workers or "the Makefile's"
+        detail = f"{workers} workers, {cores_busy:.2f} cores busy"
         record.target(
             "suite wall time", wall_s, at_most=TARGET_S, unit=" s", fmt=".0f", detail=detail
         )
