@@ -12,6 +12,7 @@ import math
 import os
 import signal
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -96,18 +97,25 @@ def test_a_newcomer_joins_the_running_batch_without_waiting_for_it(start_continu
 
 
 def test_full_queue_answers_429_with_retry_after(start_continuous):
+    """One running, one queued, then a third is refused.  On a busy machine the running
+    request can end while this process waits for a core, and the third is then rightly
+    queued (200): the round is repeated until a third arrives at a full queue."""
     server = start_continuous(*LONG, "variant.max_batch_size=1", "variant.max_queue=1")
-    # One at a time: two sent together could both find the queue before either runs.
-    running_threads, running = send_in_background(server.url, [{"query": HOVER}])
-    wait_for(lambda: stats(server.url)["running"] == 1, 60, "one running")
-    queued_threads, queued = send_in_background(server.url, [{"query": HOVER}])
-    wait_for(lambda: stats(server.url)["queue_depth"] == 1, 60, "one running, one queued")
-    refused = post(server.url, {"query": HOVER})
-    assert refused.status_code == 429 and int(refused.headers["Retry-After"]) >= 1
-    assert "queue is full" in refused.json()["detail"]
-    for thread in running_threads + queued_threads:
-        thread.join(120)
-    assert (running[0].status_code, queued[0].status_code) == (200, 200)
+    deadline = time.monotonic() + 240
+    while True:
+        # One at a time: two sent together could both find the queue before either runs.
+        running_threads, running = send_in_background(server.url, [{"query": HOVER}])
+        wait_for(lambda: stats(server.url)["running"] == 1, 60, "one running")
+        queued_threads, queued = send_in_background(server.url, [{"query": HOVER}])
+        wait_for(lambda: stats(server.url)["queue_depth"] == 1, 60, "one running, one queued")
+        third = post(server.url, {"query": HOVER})
+        for thread in running_threads + queued_threads:
+            thread.join(120)
+        assert (running[0].status_code, queued[0].status_code) == (200, 200)
+        if third.status_code == 429:
+            break
+        assert third.status_code == 200 and time.monotonic() < deadline, third.text
+    assert int(third.headers["Retry-After"]) >= 1 and "queue is full" in third.json()["detail"]
     assert metric(server.url, 'rag_requests_total{status="429"}') == 1
 
 
