@@ -26,7 +26,7 @@ or more than a tenth of the sends late by over 100 ms: a small fraction of the d
 is said so and left out of the goodput figure.  The rate the client carries bounds what
 can be measured, so every answer does fixed work (`model.ignore_eos=true`) of
 `--tokens` new tokens: the default models' 32 (capacity ~9 answers/s, 10x ~90/s); with
-`--model tiny`, 64 (capacity ~60/s, 10x ~600/s, which one client process on these
+`--model tiny`, 64 (capacity 70-95/s, 10x 700-950/s, which one client process on these
 2-core machines carries; at its default 8 tokens the tiny model's 10x is over 2,000/s,
 which it does not).
 
