@@ -346,13 +346,18 @@ def test_the_door_admits_what_the_measured_batches_serve_before_the_deadline(cas
         )
         for size, seconds in knobs["measured"].items():
             batcher.batch_times.record(size, seconds)
-        return await queue_until_refused(batcher, timeout_s=knobs["timeout"])
+        admitted, refusal = await queue_until_refused(batcher, timeout_s=knobs["timeout"])
+        # What the core tells the HTTP process of the next arrival (its door)
+        door = batcher.refusal(batcher.clock.now(), knobs["timeout"])
+        return admitted, refusal, door, batcher.refused
 
-    admitted, refusal = run(scenario())
+    admitted, refusal, door, refused = run(scenario())
     assert admitted == knobs["admitted"]
     assert refusal.retry_after_s == knobs["retry"]
     reason = "queue is full" if case == "unmeasured" else f"past its {knobs['timeout']} s deadline"
     assert reason in str(refusal)
+    assert refused == 1
+    assert door is not None and str(Overloaded(*door)) == str(refusal)
 
 
 def test_one_slow_batch_does_not_stop_the_batcher_for_good():

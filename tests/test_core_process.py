@@ -6,12 +6,14 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
 import pytest
 import uvloop
 from cluster_helpers import alive, wait_for
+from server_metrics import metric
 from sse_helpers import events
 
 from rag.config import compose
@@ -115,3 +117,44 @@ def test_a_message_larger_than_the_pipe_reaches_the_core(tmp_path):
 
     (event,) = uvloop.run(ask())
     assert event.kind is Kind.ERROR and event.payload["status"] == 422
+
+
+def test_while_the_core_refuses_every_arrival_the_http_process_answers_429_itself(start_server):
+    """A full queue behind a running batch shuts the door: the core says until when, the
+    HTTP process answers 429 on its word (the core never hears of it), every refusal is
+    counted in /stats and /metrics, and once the running batch has ended the door is open
+    again.  The simulated model's batches take seconds, so the door stays shut far longer
+    than the test needs."""
+    server = start_server(
+        "variant.max_batch_size=1",
+        "variant.max_queue=1",
+        "variant.max_wait_ms=0",
+        "model.simulated.generate_fixed_ms=3000",
+        model="simulated",
+    )
+
+    def post() -> httpx.Response:
+        return httpx.post(f"{server.url}/rag", json={"query": HOVER}, timeout=60)
+
+    def stats() -> dict:
+        return httpx.get(f"{server.url}/stats", timeout=10).json()
+
+    assert post().status_code == 200  # a batch measured: the door's estimates exist
+    assert stats()["door_shut_for_s"] is None
+    with ThreadPoolExecutor(2) as pool:
+        running = pool.submit(post)
+        wait_for(lambda: stats()["running"] == 1, 30, "a batch running")
+        queued = pool.submit(post)
+        wait_for(lambda: stats()["door_shut_for_s"] is not None, 30, "the door shut")
+        refused = post()
+        assert refused.status_code == 429
+        assert "queue is full" in refused.json()["detail"]
+        assert int(refused.headers["Retry-After"]) >= 1
+        counts = stats()
+        assert counts["refused_by_front"] == 1 and counts["refused"] == 1
+        assert metric(server.url, "rag_refused_total") == 1
+        assert metric(server.url, 'rag_requests_total{status="429"}') == 1
+        assert running.result().status_code == 200
+        assert queued.result().status_code == 200
+    assert post().status_code == 200  # the door open again
+    assert stats()["refused"] == 1

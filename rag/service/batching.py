@@ -142,6 +142,7 @@ class RequestQueue:
         self.clock = clock
         self.dropped = 0  # requests whose caller left (or timed out) before compute
         self.expired = 0  # requests not computed because they could not end in time
+        self.refused = 0  # requests refused at the door (Overloaded)
         self.service_rate: float | None = None  # requests answered per second, smoothed
         self._queue: deque = deque()  # items with a `future`
         self._arrived = asyncio.Event()
@@ -215,24 +216,33 @@ class RequestQueue:
             rate if previous is None else SMOOTHING * rate + (1 - SMOOTHING) * previous
         )
 
-    def _admit(self, now: float, timeout_s: float) -> None:
-        """Raise Draining, or Overloaded when the queue is full or the requests ahead could
-        not be served before this one's deadline; an idle server admits whatever its
-        estimates say."""
-        if self._draining:
-            raise Draining("the server is draining")
+    def refusal(self, now: float, timeout_s: float) -> tuple[str, float] | None:
+        """Why a request arriving `now` with `timeout_s` would be refused (the queue is
+        full, or the requests ahead could not be served before its deadline), and the
+        seconds until one would fit; None when it would be admitted.  An idle server admits
+        whatever its estimates say."""
         if len(self._queue) >= self.max_queue:
             self._drop_abandoned()
         ahead = self.depth
         if ahead >= self.max_queue:
-            raise Overloaded(f"the queue is full ({ahead} waiting)", self._retry_after_full(now))
+            return f"the queue is full ({ahead} waiting)", self._retry_after_full(now)
         finish = self.likely_finish(now, ahead) if self.in_flight else None
         if finish is not None and finish > now + timeout_s:
-            raise Overloaded(
+            reason = (
                 f"{ahead} requests queued ahead; this one would be answered in about "
-                f"{finish - now:.1f} s, past its {timeout_s:g} s deadline",
-                finish - (now + timeout_s),
+                f"{finish - now:.1f} s, past its {timeout_s:g} s deadline"
             )
+            return reason, finish - (now + timeout_s)
+        return None
+
+    def _admit(self, now: float, timeout_s: float) -> None:
+        """Raise Draining, or Overloaded for a `refusal`."""
+        if self._draining:
+            raise Draining("the server is draining")
+        refused = self.refusal(now, timeout_s)
+        if refused is not None:
+            self.refused += 1
+            raise Overloaded(*refused)
 
     async def _wait(self, waiting: Any, timeout_s: float) -> Any:
         """Queue a request and wait for its future, for at most `timeout_s`.  Cancelling

@@ -9,9 +9,17 @@ compute thread needs.  Messages are small pickled tuples over one pipe:
                     ("call", call id, name, argument): stats, threads, drain
     core -> front   ("ready", limits) | ("failed", detail) | ("events", [Event, ...])
                     ("batch", size) | ("reply", call id, value)
+                    ("door", None | (shut until, reason))
 
 A submitted question's refusal is its first event, as in rag.service.answering; the core's
-scheduling loop never waits for the front.  The core ignores SIGTERM and SIGINT (the HTTP
+scheduling loop never waits for the front.  Under overload most questions are refused,
+and each would cost the core a message in and one out, handled on the event loop that
+shares the interpreter lock with the compute thread; so whenever the batcher would refuse
+every arrival (its queue full, or the work queued beyond any new request's deadline), the
+core tells the front until when (`time.monotonic()`, one clock for both processes) and
+why, and the front answers 429 itself until then or until told otherwise: the door's
+state is re-read after every message handled and every batch (continuous: step), and sent
+when it moves.  The core ignores SIGTERM and SIGINT (the HTTP
 process drains it through a call), ends when the pipe closes, and dies with the HTTP
 process however that ends.
 """
@@ -44,6 +52,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("rag.service")
 
 PR_SET_PDEATHSIG = 1
+DOOR_TOLERANCE_S = 0.01  # a door that moves less than this is not worth a message
 
 
 class Core:
@@ -66,6 +75,8 @@ class Core:
         # the same batch runs markedly slower.
         self.compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute")
         self.answering = Answering(cfg, self._serving, self.publish, lambda _: None)
+        self._door: tuple[float, str] | None = None  # as the front last heard it
+        self._door_due = False  # a re-read of the door is scheduled on the event loop
 
     def send(self, message: tuple) -> None:
         """Thread-safe, and never waits."""
@@ -162,6 +173,28 @@ class Core:
 
     def _record_batch(self, record: BatchRecord) -> None:
         self.send(("batch", record.size))
+        self._update_door()
+
+    def _door_after_handled(self) -> None:
+        """Re-read the door once the questions just submitted have met admission (their
+        tasks run before a callback scheduled after them)."""
+        if not self._door_due:
+            self._door_due = True
+            asyncio.get_running_loop().call_soon(self._update_door)
+
+    def _update_door(self) -> None:
+        """Tell the front when its door moves: shut (every arrival would be refused, until
+        when and why) or open."""
+        self._door_due = False
+        batcher = self.batcher
+        if batcher is None or self.draining:  # the front refuses those itself
+            return
+        now = batcher.clock.now()
+        refused = batcher.refusal(now, self.cfg.variant.request_timeout_s)
+        door = None if refused is None else (now + refused[1], refused[0])
+        if _door_moved(self._door, door):
+            self._door = door
+            self.send(("door", door))
 
     def _read(self) -> None:
         """Every message waiting on the pipe, handled on the event loop."""
@@ -171,6 +204,8 @@ class Core:
         except (EOFError, OSError):  # the front is gone
             self._closed.set()
             asyncio.get_running_loop().remove_reader(self.conn.fileno())
+            return
+        self._door_after_handled()
 
     def _handle(self, message: tuple) -> None:
         kind = message[0]
@@ -228,6 +263,7 @@ class Core:
             "service_rate": batcher.service_rate if batcher else None,
             "dropped": batcher.dropped if batcher else 0,
             "expired": batcher.expired if batcher else 0,
+            "refused": batcher.refused if batcher else 0,
             "cancelled": self.answering.cancelled,
             "engine": _engine_use(pipeline) if pipeline else None,
             "batch_size_counts": dict(sorted(batcher.batch_size_counts.items())) if batcher else {},
@@ -247,6 +283,13 @@ class Core:
             # torch's thread count is per thread: the compute thread's, not this one's
             runtime = {**describe_runtime(pipeline.generator), "torch_threads": self.torch_threads}
         return {name: _plain(value) for name, value in runtime.items()}
+
+
+def _door_moved(last: tuple[float, str] | None, now: tuple[float, str] | None) -> bool:
+    """Whether the door opened, shut, or moves its opening by more than the tolerance."""
+    if last is None or now is None:
+        return (last is None) != (now is None)
+    return abs(now[0] - last[0]) > DOOR_TOLERANCE_S
 
 
 def _engine_use(pipeline: RAGPipeline) -> dict[str, int] | None:

@@ -4,6 +4,10 @@ questions, cancels and calls, and hands what it says to the HTTP side.
 Torch-free: the HTTP process never imports the models.  The pipe is read on the event loop
 (`add_reader`), a few microseconds of unpickling per message.  The core's death (the pipe's
 EOF) is the server's failure: every open request hears 503 and `on_death` runs.
+
+While the core says its door is shut (rag.service.core: every arrival would be refused,
+until a given moment), `submit` answers 429 here, with the core's reason, and counts it in
+`refused`; the core hears nothing of those questions.
 """
 
 from __future__ import annotations
@@ -12,10 +16,13 @@ import asyncio
 import itertools
 import multiprocessing
 import os
+import time
 from collections.abc import Callable
 from typing import Any
 
 from rag.config import Config
+from rag.service.answering import error_payload
+from rag.service.batching import Overloaded
 from rag.service.events import Event, Kind
 from rag.service.questions import Question
 from rag.service.validation import QueryLimits
@@ -47,6 +54,8 @@ class CoreLink:
         self._replies: dict[int, asyncio.Future] = {}
         self._open: set[int] = set()  # questions submitted and not yet answered
         self._gone = False
+        self._door: tuple[float, str] | None = None  # shut until (monotonic), and why
+        self.refused = 0  # questions answered 429 here, the core's door being shut
 
     def start(self) -> None:
         """Spawn the core process and read its pipe on the running event loop."""
@@ -70,8 +79,21 @@ class CoreLink:
         if self._gone:
             self.deliver([_gone(question.id)])
             return
+        shut_for = self.door_shut_for()
+        if shut_for is not None and self._door is not None:
+            self.refused += 1
+            refusal = error_payload(Overloaded(self._door[1], shut_for))
+            self.deliver([Event(question.id, Kind.ERROR, refusal)])
+            return
         self._open.add(question.id)
         self._send(("submit", question, timeout_s))
+
+    def door_shut_for(self) -> float | None:
+        """Seconds until the core's door opens, as the core last said; None while open."""
+        if self._door is None:
+            return None
+        left = self._door[0] - time.monotonic()
+        return left if left > 0 else None
 
     def cancel(self, request: int) -> None:
         if request in self._open:
@@ -110,6 +132,8 @@ class CoreLink:
             self.deliver(events)
         elif kind == "batch":
             self.on_batch(message[1])
+        elif kind == "door":
+            self._door = message[1]
         elif kind == "reply":
             future = self._replies.pop(message[1], None)
             if future is not None and not future.done():

@@ -35,6 +35,7 @@ class ServerMetrics:
         queue_depth: Callable[[], float],
         dropped: Callable[[], float],
         cancelled: Callable[[], float],
+        refused: Callable[[], float],
         connections: ConnectionGuard,
     ) -> None:
         self.registry = CollectorRegistry()
@@ -81,6 +82,13 @@ class ServerMetrics:
                 "rag_dropped",
                 "Requests dropped before compute (client gone, or past their deadline)",
                 dropped,
+            )
+        )
+        self.registry.register(
+            _CounterReading(
+                "rag_refused",
+                "Requests refused 429 for overload (queue full, or not servable by their deadline)",
+                refused,
             )
         )
         self.registry.register(

@@ -67,6 +67,7 @@ class ServerState:
             queue_depth=lambda: self.counters.get("queue_depth", 0),
             dropped=lambda: self.counters.get("dropped", 0) + self.counters.get("expired", 0),
             cancelled=lambda: self.counters.get("cancelled", 0),
+            refused=lambda: self.counters.get("refused", 0),
             connections=self.connections,
         )
         self.generation_params = generation_params(token_limit(self.cfg))
@@ -132,8 +133,14 @@ class ServerState:
         return QueryLimits(server.max_query_chars, server.k_max, corpus_size=server.k_max)
 
     async def stats(self) -> dict[str, Any]:
-        """The core's stats (rag.service.core.Core.stats); its counters kept for metrics."""
+        """The core's stats (rag.service.core.Core.stats), its refusals counted with those
+        answered here on its word (`refused_by_front`), and how long this process will
+        still refuse every arrival (`door_shut_for_s`, None when it forwards them); the
+        core's counters kept for metrics."""
         stats = await self.core.call("stats")
+        stats["refused"] += self.core.refused
+        stats["refused_by_front"] = self.core.refused
+        stats["door_shut_for_s"] = self.core.door_shut_for()
         self.counters = stats
         return stats
 
