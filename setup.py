@@ -31,7 +31,8 @@ def kernels() -> dict:
         "rag.service.engine._kernels",
         ["rag/service/engine/kernels.cpp", "rag/service/engine/layer_ops.cpp"],
         # AVX2 and FMA (x86-64-v3): every CPU these run on has them; kernels.py checks.
-        extra_compile_args=["-O3", "-march=x86-64-v3", "-fopenmp"],
+        # Without trapping maths the compiler vectorises loops with branches (min, max, NaN).
+        extra_compile_args=["-O3", "-march=x86-64-v3", "-fopenmp", "-fno-trapping-math"],
         extra_link_args=["-lgomp"],  # torch's own OpenMP runtime, already loaded
     )
     return {"ext_modules": [extension], "cmdclass": {"build_ext": OptionalBuild}}

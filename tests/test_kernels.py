@@ -93,14 +93,6 @@ def test_rotary_turns_queries_and_keys_in_place_as_the_torch_path(dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_silu_mul_computes_the_gated_activation(dtype):
-    generator = torch.Generator().manual_seed(3)
-    gate_up = (4 * torch.randn(29, 2 * 1536, generator=generator)).to(dtype)
-    gate, up = gate_up.chunk(2, dim=-1)
-    assert_near(kernels.silu_mul(gate_up), F.silu(gate) * up)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("past", [0, 5])
 def test_causal_softmax_gives_the_masked_softmax_of_the_scaled_scores(dtype, past):
     """A prompt's scores per key head and query head ([kv_heads, group, count, past +

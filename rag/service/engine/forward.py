@@ -16,15 +16,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel
-from transformers.activations import SiLUActivation
 
 from rag.service.engine import kernels
 from rag.service.engine.fused import fuse
 from rag.service.engine.int4 import Int4Linear
 from rag.service.engine.packed import PackedLinear, SlicedLinear, can_pack, dense_product
 from rag.service.engine.slots import SlotCache, StepPlan, attention
-
-SILU = (SiLUActivation, torch.nn.SiLU)
 
 
 class Forward:
@@ -91,7 +88,8 @@ class Forward:
         return project(module.o_proj, attended)
 
     def _mlp(self, module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-        return project(module.down_proj, gated(module.act_fn, project(module.gate_up_proj, x)))
+        gate, up = project(module.gate_up_proj, x).chunk(2, dim=-1)
+        return project(module.down_proj, module.act_fn(gate) * up)
 
 
 def rms_norm(norm: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -107,7 +105,7 @@ def residual_norm(
 ) -> torch.Tensor:
     """hidden += delta, in place (the residual connection; none when delta is None), then
     `rms_norm` of the sum: one pass over the rows with the engine's kernel."""
-    if kernels.available(hidden) and norm.weight.dtype == hidden.dtype:
+    if kernels.layer_ops(hidden) and norm.weight.dtype == hidden.dtype:
         return kernels.add_rms_norm_(hidden, delta, norm.weight, norm.variance_epsilon)
     if delta is not None:
         hidden.add_(delta)
@@ -117,21 +115,12 @@ def residual_norm(
 def rotate(qk: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
     """The rotary embedding of queries and keys ([tokens, heads, head_dim]; cos and
     signed_sin [tokens, head_dim]): in place with the engine's kernel."""
-    if kernels.available(qk):
+    if kernels.layer_ops(qk):
         kernels.rotary_(qk, cos, signed_sin)
         return qk
     tokens, heads, dim = qk.shape
     swapped = qk.view(tokens, heads, 2, dim // 2).flip(2).view(qk.shape)
     return qk * cos[:, None] + swapped * signed_sin[:, None]
-
-
-def gated(act_fn: torch.nn.Module, gate_up: torch.Tensor) -> torch.Tensor:
-    """act_fn(gate) * up over the fused gate/up product [rows, 2 x width]: SiLU's in one
-    pass with the engine's kernel."""
-    if kernels.available(gate_up) and isinstance(act_fn, SILU):
-        return kernels.silu_mul(gate_up)
-    gate, up = gate_up.chunk(2, dim=-1)
-    return act_fn(gate) * up
 
 
 def project(layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -37,6 +37,11 @@ def available(tensor: torch.Tensor) -> bool:
     return LOADED and tensor.device.type == "cpu"
 
 
+def layer_ops(tensor: torch.Tensor) -> bool:
+    """Whether the layer kernels (layer_ops.cpp: float32 and bfloat16) compute on it."""
+    return available(tensor) and tensor.dtype in (torch.float32, torch.bfloat16)
+
+
 def decode_attention(
     query: torch.Tensor,
     keys: torch.Tensor,
@@ -62,11 +67,6 @@ def rotary_(qk: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> No
     """qk ([tokens, heads, head_dim]) turned in place to qk cos + swap_halves(qk) signed_sin
     (cos, signed_sin [tokens, head_dim])."""
     torch.ops.ragbench.rotary_(qk, cos, signed_sin)
-
-
-def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
-    """SiLU(gate) * up for gate_up [rows, 2 x width] (gate, then up); [rows, width]."""
-    return torch.ops.ragbench.silu_mul(gate_up)
 
 
 def causal_softmax_(scores: torch.Tensor, scale: float, past: int) -> None:

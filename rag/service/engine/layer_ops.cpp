@@ -5,12 +5,13 @@
 // megabytes) and converting bf16 to float and back on the way.  Each kernel rounds where the
 // torch code rounds (to the tensors' dtype after each operation torch runs in it) and
 // accumulates in float32 where it does, so its results are torch's, give or take the last
-// bit of an exp or of a sum taken in another order.
+// bit of an exp or of a sum taken in another order.  float32 and bfloat16 only: bf16 is
+// read and written as its 16 bits, with integer arithmetic the compiler vectorises (c10's
+// conversions, called per element, are not).
 //
 // add_rms_norm_: the residual add and the next RMSNorm (hidden += delta, in place; the
 //   norm of the sum, in float32, cast back, times the weight), or the norm alone.
 // rotary_: the rotary embedding, in place, on every query and key head of each token.
-// silu_mul: SiLU(gate) * up, the MLP's activation over its fused gate/up product.
 // causal_softmax_: a prompt's attention scores (scaled, causal, softmax in float32), in place.
 
 #include <ATen/ATen.h>
@@ -20,6 +21,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 #include "fast_exp.h"
@@ -29,44 +31,97 @@ namespace {
 // Rows of work per task: enough elements that the threads' start-up is paid off.
 int64_t grain(int64_t row_elements) { return std::max<int64_t>(1, 16384 / row_elements); }
 
-// A float rounded to the tensors' dtype and back, as storing an intermediate result does.
+// How each dtype is stored: load gives a float, store rounds one back (to the nearest,
+// ties to even, as c10 does), rounded gives what storing then loading would.
 template <typename scalar_t>
-inline float rounded(float x) {
-  return static_cast<float>(static_cast<scalar_t>(x));
+struct Stored;
+
+template <>
+struct Stored<float> {
+  using raw = float;
+  static float load(float x) { return x; }
+  static float store(float x) { return x; }
+  static float rounded(float x) { return x; }
+};
+
+template <>
+struct Stored<c10::BFloat16> {
+  using raw = uint16_t;
+  static float load(uint16_t x) {
+    const uint32_t bits = static_cast<uint32_t>(x) << 16;
+    float f;
+    std::memcpy(&f, &bits, sizeof f);
+    return f;
+  }
+  static uint32_t round_bits(float x) {
+    uint32_t bits;
+    std::memcpy(&bits, &x, sizeof bits);
+    return x != x ? 0x7FC00000u : bits + 0x7FFFu + ((bits >> 16) & 1u);
+  }
+  static uint16_t store(float x) { return static_cast<uint16_t>(round_bits(x) >> 16); }
+  static float rounded(float x) {
+    const uint32_t bits = round_bits(x) & 0xFFFF0000u;
+    float f;
+    std::memcpy(&f, &bits, sizeof f);
+    return f;
+  }
+};
+
+// f(scalar_t{}) for the tensors' dtype, float32 or bfloat16.
+template <typename F>
+void float_or_bf16(at::ScalarType dtype, const char* name, F&& f) {
+  if (dtype == at::kFloat)
+    f(float{});
+  else if (dtype == at::kBFloat16)
+    f(c10::BFloat16{});
+  else
+    TORCH_CHECK(false, name, ": float32 or bfloat16 only");
+}
+
+template <typename scalar_t>
+using raw_t = typename Stored<scalar_t>::raw;
+
+template <typename scalar_t>
+raw_t<scalar_t>* raw(at::Tensor& t) {
+  return reinterpret_cast<raw_t<scalar_t>*>(t.data_ptr<scalar_t>());
+}
+
+template <typename scalar_t>
+const raw_t<scalar_t>* raw(const at::Tensor& t) {
+  return reinterpret_cast<const raw_t<scalar_t>*>(t.const_data_ptr<scalar_t>());
 }
 
 template <typename scalar_t>
 void add_rms_norm_kernel(at::Tensor& hidden, const at::Tensor* delta, const at::Tensor& weight,
                          float eps, at::Tensor& out) {
+  using S = Stored<scalar_t>;
   const int64_t rows = hidden.size(0), width = hidden.size(1);
-  scalar_t* h_all = hidden.data_ptr<scalar_t>();
-  const scalar_t* d_all = delta ? delta->const_data_ptr<scalar_t>() : nullptr;
-  const scalar_t* w = weight.const_data_ptr<scalar_t>();
-  scalar_t* out_all = out.data_ptr<scalar_t>();
+  raw_t<scalar_t>* h_all = raw<scalar_t>(hidden);
+  const raw_t<scalar_t>* d_all = delta ? raw<scalar_t>(*delta) : nullptr;
+  const raw_t<scalar_t>* w = raw<scalar_t>(weight);
+  raw_t<scalar_t>* out_all = raw<scalar_t>(out);
   at::parallel_for(0, rows, grain(width), [&](int64_t begin, int64_t end) {
     std::vector<float> x(width);
     for (int64_t r = begin; r < end; ++r) {
-      scalar_t* h = h_all + r * width;
+      raw_t<scalar_t>* h = h_all + r * width;
       if (d_all) {
-        const scalar_t* d = d_all + r * width;
+        const raw_t<scalar_t>* d = d_all + r * width;
 #pragma omp simd
         for (int64_t i = 0; i < width; ++i) {
-          const scalar_t sum = static_cast<scalar_t>(static_cast<float>(h[i]) + static_cast<float>(d[i]));
-          h[i] = sum;
-          x[i] = static_cast<float>(sum);
+          x[i] = S::rounded(S::load(h[i]) + S::load(d[i]));
+          h[i] = S::store(x[i]);
         }
       } else {
 #pragma omp simd
-        for (int64_t i = 0; i < width; ++i) x[i] = static_cast<float>(h[i]);
+        for (int64_t i = 0; i < width; ++i) x[i] = S::load(h[i]);
       }
       float squares = 0.f;
 #pragma omp simd reduction(+ : squares)
       for (int64_t i = 0; i < width; ++i) squares += x[i] * x[i];
       const float inverse = 1.f / std::sqrt(squares / static_cast<float>(width) + eps);
-      scalar_t* o = out_all + r * width;
+      raw_t<scalar_t>* o = out_all + r * width;
 #pragma omp simd
-      for (int64_t i = 0; i < width; ++i)
-        o[i] = static_cast<scalar_t>(static_cast<float>(w[i]) * rounded<scalar_t>(x[i] * inverse));
+      for (int64_t i = 0; i < width; ++i) o[i] = S::store(S::load(w[i]) * S::rounded(x[i] * inverse));
     }
   });
 }
@@ -86,38 +141,39 @@ at::Tensor add_rms_norm_(at::Tensor& hidden, const std::optional<at::Tensor>& de
     d = delta->contiguous();
   }
   at::Tensor out = at::empty_like(hidden);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, hidden.scalar_type(), "add_rms_norm_",
-                                  [&] {
-                                    add_rms_norm_kernel<scalar_t>(hidden, d.defined() ? &d : nullptr,
-                                                                  w, static_cast<float>(eps), out);
-                                  });
+  float_or_bf16(hidden.scalar_type(), "add_rms_norm_", [&](auto tag) {
+    using scalar_t = decltype(tag);
+    add_rms_norm_kernel<scalar_t>(hidden, d.defined() ? &d : nullptr, w, static_cast<float>(eps), out);
+  });
   return out;
 }
 
 template <typename scalar_t>
 void rotary_kernel(at::Tensor& qk, const at::Tensor& cos, const at::Tensor& signed_sin) {
+  using S = Stored<scalar_t>;
   const int64_t tokens = qk.size(0), heads = qk.size(1), dim = qk.size(2), half = dim / 2;
   const int64_t token_stride = qk.stride(0), head_stride = qk.stride(1);
-  scalar_t* x_all = qk.data_ptr<scalar_t>();
-  const scalar_t* c_all = cos.const_data_ptr<scalar_t>();
-  const scalar_t* s_all = signed_sin.const_data_ptr<scalar_t>();
+  raw_t<scalar_t>* x_all = raw<scalar_t>(qk);
+  const raw_t<scalar_t>* c_all = raw<scalar_t>(cos);
+  const raw_t<scalar_t>* s_all = raw<scalar_t>(signed_sin);
   at::parallel_for(0, tokens, grain(heads * dim), [&](int64_t begin, int64_t end) {
-    std::vector<float> x(dim);
+    std::vector<float> c(dim), s(dim), x(dim);
     for (int64_t t = begin; t < end; ++t) {
-      const scalar_t* c = c_all + t * dim;
-      const scalar_t* s = s_all + t * dim;
-      for (int64_t h = 0; h < heads; ++h) {
-        scalar_t* head = x_all + t * token_stride + h * head_stride;
 #pragma omp simd
-        for (int64_t i = 0; i < dim; ++i) x[i] = static_cast<float>(head[i]);
+      for (int64_t i = 0; i < dim; ++i) {
+        c[i] = S::load(c_all[t * dim + i]);
+        s[i] = S::load(s_all[t * dim + i]);
+      }
+      for (int64_t h = 0; h < heads; ++h) {
+        raw_t<scalar_t>* head = x_all + t * token_stride + h * head_stride;
+#pragma omp simd
+        for (int64_t i = 0; i < dim; ++i) x[i] = S::load(head[i]);
         // x cos + swap_halves(x) signed_sin, each product rounded as torch stores it
 #pragma omp simd
         for (int64_t i = 0; i < half; ++i) {
-          head[i] = static_cast<scalar_t>(rounded<scalar_t>(x[i] * static_cast<float>(c[i])) +
-                                          rounded<scalar_t>(x[i + half] * static_cast<float>(s[i])));
-          head[i + half] = static_cast<scalar_t>(
-              rounded<scalar_t>(x[i + half] * static_cast<float>(c[i + half])) +
-              rounded<scalar_t>(x[i] * static_cast<float>(s[i + half])));
+          head[i] = S::store(S::rounded(x[i] * c[i]) + S::rounded(x[i + half] * s[i]));
+          head[i + half] =
+              S::store(S::rounded(x[i + half] * c[i + half]) + S::rounded(x[i] * s[i + half]));
         }
       }
     }
@@ -134,53 +190,27 @@ void rotary_(at::Tensor& qk, const at::Tensor& cos, const at::Tensor& signed_sin
   TORCH_CHECK(cos.scalar_type() == qk.scalar_type() && signed_sin.scalar_type() == qk.scalar_type(),
               "tables of qk's dtype");
   const at::Tensor c = cos.contiguous(), s = signed_sin.contiguous();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, qk.scalar_type(), "rotary_",
-                                  [&] { rotary_kernel<scalar_t>(qk, c, s); });
-}
-
-template <typename scalar_t>
-void silu_mul_kernel(const at::Tensor& gate_up, at::Tensor& out) {
-  const int64_t rows = out.size(0), width = out.size(1);
-  const scalar_t* in_all = gate_up.const_data_ptr<scalar_t>();
-  scalar_t* out_all = out.data_ptr<scalar_t>();
-  at::parallel_for(0, rows, grain(2 * width), [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const scalar_t* gate = in_all + r * 2 * width;
-      const scalar_t* up = gate + width;
-      scalar_t* o = out_all + r * width;
-#pragma omp simd
-      for (int64_t i = 0; i < width; ++i) {
-        const float g = static_cast<float>(gate[i]);
-        const float activated = rounded<scalar_t>(g / (1.f + fast_exp(-g)));
-        o[i] = static_cast<scalar_t>(activated * static_cast<float>(up[i]));
-      }
-    }
+  float_or_bf16(qk.scalar_type(), "rotary_", [&](auto tag) {
+    using scalar_t = decltype(tag);
+    rotary_kernel<scalar_t>(qk, c, s);
   });
-}
-
-// gate_up [rows, 2 x width] (gate, then up); [rows, width].
-at::Tensor silu_mul(const at::Tensor& gate_up) {
-  TORCH_CHECK(gate_up.dim() == 2 && gate_up.size(1) % 2 == 0, "gate_up [rows, 2 x width]");
-  const at::Tensor in = gate_up.contiguous();
-  at::Tensor out = at::empty({in.size(0), in.size(1) / 2}, in.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, in.scalar_type(), "silu_mul",
-                                  [&] { silu_mul_kernel<scalar_t>(in, out); });
-  return out;
 }
 
 template <typename scalar_t>
 void causal_softmax_kernel(at::Tensor& scores, float scale, int64_t past) {
+  using S = Stored<scalar_t>;
   const int64_t count = scores.size(-2), total = scores.size(-1);
   const int64_t rows = scores.numel() / total;
-  scalar_t* all = scores.data_ptr<scalar_t>();
+  raw_t<scalar_t>* all = raw<scalar_t>(scores);
   at::parallel_for(0, rows, grain(total), [&](int64_t begin, int64_t end) {
     std::vector<float> x(total);
     for (int64_t r = begin; r < end; ++r) {
-      scalar_t* s = all + r * total;
+      raw_t<scalar_t>* s = all + r * total;
       const int64_t seen = past + r % count + 1;  // the reused keys and the prompt so far
       float top = -INFINITY;
+#pragma omp simd reduction(max : top)
       for (int64_t j = 0; j < seen; ++j) {
-        x[j] = rounded<scalar_t>(static_cast<float>(s[j]) * scale);
+        x[j] = S::rounded(S::load(s[j]) * scale);
         top = std::max(top, x[j]);
       }
       float sum = 0.f;
@@ -191,8 +221,8 @@ void causal_softmax_kernel(at::Tensor& scores, float scale, int64_t past) {
       }
       const float inverse = 1.f / sum;
 #pragma omp simd
-      for (int64_t j = 0; j < seen; ++j) s[j] = static_cast<scalar_t>(x[j] * inverse);
-      std::fill(s + seen, s + total, static_cast<scalar_t>(0.f));
+      for (int64_t j = 0; j < seen; ++j) s[j] = S::store(x[j] * inverse);
+      std::fill(s + seen, s + total, S::store(0.f));
     }
   });
 }
@@ -202,11 +232,10 @@ void causal_softmax_kernel(at::Tensor& scores, float scale, int64_t past) {
 void causal_softmax_(at::Tensor& scores, double scale, int64_t past) {
   TORCH_CHECK(scores.dim() >= 2 && scores.is_contiguous(), "scores [..., count, keys], contiguous");
   TORCH_CHECK(past >= 0 && scores.size(-1) == past + scores.size(-2), "keys = past + count");
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, scores.scalar_type(), "causal_softmax_",
-                                  [&] {
-                                    causal_softmax_kernel<scalar_t>(scores, static_cast<float>(scale),
-                                                                    past);
-                                  });
+  float_or_bf16(scores.scalar_type(), "causal_softmax_", [&](auto tag) {
+    using scalar_t = decltype(tag);
+    causal_softmax_kernel<scalar_t>(scores, static_cast<float>(scale), past);
+  });
 }
 
 }  // namespace
@@ -214,13 +243,11 @@ void causal_softmax_(at::Tensor& scores, double scale, int64_t past) {
 TORCH_LIBRARY_FRAGMENT(ragbench, m) {
   m.def("add_rms_norm_(Tensor(a!) hidden, Tensor? delta, Tensor weight, float eps) -> Tensor");
   m.def("rotary_(Tensor(a!) qk, Tensor cos, Tensor signed_sin) -> ()");
-  m.def("silu_mul(Tensor gate_up) -> Tensor");
   m.def("causal_softmax_(Tensor(a!) scores, float scale, int past) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(ragbench, CPU, m) {
   m.impl("add_rms_norm_", add_rms_norm_);
   m.impl("rotary_", rotary_);
-  m.impl("silu_mul", silu_mul);
   m.impl("causal_softmax_", causal_softmax_);
 }

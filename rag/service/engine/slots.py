@@ -163,7 +163,7 @@ def causal_softmax(scores: torch.Tensor, mask: torch.Tensor, scale: float) -> to
     """softmax(scores x scale + mask) in float32, in the scores' dtype (scores [..., count,
     past + count], mask their `causal_mask`): in place, in one pass, with the engine's
     kernel, which applies the causal shape by position rather than reading the mask."""
-    if kernels.available(scores):
+    if kernels.layer_ops(scores):
         kernels.causal_softmax_(scores, scale, scores.shape[-1] - scores.shape[-2])
         return scores
     return (scores * scale + mask).softmax(-1).to(scores.dtype)
