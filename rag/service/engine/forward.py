@@ -117,7 +117,7 @@ def residual_norm(
 def rotate(qk: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
     """The rotary embedding of queries and keys ([tokens, heads, head_dim]; cos and
     signed_sin [tokens, head_dim]): in place with the engine's kernel."""
-    if kernels.layer_ops(qk):
+    if kernels.layer_ops(qk) and cos.dtype == signed_sin.dtype == qk.dtype:
         kernels.rotary_(qk, cos, signed_sin)
         return qk
     tokens, heads, dim = qk.shape
