@@ -11,7 +11,7 @@ TEST_WORKERS ?= 4
 
 .PHONY: install demo test lint bench clean-cache check-core gpu-bundle
 
-$(STAMP): requirements.txt requirements-models.txt pyproject.toml setup.py rag/service/engine/kernels.cpp
+$(STAMP): requirements.txt requirements-models.txt pyproject.toml setup.py $(wildcard rag/service/engine/*.cpp rag/service/engine/*.h)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -r requirements.txt

@@ -1,4 +1,4 @@
-"""The package, and the engine's CPU kernels (rag/service/engine/kernels.cpp) built with
+"""The package, and the engine's CPU kernels (rag/service/engine/*.cpp) built with
 torch's cpp_extension where torch and a C++ compiler are at hand (`pip install
 --no-build-isolation`, as the Makefile does).  Without them, or if the build fails, the
 package installs alone and the engine computes those steps with torch."""
@@ -29,9 +29,10 @@ def kernels() -> dict:
 
     extension = CppExtension(
         "rag.service.engine._kernels",
-        ["rag/service/engine/kernels.cpp"],
+        ["rag/service/engine/kernels.cpp", "rag/service/engine/layer_ops.cpp"],
         # AVX2 and FMA (x86-64-v3): every CPU these run on has them; kernels.py checks.
-        extra_compile_args=["-O3", "-march=x86-64-v3", "-fopenmp"],
+        # Without trapping maths the compiler vectorises loops with branches (min, max, NaN).
+        extra_compile_args=["-O3", "-march=x86-64-v3", "-fopenmp", "-fno-trapping-math"],
         extra_link_args=["-lgomp"],  # torch's own OpenMP runtime, already loaded
     )
     return {"ext_modules": [extension], "cmdclass": {"build_ext": OptionalBuild}}

@@ -5,8 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from transformers.models.llama.modeling_llama import LlamaRMSNorm, rotate_half
 
 from rag.service.engine import kernels
+from rag.service.engine.slots import causal_mask
 
 pytestmark = pytest.mark.skipif(
     not kernels.LOADED, reason="the engine's kernels were not built for this machine"
@@ -42,3 +44,63 @@ def test_decode_attention_refuses_a_length_outside_the_slot():
     keys = torch.zeros(2, 8, 1, 4)
     with pytest.raises(RuntimeError, match="lengths within the slot"):
         kernels.decode_attention(torch.zeros(1, 1, 4), keys, keys, torch.tensor([9]), 1.0)
+
+
+# The layer kernels round where torch rounds: in float32 they give torch's numbers up to the
+# order of a sum or the last bit of an exp; in half precision, one unit in the last place.
+LAYER_TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
+
+
+def assert_near(out: torch.Tensor, expected: torch.Tensor) -> None:
+    assert out.dtype == expected.dtype and out.shape == expected.shape
+    tolerance = LAYER_TOLERANCE[expected.dtype]
+    torch.testing.assert_close(out.float(), expected.float(), rtol=tolerance, atol=tolerance)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 37])  # one thread's work, and the threads' share
+def test_add_rms_norm_adds_in_place_and_normalises_as_the_torch_path(dtype, rows):
+    generator = torch.Generator().manual_seed(1)
+    hidden, delta = (torch.randn(rows, 576, generator=generator).to(dtype) for _ in range(2))
+    norm = LlamaRMSNorm(576, eps=1e-5).to(dtype)
+    norm.weight.data = torch.randn(576, generator=generator).to(dtype)
+    expected_hidden = hidden + delta
+    expected = norm(expected_hidden)
+    out = kernels.add_rms_norm_(hidden, delta, norm.weight, 1e-5)
+    assert torch.equal(hidden, expected_hidden)  # the residual sum, rounded as torch does
+    assert_near(out, expected)
+    assert_near(kernels.add_rms_norm_(hidden.clone(), None, norm.weight, 1e-5), expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rotary_turns_queries_and_keys_in_place_as_the_torch_path(dtype):
+    """On the strided view of the fused q/k/v product the forward pass turns (q and k heads
+    of each token, values between tokens); in bf16 bit for bit, every product rounded as
+    torch stores it (in float32 the compiler may fuse a product into the sum)."""
+    generator = torch.Generator().manual_seed(2)
+    tokens, heads, kv_heads, dim = 23, 9, 3, 64
+    qkv = torch.randn(tokens, heads + 2 * kv_heads, dim, generator=generator).to(dtype)
+    qk = qkv[:, : heads + kv_heads]
+    angles = torch.randn(tokens, dim, generator=generator)
+    cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
+    signed_sin = torch.cat([-sin[:, : dim // 2], sin[:, dim // 2 :]], dim=-1)
+    expected = qk * cos[:, None] + rotate_half(qk) * sin[:, None]  # transformers' arithmetic
+    values = qkv[:, heads + kv_heads :].clone()
+    kernels.rotary_(qk, cos, signed_sin)
+    assert_near(qk, expected)
+    assert dtype == torch.float32 or torch.equal(qk, expected)
+    assert torch.equal(qkv[:, heads + kv_heads :], values)  # the values are left alone
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("past", [0, 5])
+def test_causal_softmax_gives_the_masked_softmax_of_the_scaled_scores(dtype, past):
+    """A prompt's scores per key head and query head ([kv_heads, group, count, past +
+    count]), against the torch path: scaled, the causal mask added, softmax in float32."""
+    generator = torch.Generator().manual_seed(4)
+    count = 31
+    scores = (8 * torch.randn(3, 3, count, past + count, generator=generator)).to(dtype)
+    expected = (scores * 0.125 + causal_mask(count, past, scores.device)).softmax(-1).to(dtype)
+    kernels.causal_softmax_(scores, 0.125, past)
+    assert_near(scores, expected)
+    assert torch.all(scores.tril(past) == scores)  # nothing beyond a token's own position

@@ -7,8 +7,10 @@ layers spend generously (per-module calls, separate q/k/v and gate/up projection
 embedding applied to q and k apart).  This pass does the same arithmetic with fewer calls:
 q/k/v and gate/up as one matmul each (`fused`), the rotary embedding over q and k at once,
 keys and values written straight into the slots, each RMSNorm's five operations as one
-fused normalisation.  The numbers are those of the layers it replaces (their activation
-and rotary tables are called as they are; `rms_norm` gives their norms' results).
+fused normalisation; with the engine's kernels (`kernels`), each residual add and the norm
+after it, and the rotary embedding, as one pass in place.  The numbers are those of the
+layers it replaces (their activation and rotary tables are called as they are; `rms_norm`
+gives their norms' results).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel
 
+from rag.service.engine import kernels
 from rag.service.engine.fused import fuse
 from rag.service.engine.int4 import Int4Linear
 from rag.service.engine.packed import PackedLinear, SlicedLinear, can_pack, dense_product
@@ -50,17 +53,19 @@ class Forward:
         inner = self.model.model
         hidden = inner.embed_tokens(tokens)
         cos, sin = inner.rotary_emb(hidden, position_ids=plan.position_of_token[:, None])
+        cos, sin = (t.view(tokens.shape[0], self.head_dim) for t in (cos, sin))
         half = self.head_dim // 2
         # rotate_half(x) x sin == swap_halves(x) x (-sin1, sin2): one flip, no cat per layer.
-        signed_sin = torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)
+        signed_sin = torch.cat([-sin[:, :half], sin[:, half:]], dim=-1)
+        delta = None  # each sublayer's output, added into `hidden` by the next norm
         for index, layer in enumerate(inner.layers):
-            normed = rms_norm(layer.input_layernorm, hidden)
-            hidden = hidden + self._attention(index, layer.self_attn, normed, cos, signed_sin, plan)
-            normed = rms_norm(layer.post_attention_layernorm, hidden)
-            hidden = hidden + self._mlp(layer.mlp, normed)
+            normed = residual_norm(layer.input_layernorm, hidden, delta)
+            delta = self._attention(index, layer.self_attn, normed, cos, signed_sin, plan)
+            normed = residual_norm(layer.post_attention_layernorm, hidden, delta)
+            delta = self._mlp(layer.mlp, normed)
         if last.shape[0] != hidden.shape[0]:  # (as many means every token: no gather)
-            hidden = hidden[last]
-        return project(self.model.lm_head, rms_norm(inner.norm, hidden))
+            hidden, delta = hidden[last], delta[last]
+        return project(self.model.lm_head, residual_norm(inner.norm, hidden, delta))
 
     def _attention(
         self,
@@ -79,8 +84,7 @@ class Forward:
                 [rms_norm(module.q_norm, qk[:, :heads]), rms_norm(module.k_norm, qk[:, heads:])],
                 dim=1,
             )
-        swapped = qk.view(tokens, heads + kv_heads, 2, dim // 2).flip(2).view(qk.shape)
-        qk = qk * cos + swapped * signed_sin
+        qk = rotate(qk, cos, signed_sin)
         self.cache.store(index, plan, qk[:, heads:], values)
         attended = attention(self.cache, index, plan, qk[:, :heads], module.scaling)
         return project(module.o_proj, attended)
@@ -96,6 +100,29 @@ def rms_norm(norm: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     operations: 3.5x faster over a 1,600-token prefill's hidden states."""
     normed = F.rms_norm(x.float(), (x.shape[-1],), None, norm.variance_epsilon)
     return norm.weight * normed.to(x.dtype)
+
+
+def residual_norm(
+    norm: torch.nn.Module, hidden: torch.Tensor, delta: torch.Tensor | None
+) -> torch.Tensor:
+    """hidden += delta, in place (the residual connection; none when delta is None), then
+    `rms_norm` of the sum: one pass over the rows with the engine's kernel."""
+    if kernels.layer_ops(hidden) and norm.weight.dtype == hidden.dtype:
+        return kernels.add_rms_norm_(hidden, delta, norm.weight, norm.variance_epsilon)
+    if delta is not None:
+        hidden.add_(delta)
+    return rms_norm(norm, hidden)
+
+
+def rotate(qk: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """The rotary embedding of queries and keys ([tokens, heads, head_dim]; cos and
+    signed_sin [tokens, head_dim]): in place with the engine's kernel."""
+    if kernels.layer_ops(qk) and cos.dtype == signed_sin.dtype == qk.dtype:
+        kernels.rotary_(qk, cos, signed_sin)
+        return qk
+    tokens, heads, dim = qk.shape
+    swapped = qk.view(tokens, heads, 2, dim // 2).flip(2).view(qk.shape)
+    return qk * cos[:, None] + swapped * signed_sin[:, None]
 
 
 def project(layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:

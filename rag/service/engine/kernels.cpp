@@ -17,33 +17,13 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <cstring>
 #include <vector>
+
+#include "fast_exp.h"
 
 namespace {
 
 constexpr int64_t kMaxHeadDim = 256;
-
-// exp(x) for x <= 0 (scores less their maximum), in a form the compiler vectorises (the
-// C library's expf is a call per element): x = k ln2 + r, |r| <= ln2 / 2, exp(r) by
-// Cephes' polynomial (within 2 ulp of expf), times 2^k built in the exponent bits.
-inline float exp_nonpositive(float x) {
-  x = std::max(x, -87.0f);  // exp(-87) is float's smallest normal: below it, 0 is as good
-  const float k = std::nearbyint(x * 1.44269504088896341f);
-  float r = std::fma(k, -0.693359375f, x);
-  r = std::fma(k, 2.12194440e-4f, r);
-  float p = 1.9875691500e-4f;
-  p = std::fma(p, r, 1.3981999507e-3f);
-  p = std::fma(p, r, 8.3334519073e-3f);
-  p = std::fma(p, r, 4.1665795894e-2f);
-  p = std::fma(p, r, 1.6666665459e-1f);
-  p = std::fma(p, r, 5.0000001201e-1f);
-  const float e = std::fma(p * r, r, r) + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(k) + 127) << 23;
-  float two_k;
-  std::memcpy(&two_k, &bits, sizeof two_k);
-  return e * two_k;
-}
 
 template <typename scalar_t>
 void to_float(const scalar_t* in, float* out, int64_t n) {
@@ -106,7 +86,7 @@ void decode_attention_kernel(const at::Tensor& query, const at::Tensor& keys,
         float sum = 0.f;
 #pragma omp simd reduction(+ : sum)
         for (int64_t p = 0; p < n; ++p) {
-          s[p] = exp_nonpositive(s[p] - top);
+          s[p] = fast_exp(s[p] - top);
           sum += s[p];
         }
         sums[g] = sum;

@@ -1,4 +1,5 @@
-"""The engine's own CPU kernels (kernels.cpp, built with the package by setup.py), loaded
+"""The engine's own CPU kernels (kernels.cpp: decode attention; layer_ops.cpp: the pointwise
+work between a layer's matmuls; built with the package by setup.py), loaded
 as torch operators when the library was built and the CPU runs what it was compiled for
 (AVX2 and FMA); `available` says so, and callers keep a torch fallback for the rest.
 RAGBENCH_KERNELS=0 in the environment leaves them unloaded: the torch path, as on a
@@ -36,6 +37,11 @@ def available(tensor: torch.Tensor) -> bool:
     return LOADED and tensor.device.type == "cpu"
 
 
+def layer_ops(tensor: torch.Tensor) -> bool:
+    """Whether the layer kernels (layer_ops.cpp: float32 and bfloat16) compute on it."""
+    return available(tensor) and tensor.dtype in (torch.float32, torch.bfloat16)
+
+
 def decode_attention(
     query: torch.Tensor,
     keys: torch.Tensor,
@@ -47,3 +53,23 @@ def decode_attention(
     positions of slot r of one layer's cache ([slots, positions, kv_heads, head_dim]);
     [rows, heads, head_dim]."""
     return torch.ops.ragbench.decode_attention(query, keys, values, lengths, scale)
+
+
+def add_rms_norm_(
+    hidden: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float
+) -> torch.Tensor:
+    """hidden += delta (in place, [rows, width], contiguous; no add when None), and weight
+    x RMSNorm(hidden) normalised in float32 then cast to hidden's dtype; [rows, width]."""
+    return torch.ops.ragbench.add_rms_norm_(hidden, delta, weight, eps)
+
+
+def rotary_(qk: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> None:
+    """qk ([tokens, heads, head_dim]) turned in place to qk cos + swap_halves(qk) signed_sin
+    (cos, signed_sin [tokens, head_dim])."""
+    torch.ops.ragbench.rotary_(qk, cos, signed_sin)
+
+
+def causal_softmax_(scores: torch.Tensor, scale: float, past: int) -> None:
+    """scores ([..., count, past + count], contiguous) in place to the softmax of scores x
+    scale in float32, query i seeing keys 0..past + i (0 beyond)."""
+    torch.ops.ragbench.causal_softmax_(scores, scale, past)

@@ -154,9 +154,19 @@ def eager_attention(
     grouped = query.view(count, kv_heads, group, head_dim).permute(1, 2, 0, 3)
     grouped = grouped.reshape(kv_heads, group * count, head_dim)
     scores = torch.bmm(grouped, keys.permute(1, 2, 0)).view(kv_heads, group, count, total)
-    weights = (scores * scale + mask).softmax(-1).to(query.dtype)
+    weights = causal_softmax(scores, mask, scale)
     out = torch.bmm(weights.view(kv_heads, group * count, total), values.transpose(0, 1))
     return out.view(kv_heads, group, count, head_dim).permute(2, 0, 1, 3).reshape(query.shape)
+
+
+def causal_softmax(scores: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
+    """softmax(scores x scale + mask) in float32, in the scores' dtype (scores [..., count,
+    past + count], mask their `causal_mask`): in place, in one pass, with the engine's
+    kernel, which applies the causal shape by position rather than reading the mask."""
+    if kernels.layer_ops(scores):
+        kernels.causal_softmax_(scores, scale, scores.shape[-1] - scores.shape[-2])
+        return scores
+    return (scores * scale + mask).softmax(-1).to(scores.dtype)
 
 
 def sdpa_attention(
