@@ -33,9 +33,11 @@ measure an option against the peer in the same run.
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -71,12 +73,20 @@ def has_peer(python: str) -> bool:
 
 
 def model_folder() -> Path:
-    """The default generator as safetensors, config and tokenizer (what both engines load)."""
+    """The default generator as safetensors, config and tokenizer (what both engines load):
+    the model cache's files, linked, without its 4-bit blocks, since vLLM would load every
+    `*.safetensors` it finds as weights."""
     from rag.config import compose
-    from rag.service.models import dequantized_cache, resolve_source
+    from rag.service.models import BLOCKS_FILE, dequantized_cache, resolve_source
 
     cfg = compose([]).model
-    return dequantized_cache(resolve_source(cfg.generator), cfg)
+    cache = dequantized_cache(resolve_source(cfg.generator), cfg)
+    folder = Path(tempfile.mkdtemp(prefix="ragbench-peer-model-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    for path in cache.iterdir():
+        if path.name != BLOCKS_FILE:
+            (folder / path.name).symlink_to(path)
+    return folder
 
 
 def prompt_ids(count: int) -> list[list[int]]:
