@@ -296,6 +296,24 @@ def test_batch_times_learn_the_likely_maximum_and_the_fastest():
     assert times.fastest(4) == 1.5
 
 
+def test_one_slow_batch_stops_ruling_admission_once_its_size_goes_unmeasured():
+    """After one outlier, a full batch's likely maximum passes any deadline; if admission
+    then keeps full batches from running, the figure must still come back down."""
+    clock = FakeClock()
+    times = BatchTimes(clock)
+    for _ in range(10):
+        times.record(20, 2.0)
+    assert times.likely_max(20) == pytest.approx(2.0)
+    times.record(20, 12.0)  # one batch slowed by something else on the machine
+    assert times.likely_max(20) > 10.0
+    clock.advance(BatchTimes.STALE_HALF_LIFE_S)
+    assert times.likely_max(20) == pytest.approx(3.25 + 4 * 2.5 / 2)  # the deviation halved
+    clock.advance(5 * BatchTimes.STALE_HALF_LIFE_S)
+    assert times.likely_max(20) < 4.0  # near the mean: full batches are admitted again
+    times.record(20, 2.0)  # measured again: smoothed on from the decayed deviation
+    assert times.likely_max(20) < 5.0  # (from the outlier's, it would be back over 10 s)
+
+
 def test_batch_times_interpolate_sizes_not_seen():
     times = BatchTimes()
     times.record(2, 2.0)

@@ -78,26 +78,43 @@ class BatchTimes:
     for a `likely_max` that ordinary jitter rarely exceeds; and the `fastest` such a batch
     has run.  A size not seen yet is interpolated linearly between the sizes seen around
     it (beyond them, the nearest one), until a batch of that size runs and is measured.
+
+    A deviation halves every `STALE_HALF_LIFE_S` its size goes unmeasured.  One slow batch
+    can raise a full batch's likely maximum past every deadline; admission then lets in only
+    what an idle server can take, so no full batch runs to correct the figure, and without
+    the decay the server would stay at batches of one.
     """
 
-    def __init__(self) -> None:
+    STALE_HALF_LIFE_S = 10.0
+
+    def __init__(self, clock: Clock = MONOTONIC) -> None:
+        self.clock = clock
         self._mean: dict[int, float] = {}
         self._deviation: dict[int, float] = {}
         self._fastest: dict[int, float] = {}
+        self._measured_at: dict[int, float] = {}
 
     def record(self, size: int, seconds: float) -> None:
+        now = self.clock.now()
         mean = self._mean.get(size)
         if mean is None:
             self._mean[size], self._deviation[size], self._fastest[size] = seconds, 0.0, seconds
-            return
-        self._deviation[size] = 0.75 * self._deviation[size] + 0.25 * abs(mean - seconds)
-        self._mean[size] = 0.875 * mean + 0.125 * seconds
-        self._fastest[size] = min(self._fastest[size], seconds)
+        else:
+            deviation = self._current_deviation(size, now)
+            self._deviation[size] = 0.75 * deviation + 0.25 * abs(mean - seconds)
+            self._mean[size] = 0.875 * mean + 0.125 * seconds
+            self._fastest[size] = min(self._fastest[size], seconds)
+        self._measured_at[size] = now
 
     def likely_max(self, size: int) -> float | None:
         """Seconds a batch of `size` rarely exceeds; None before any batch was measured."""
-        likely = {n: self._mean[n] + 4 * self._deviation[n] for n in self._mean}
+        now = self.clock.now()
+        likely = {n: mean + 4 * self._current_deviation(n, now) for n, mean in self._mean.items()}
         return _interpolate(likely, size)
+
+    def _current_deviation(self, size: int, now: float) -> float:
+        age = now - self._measured_at[size]
+        return self._deviation[size] * 0.5 ** (age / self.STALE_HALF_LIFE_S)
 
     def fastest(self, size: int) -> float | None:
         """The shortest a batch of `size` has taken; None before any batch was measured."""
@@ -284,7 +301,7 @@ class Batcher(RequestQueue, Generic[T, R]):
         self.max_wait_s = max_wait_s
         self.on_batch = on_batch
         self.batch_size_counts: Counter[int] = Counter()
-        self.batch_times = BatchTimes()
+        self.batch_times = BatchTimes(clock)
         self._busy_until = 0.0  # when the running batch will likely have ended
         self._running = 0  # requests in the batch being computed
         self._owns_executor = executor is None

@@ -82,7 +82,7 @@ class ContinuousBatcher(RequestQueue):
         self.on_step = on_step
         self.publish = publish
         self.batch_size_counts: Counter[int] = Counter()  # steps by rows decoded
-        self.request_times = BatchTimes()  # a request's time in the engine, by running batch
+        self.request_times = BatchTimes(clock)  # a request's time in the engine, by running batch
         self._running: dict[Sequence, _Request] = {}
         self._executor = executor
 
