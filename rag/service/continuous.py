@@ -199,8 +199,6 @@ class ContinuousBatcher(RequestQueue):
     def _record(self, finished: list[Sequence], duration: float) -> None:
         rows = len(self._running)
         self.batch_size_counts[rows] += 1
-        if self.on_step is not None:
-            self.on_step(BatchRecord(rows, duration))
         now = self.clock.now()
         for sequence in finished:
             request = self._running.pop(sequence)
@@ -215,6 +213,8 @@ class ContinuousBatcher(RequestQueue):
             )
             _settle(request.future, Completed(answer, request.started - request.arrival, rows))
         self._observe_service(len(finished), duration)
+        if self.on_step is not None:  # last, as the batcher's on_batch: the step fully counted
+            self.on_step(BatchRecord(rows, duration))
 
     def _fail_all(self, requests: list[_Request], exc: Exception) -> None:
         for sequence in list(self.engine.active) + list(self.engine.waiting):
