@@ -83,6 +83,38 @@ def test_a_duration_bounds_the_loop_and_latency_runs_from_each_send(tmp_path: Pa
         assert next(csv.DictReader(f))["loop"] == "closed"
 
 
+def refuse_first(retry_after: str) -> Behaviour:
+    """Answer the first request 429 with `retry_after` as its Retry-After, then answer."""
+    refused: list[bool] = []
+
+    async def behaviour(request: web.Request) -> web.StreamResponse:
+        if not refused:
+            refused.append(True)
+            return web.json_response(
+                {"detail": "busy"}, status=429, headers={"Retry-After": retry_after}
+            )
+        return await rag_ok(request)
+
+    return behaviour
+
+
+def test_a_user_told_to_retry_after_waits_that_long_before_its_next_request():
+    with LocalServer(refuse_first("1")) as server:
+        rows, summary = run_load(closed(server.url, 1, num_requests=3))
+    refusal, *answers = rows
+    assert refusal["status"] == 429 and refusal["error"] == "http_4xx"
+    assert refusal["retry_after_s"] == 1.0
+    assert answers[0]["sent_s"] - refusal["done_s"] >= 1.0
+    assert all(r["error"] is None for r in answers)
+    assert summary["failed"] == 1 and summary["ok"] == 2
+
+
+def test_a_retry_after_past_the_duration_ends_the_user_with_the_run():
+    with LocalServer(refuse_first("3600")) as server:
+        rows, _ = run_load(closed(server.url, 1, num_requests=0, duration=1.0))
+    assert [r["status"] for r in rows] == [429]
+
+
 def test_it_asks_the_open_loops_draw_of_queries():
     with LocalServer() as server:
         rows, _ = run_load(closed(server.url, 3, num_requests=25, seed=7))

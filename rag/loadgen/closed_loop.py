@@ -4,12 +4,16 @@ request when its previous answer arrives, for a number of requests or a duration
 It measures what a server sustains when it is never idle, as a saturating benchmark client
 does.  There is no schedule: a request leaves when its user is free, so its latency is its
 service latency, and a slow server slows the load down with it (coordinated omission by
-design).  For latency under a given offered load, use the open loop.
+design).  A user refused with a `Retry-After` (429, 503) waits that long before its next
+request, as a client library does: retrying at once would measure how fast the server
+says no, and take from its computation the processor that saying no costs.  For latency
+under a given offered load, use the open loop.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import time
 from collections.abc import Iterator
@@ -80,3 +84,11 @@ class ClosedLoopSender(Sender):
             self.rows.append(new_row(i, query, max_tokens, now))
             self.launched += 1
             await self._request(i)
+            if (pause := self.rows[i].get("retry_after_s")) is not None:
+                await _wait_unless(stop, min(pause, ends - (time.perf_counter() - self.t0)))
+
+
+async def _wait_unless(stop: asyncio.Event, seconds: float) -> None:
+    """Sleep `seconds`, or less if `stop` is set meanwhile."""
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), seconds)

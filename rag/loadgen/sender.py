@@ -103,6 +103,12 @@ def _refused(status: int, payload: bytes) -> Failed:
     return Failed(f"http_{status // 100}xx", text)
 
 
+def _keep_retry_after(row: dict[str, Any], header: str | None) -> None:
+    """A refusal's `Retry-After` in seconds, as `retry_after_s` (a date form is ignored)."""
+    with contextlib.suppress(TypeError, ValueError):
+        row["retry_after_s"] = max(0.0, float(header))  # type: ignore[arg-type]
+
+
 def _error_class(exc: BaseException, streaming: bool) -> str:
     if isinstance(exc, NotRetried) and exc.__cause__ is not None:
         return _error_class(exc.__cause__, streaming)
@@ -329,6 +335,7 @@ class Sender:
                         payload = await resp.read()
                         row["response_bytes"] = len(payload)
                         if not ok:
+                            _keep_retry_after(row, resp.headers.get("Retry-After"))
                             raise _refused(resp.status, payload)
                         self.api.whole(payload, reply)
             row["done_s"] = clock() - t0
