@@ -11,6 +11,7 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
 import shutil
 import subprocess
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -58,6 +59,46 @@ def start_server(
     yield start
     for server in servers:
         server.stop()
+
+
+# Shared servers a worker keeps running at most: each holds its models and its engine's
+# memory (about half a GB); the three one-server variants fit.
+SHARED_SERVERS_KEPT = 3
+
+
+@pytest.fixture(scope="session")
+def shared_server(
+    cache_overrides: list[str], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Callable[..., ServerProcess]]:
+    """A running server of the variant and overrides (tiny models), started on first use
+    and shared by every test of this worker that asks for the same.  Only for tests
+    that read from a server: one that changes its state, counts its stats from zero or
+    stops it starts its own (`start_server`).  The least recently used is stopped when one
+    more is asked for than are kept."""
+    servers: OrderedDict[tuple[str, ...], ServerProcess] = OrderedDict()
+    folder = tmp_path_factory.mktemp("shared-servers")
+
+    def get(*overrides: str, variant: str = "batched") -> ServerProcess:
+        key = (f"variant={variant}", *overrides)
+        if key not in servers:
+            if len(servers) == SHARED_SERVERS_KEPT:
+                servers.popitem(last=False)[1].stop()
+            log_path = folder / f"server-{len(list(folder.iterdir()))}.log"
+            servers[key] = ServerProcess(
+                ["model=tiny", *cache_overrides, *key], log_path=log_path
+            ).start()
+        servers.move_to_end(key)
+        return servers[key]
+
+    yield get
+    for server in servers.values():
+        server.stop()
+
+
+@pytest.fixture
+def default_server(shared_server: Callable[..., ServerProcess]) -> ServerProcess:
+    """The default configuration's server (tiny models), shared: for tests that only read."""
+    return shared_server()
 
 
 def slurm_cluster_up() -> bool:

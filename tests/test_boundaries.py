@@ -78,3 +78,10 @@ def test_a_simulated_pipeline_loads_no_model_code(tmp_path):
         f"RAGPipeline.from_config(compose(['model=simulated', 'corpus.cache_dir={tmp_path}']))"
     )
     assert not {m for m in modules if m.split(".")[0] in HEAVY[:2]}
+
+
+@pytest.mark.parametrize("module", ["rag.config", "rag.service.server", "rag.service.core"])
+def test_a_server_imports_no_http_client(module: str):
+    """A server's two processes (and every CLI, which reads the config) start often, in the
+    tests above all: they do not pay for the load generator's HTTP client they never use."""
+    assert "aiohttp" not in imported_after(f"import {module}")

@@ -52,8 +52,8 @@ def loads_torch(pid: int) -> bool:
 
 
 @pytest.mark.parametrize("variant", ["base", "batched", "continuous"])
-def test_a_ready_servers_http_process_never_loads_torch(start_server, variant):
-    server = start_server(f"variant={variant}")
+def test_a_ready_servers_http_process_never_loads_torch(shared_server, variant):
+    server = shared_server(variant=variant)
     answer = httpx.post(f"{server.url}/rag", json={"query": HOVER, "stream": True}, timeout=60)
     assert answer.status_code == 200
     for route in ("/stats", "/metrics", "/openapi.json"):

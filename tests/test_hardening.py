@@ -16,23 +16,14 @@ import pytest
 from raw_http import post_in_parts
 from server_metrics import metric
 
-from rag.cluster.process import ServerProcess
-
 HOVER = "Which animals can hover in the air?"
 JSON = {"Content-Type": "application/json"}
 
 
-@pytest.fixture(scope="module")
-def server(cache_overrides, tmp_path_factory):
-    log = tmp_path_factory.mktemp("hardening") / "server.log"
-    with ServerProcess(["model=tiny", *cache_overrides], log_path=log) as running:
-        yield running
-
-
-def test_a_chunked_body_past_the_limit_is_refused_as_it_arrives(server):
+def test_a_chunked_body_past_the_limit_is_refused_as_it_arrives(default_server):
     """200 MB sent with Transfer-Encoding: chunked: 413 once the limit is passed, the rest
     never read, the server's memory flat."""
-    process = psutil.Process(server.process.pid)
+    process = psutil.Process(default_server.process.pid)
     rss_before = process.memory_info().rss
     sent = 0
 
@@ -44,18 +35,18 @@ def test_a_chunked_body_past_the_limit_is_refused_as_it_arrives(server):
             yield b"a" * 65536
         yield b'"}'
 
-    response = httpx.post(f"{server.url}/rag", content=body(), headers=JSON, timeout=60)
+    response = httpx.post(f"{default_server.url}/rag", content=body(), headers=JSON, timeout=60)
     assert response.status_code == 413
     assert "limit is" in response.json()["detail"]
     assert sent < 64 * 2**20  # the server stopped reading long before 200 MB
     assert process.memory_info().rss - rss_before < 32 * 2**20
-    assert metric(server.url, 'rag_requests_total{status="413"}') >= 1
-    assert httpx.post(f"{server.url}/rag", json={"query": HOVER}).status_code == 200
+    assert metric(default_server.url, 'rag_requests_total{status="413"}') >= 1
+    assert httpx.post(f"{default_server.url}/rag", json={"query": HOVER}).status_code == 200
 
 
-def test_one_chunk_past_the_limit_on_a_raw_connection_gets_413(server):
+def test_one_chunk_past_the_limit_on_a_raw_connection_gets_413(default_server):
     """No Content-Length to refuse by: the chunk's bytes are counted as they arrive."""
-    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+    with socket.create_connection(("127.0.0.1", default_server.port), timeout=10) as sock:
         head = b"POST /rag HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
         sock.sendall(head + b"Transfer-Encoding: chunked\r\n\r\n")
         chunk = b"f" * 30_000
@@ -74,43 +65,47 @@ BIG_BUT_BAD = [
 
 
 @pytest.mark.parametrize("body", BIG_BUT_BAD)
-def test_an_error_quotes_only_a_short_excerpt_of_the_input(server, body):
-    response = httpx.post(f"{server.url}/rag", json=body)
+def test_an_error_quotes_only_a_short_excerpt_of_the_input(default_server, body):
+    response = httpx.post(f"{default_server.url}/rag", json=body)
     assert response.status_code == 422
     assert len(response.content) < 300, response.text
     assert response.json()["detail"]
 
 
-def test_a_body_not_declared_as_json_gets_415(server):
+def test_a_body_not_declared_as_json_gets_415(default_server):
     counted = 'rag_requests_total{status="415"}'
-    before = metric(server.url, counted)
+    before = metric(default_server.url, counted)
     for headers in ({"Content-Type": "text/plain"}, {}):
-        response = httpx.post(f"{server.url}/rag", content=b'{"query": "hi"}', headers=headers)
+        response = httpx.post(
+            f"{default_server.url}/rag", content=b'{"query": "hi"}', headers=headers
+        )
         assert response.status_code == 415
         assert "application/json" in response.json()["detail"]
-    assert metric(server.url, counted) == before + 2
+    assert metric(default_server.url, counted) == before + 2
     merge = {"Content-Type": "application/merge-patch+json"}
-    assert httpx.post(f"{server.url}/rag", json={"query": HOVER}, headers=merge).status_code == 200
+    merged = httpx.post(f"{default_server.url}/rag", json={"query": HOVER}, headers=merge)
+    assert merged.status_code == 200
 
 
-def test_head_works_on_the_health_routes(server):
+def test_head_works_on_the_health_routes(default_server):
     for path in ("/ping", "/ready"):
-        response = httpx.head(f"{server.url}{path}")
+        response = httpx.head(f"{default_server.url}{path}")
         assert response.status_code == 200
         assert response.content == b""
 
 
-def test_a_wrong_method_gets_405_in_the_one_error_format(server):
-    response = httpx.put(f"{server.url}/rag", json={"query": HOVER})
+def test_a_wrong_method_gets_405_in_the_one_error_format(default_server):
+    response = httpx.put(f"{default_server.url}/rag", json={"query": HOVER})
     assert response.status_code == 405
     assert response.json() == {"detail": "Method Not Allowed"}
     assert "POST" in response.headers["Allow"]
 
 
-def test_no_traceback_is_logged_for_bad_input(server):
+def test_no_traceback_is_logged_for_bad_input(default_server):
+    url = default_server.url
     for body in (b'{"query": "hi", "k": 1e309}', b'{"query": NaN}', b"[" * 20_000):
-        assert httpx.post(f"{server.url}/rag", content=body, headers=JSON).status_code == 422
-    assert "Traceback" not in server.log_path.read_text()
+        assert httpx.post(f"{url}/rag", content=body, headers=JSON).status_code == 422
+    assert "Traceback" not in default_server.log_path.read_text()
 
 
 def test_the_openapi_document_states_the_real_contract(start_server, tmp_path):

@@ -136,8 +136,8 @@ def test_bad_closed_loop_settings_are_refused_before_anything_is_sent(overrides,
         plan(closed("http://127.0.0.1:9", 4, **overrides))
 
 
-def test_the_command_line_runs_a_closed_loop_against_the_rag_server(start_server, tmp_path):
-    server = start_server("variant=batched")
+def test_the_command_line_runs_a_closed_loop_against_the_rag_server(default_server, tmp_path):
+    server = default_server
     out = tmp_path / "requests.csv"
     result = subprocess.run(
         [sys.executable, "-m", "rag.loadgen", "--target", server.url,

@@ -31,8 +31,8 @@ def assert_streamed(rows: list[dict], summary: dict) -> None:
 
 
 @pytest.mark.parametrize("variant", ["continuous", "batched"])
-def test_every_api_streams_from_our_server_token_by_token(start_server, variant):
-    server = start_server(f"variant={variant}")
+def test_every_api_streams_from_our_server_token_by_token(shared_server, variant):
+    server = shared_server(variant=variant)
     for api in APIS:
         rows, summary = run_load(load(server.url, api, slo_ttft_s=60.0, slo_e2e_s=60.0))
         assert_streamed(rows, summary)

@@ -11,11 +11,13 @@ import pytest
 from server_metrics import metric
 
 HOVER = "Which animals can hover in the air?"
+# The tests below ask for the base and batched servers again: those come last, so they
+# are still running (`shared_server` keeps the latest few).
 VARIANTS = [
-    pytest.param(("variant=base",), id="base"),
-    pytest.param(("variant=batched",), id="batched"),
-    pytest.param(("variant=continuous",), id="continuous"),
-    pytest.param(("variant=base", "model.engine=false"), id="base-transformers"),
+    pytest.param("base", ("model.engine=false",), id="base-transformers"),
+    pytest.param("continuous", (), id="continuous"),
+    pytest.param("batched", (), id="batched"),
+    pytest.param("base", (), id="base"),
 ]
 
 
@@ -58,22 +60,24 @@ def check_completions(api: openai.OpenAI, model: str) -> None:
     assert all(p.usage is None for p in pieces)  # no usage chunk unless asked
 
 
-@pytest.mark.parametrize("overrides", VARIANTS)
-def test_the_openai_client_gets_completions_from_every_variant(start_server, overrides):
-    server = start_server(*overrides)
+@pytest.mark.parametrize(("variant", "overrides"), VARIANTS)
+def test_the_openai_client_gets_completions_from_every_variant(shared_server, variant, overrides):
+    server = shared_server(*overrides, variant=variant)
+    chats = 'rag_v1_requests_total{endpoint="/v1/chat/completions",status="200"}'
+    ttfts = "rag_ttft_seconds_count"
+    before = {sample: metric(server.url, sample) for sample in (chats, ttfts)}
     api = client(server.url)
     models = api.models.list().data
     assert [m.id for m in models] == ["tiny"]
     check_completions(api, "tiny")
-    chats = 'rag_v1_requests_total{endpoint="/v1/chat/completions",status="200"}'
-    assert metric(server.url, chats) == 2
-    assert metric(server.url, "rag_ttft_seconds_count") == 4
+    assert metric(server.url, chats) == before[chats] + 2
+    assert metric(server.url, ttfts) == before[ttfts] + 4
 
 
-def test_a_request_may_sample_with_its_own_seed(start_server):
+def test_a_request_may_sample_with_its_own_seed(shared_server):
     """temperature and seed per request: the same seed the same text, alone or beside
     another request; a greedy request beside it unchanged."""
-    server = start_server("variant=base")
+    server = shared_server(variant="base")
     api = client(server.url)
 
     def ask(**settings) -> str:
@@ -86,15 +90,6 @@ def test_a_request_may_sample_with_its_own_seed(start_server):
     seeded = ask(temperature=1.5, seed=7)
     assert ask(temperature=1.5, seed=7) == seeded
     assert {ask(temperature=1.5, seed=s) for s in range(4)} != {seeded}
-
-
-@pytest.fixture(scope="module")
-def shared_server(cache_overrides, tmp_path_factory):
-    from rag.cluster.process import ServerProcess
-
-    log = tmp_path_factory.mktemp("openai") / "server.log"
-    with ServerProcess(["model=tiny", "variant=batched", *cache_overrides], log_path=log) as s:
-        yield s
 
 
 CHAT = "/v1/chat/completions"
@@ -173,8 +168,8 @@ BAD = [
 
 
 @pytest.mark.parametrize(("path", "body", "status", "param"), BAD)
-def test_malformed_requests_get_a_4xx_in_openais_format(shared_server, path, body, status, param):
-    url = f"{shared_server.url}{path}"
+def test_malformed_requests_get_a_4xx_in_openais_format(default_server, path, body, status, param):
+    url = f"{default_server.url}{path}"
     if isinstance(body, bytes):
         answer = httpx.post(url, content=body, headers={"Content-Type": "application/json"})
     else:
@@ -184,12 +179,12 @@ def test_malformed_requests_get_a_4xx_in_openais_format(shared_server, path, bod
     assert set(error) == {"message", "type", "param", "code"}
     assert error["type"] == "invalid_request_error" and error["message"]
     assert error["param"] == param
-    fine = httpx.post(f"{shared_server.url}{TEXT}", json={"prompt": "hi", "max_tokens": 2})
+    fine = httpx.post(f"{default_server.url}{TEXT}", json={"prompt": "hi", "max_tokens": 2})
     assert fine.status_code == 200  # and the server goes on answering
 
 
-def test_errors_outside_the_routes_are_in_openais_format_too(shared_server):
-    url = shared_server.url
+def test_errors_outside_the_routes_are_in_openais_format_too(default_server):
+    url = default_server.url
     not_json = httpx.post(f"{url}{CHAT}", content=b"{}", headers={"Content-Type": "text/plain"})
     assert not_json.status_code == 415 and not_json.json()["error"]["code"]
     unknown = httpx.get(f"{url}/v1/embeddings")
@@ -200,8 +195,8 @@ def test_errors_outside_the_routes_are_in_openais_format_too(shared_server):
     assert huge.status_code == 413 and "error" in huge.json()
 
 
-def test_the_openai_client_reads_errors_as_its_own_exceptions(shared_server):
-    api = client(shared_server.url)
+def test_the_openai_client_reads_errors_as_its_own_exceptions(default_server):
+    api = client(default_server.url)
     with pytest.raises(openai.BadRequestError) as bad:
         api.chat.completions.create(model="tiny", messages=USER, max_tokens=100)
     assert bad.value.status_code == 400 and "max_tokens" in str(bad.value)

@@ -15,7 +15,7 @@ import pytest
 from cluster_helpers import alive, wait_for
 from server_metrics import metric
 
-from rag.cluster.process import ServerFailed, ServerProcess
+from rag.cluster.process import ServerFailed
 
 HOVER = "Which animals can hover in the air?"
 
@@ -49,8 +49,8 @@ def test_batched_server_answers_concurrent_requests_in_batches(start_server):
     assert stats["max_batch_size"] == 20 and stats["max_wait_ms"] == 200
 
 
-def test_base_server_serves_one_request_at_a_time(start_server):
-    server = start_server("variant=base")
+def test_base_server_serves_one_request_at_a_time(shared_server):
+    server = shared_server(variant="base")
     responses = post_concurrently(server.url, [{"query": HOVER}] * 6)
     assert all(r.status_code == 200 for r in responses)
     assert {r.json()["batch_size"] for r in responses} == {1}
@@ -84,16 +84,9 @@ BAD_BODIES = [
 ]
 
 
-@pytest.fixture(scope="module")
-def shared_server(cache_overrides, tmp_path_factory):
-    log = tmp_path_factory.mktemp("shared") / "server.log"
-    with ServerProcess(["model=tiny", *cache_overrides], log_path=log) as server:
-        yield server
-
-
 @pytest.mark.parametrize("body", BAD_BODIES)
-def test_bad_input_gets_422_with_a_detail_and_harms_nobody(shared_server, body):
-    url = shared_server.url
+def test_bad_input_gets_422_with_a_detail_and_harms_nobody(default_server, body):
+    url = default_server.url
     counted = 'rag_requests_total{status="422"}'
     before = metric(url, counted)
     if isinstance(body, bytes):
@@ -109,15 +102,17 @@ def test_bad_input_gets_422_with_a_detail_and_harms_nobody(shared_server, body):
     assert post(url, {"query": HOVER}).status_code == 200
 
 
-def test_oversized_body_is_refused_before_it_is_read(shared_server):
+def test_oversized_body_is_refused_before_it_is_read(default_server):
+    counted = 'rag_requests_total{status="413"}'
+    before = metric(default_server.url, counted)
     body = b'{"query": "' + b"a" * 1_000_000 + b'"}'
     response = httpx.post(
-        f"{shared_server.url}/rag", content=body, headers={"Content-Type": "application/json"}
+        f"{default_server.url}/rag", content=body, headers={"Content-Type": "application/json"}
     )
     assert response.status_code == 413
     assert "limit" in response.json()["detail"]
-    assert post(shared_server.url, {"query": HOVER}).status_code == 200
-    assert metric(shared_server.url, 'rag_requests_total{status="413"}') == 1
+    assert post(default_server.url, {"query": HOVER}).status_code == 200
+    assert metric(default_server.url, counted) == before + 1
 
 
 def test_k_is_capped_by_a_small_corpus(start_server, tmp_path):
@@ -132,8 +127,8 @@ def test_k_is_capped_by_a_small_corpus(start_server, tmp_path):
     assert "between 1 and 3" in response.text
 
 
-def test_health_metrics_and_openapi(shared_server):
-    url = shared_server.url
+def test_health_metrics_and_openapi(default_server):
+    url = default_server.url
     assert httpx.get(f"{url}/ping").json() == {"status": "alive"}
     assert httpx.get(f"{url}/ready").status_code == 200
     post(url, {"query": HOVER})
@@ -233,8 +228,8 @@ time.sleep(600)
             os.killpg(server_pid, signal.SIGKILL)
 
 
-def test_port_zero_picks_distinct_free_ports(start_server):
-    first, second = start_server(), start_server()
+def test_port_zero_picks_distinct_free_ports(default_server, start_server):
+    first, second = default_server, start_server()
     assert first.port != second.port
     assert post(first.url, {"query": HOVER}).status_code == 200
     assert post(second.url, {"query": HOVER}).status_code == 200

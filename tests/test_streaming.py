@@ -90,8 +90,8 @@ def test_one_requests_max_tokens_never_changes_anothers(start_server, overrides)
         assert answers[1]["result"].startswith(answers[0]["result"])
 
 
-def test_without_stream_every_answer_carries_usage_ttft_and_tpot(start_server):
-    server = start_server("variant=base")
+def test_without_stream_every_answer_carries_usage_ttft_and_tpot(shared_server):
+    server = shared_server(variant="base")
     answer = httpx.post(f"{server.url}/rag", json={"query": HOVER}, timeout=60).json()
     usage = answer["usage"]
     assert usage["completion_tokens"] == answer["new_tokens"] > 1
@@ -123,10 +123,10 @@ def test_a_client_that_leaves_mid_stream_frees_its_engine_slot(start_server, var
     assert answer.status_code == 200 and answer.json()["usage"]["completion_tokens"] <= 3
 
 
-def test_a_refusal_before_the_first_byte_keeps_its_status(start_server):
+def test_a_refusal_before_the_first_byte_keeps_its_status(default_server):
     """A streamed request refused at the door gets the status and JSON a non-streamed one
     gets, not a stream."""
-    server = start_server("variant=batched")
+    server = default_server
     bad = httpx.post(f"{server.url}/rag", json={"query": HOVER, "stream": True, "k": 0})
     assert bad.status_code == 422 and "k" in bad.json()["detail"]
     too_many = {"query": HOVER, "stream": True, "max_tokens": 9}

@@ -10,8 +10,10 @@ so it can later be forwarded to wherever the compute runs.
 from __future__ import annotations
 
 import hmac
+from typing import TYPE_CHECKING
 
-import aiohttp
+if TYPE_CHECKING:  # the replicas import this module for its names and never make the call
+    import aiohttp
 
 TOKEN_HEADER = "X-Ragbench-Token"
 TOKEN_ENV = "RAGBENCH_BALANCER_TOKEN"
@@ -33,6 +35,8 @@ async def set_threads(
 ) -> int | None:
     """Ask the replica at `url` to compute with `threads` torch threads; what it now uses
     (None for a model without threads).  Raises on any answer but 200."""
+    import aiohttp  # loaded already by the caller, whose session this is
+
     async with session.post(
         f"{url}{THREADS_PATH}",
         json={"threads": threads},
