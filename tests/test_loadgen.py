@@ -45,7 +45,6 @@ def assert_verdict_is_the_clients_own_timing(rows: list[dict], summary: dict) ->
     sends or a low send rate that the rows themselves show (a loaded machine can cause
     either at moments), never for what the server did (stalls, failures, latency)."""
     sent = [r for r in rows if r["sent_s"] is not None]
-    assert all(r["send_lag_s"] < 0.1 for r in sent)  # never held up by the server
     late = sum(r["send_lag_s"] > LATE_S for r in sent)
     assert summary["late_fraction"] == late / len(sent)  # from send lag, not latency
     span = max(r["sent_s"] for r in sent) - min(r["sent_s"] for r in sent)
@@ -204,7 +203,9 @@ def test_stall_shows_as_latency_from_the_schedule():
     during = [r for r in rows if stall_start + 0.05 < r["sent_s"] < stall_start + 0.8]
     assert len(during) >= 30
     for r in during:
-        assert r["send_lag_s"] < 0.1  # the client kept sending on schedule
+        # Held up by the stall, they would be late by most of its second; a loaded machine
+        # may make them late by a little.
+        assert r["send_lag_s"] < 0.5
         assert stall_start + 0.95 < r["done_s"] < stall_start + 1.5  # all answered after it
     assert during[0]["latency_s"] > 0.8
     assert summary["latency_max_s"] > 0.8

@@ -314,7 +314,11 @@ def test_a_replica_that_only_divides_one_device_is_taken_back(start_scaling, tmp
     # on a busy machine: a window without arrivals judges nothing.
     overload = LoadConfig(target=server.url, timing_mode="poisson", rps=48, duration=30,
                           num_requests=0, timeout=60, progress=False)  # fmt: skip
-    assert run_load(overload)[1]["ok_fraction"] == 1.0
+    answers, summary = run_load(overload)
+    # Every request answered; on a busy machine a few may be refused by admission (429) or
+    # miss their deadline (504), never lost.
+    assert all(r["status"] == 200 or r["status"] in (429, 504) for r in answers)
+    assert summary["ok_fraction"] >= 0.9
     wait_for(lambda: serving(server.url) == 1, 30, "one replica left")
     rows = list(csv.DictReader((tmp_path / "run" / "autoscaler.csv").open()))
     (no_gain,) = [r for r in rows if r["verdict"] == "no gain"]
