@@ -104,3 +104,14 @@ def test_causal_softmax_gives_the_masked_softmax_of_the_scaled_scores(dtype, pas
     kernels.causal_softmax_(scores, 0.125, past)
     assert_near(scores, expected)
     assert torch.all(scores.tril(past) == scores)  # nothing beyond a token's own position
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 37])
+def test_silu_mul_gives_the_activated_gate_times_up_as_the_torch_path(dtype, rows):
+    """From the fused gate/up product (gate first in each row), against SiLU(gate) x up in
+    the product's dtype, as the MLP computes it."""
+    generator = torch.Generator().manual_seed(5)
+    gate_up = (4 * torch.randn(rows, 2 * 1536, generator=generator)).to(dtype)
+    gate, up = gate_up.chunk(2, dim=-1)
+    assert_near(kernels.silu_mul(gate_up), F.silu(gate) * up)

@@ -73,3 +73,9 @@ def causal_softmax_(scores: torch.Tensor, scale: float, past: int) -> None:
     """scores ([..., count, past + count], contiguous) in place to the softmax of scores x
     scale in float32, query i seeing keys 0..past + i (0 beyond)."""
     torch.ops.ragbench.causal_softmax_(scores, scale, past)
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """SiLU(gate) x up from the fused gate/up product ([rows, 2 width], contiguous, gate
+    first); [rows, width]."""
+    return torch.ops.ragbench.silu_mul(gate_up)
