@@ -8,6 +8,8 @@ import warnings
 
 from setuptools import setup
 
+LIBRARY = "rag.service.engine._kernels"
+
 
 def kernels() -> dict:
     if platform.machine() not in ("x86_64", "AMD64"):
@@ -27,15 +29,20 @@ def kernels() -> dict:
             except Exception as exc:
                 warnings.warn(f"kernels not built ({exc}); the engine uses torch", stacklevel=1)
 
-    extension = CppExtension(
-        "rag.service.engine._kernels",
-        ["rag/service/engine/kernels.cpp", "rag/service/engine/layer_ops.cpp"],
+    sources = ["rag/service/engine/kernels.cpp", "rag/service/engine/layer_ops.cpp"]
+    # Without trapping maths the compiler vectorises loops with branches (min, max, NaN).
+    flags = ["-O3", "-fopenmp", "-fno-trapping-math"]
+    link = ["-lgomp"]  # torch's own OpenMP runtime, already loaded
+    extensions = [
         # AVX2 and FMA (x86-64-v3): every CPU these run on has them; kernels.py checks.
-        # Without trapping maths the compiler vectorises loops with branches (min, max, NaN).
-        extra_compile_args=["-O3", "-march=x86-64-v3", "-fopenmp", "-fno-trapping-math"],
-        extra_link_args=["-lgomp"],  # torch's own OpenMP runtime, already loaded
-    )
-    return {"ext_modules": [extension], "cmdclass": {"build_ext": OptionalBuild}}
+        CppExtension(LIBRARY, sources, extra_compile_args=[*flags, "-march=x86-64-v3"],
+                     extra_link_args=link),
+        # The same for CPUs with AVX-512 (x86-64-v4), twice the vector width, which
+        # kernels.py loads where torch runs its own AVX-512 code.
+        CppExtension(f"{LIBRARY}_avx512", [p.replace(".cpp", "_avx512.cpp") for p in sources],
+                     extra_compile_args=[*flags, "-march=x86-64-v4"], extra_link_args=link),
+    ]  # fmt: skip
+    return {"ext_modules": extensions, "cmdclass": {"build_ext": OptionalBuild}}
 
 
 setup(**kernels())

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -104,3 +108,28 @@ def test_causal_softmax_gives_the_masked_softmax_of_the_scaled_scores(dtype, pas
     kernels.causal_softmax_(scores, 0.125, past)
     assert_near(scores, expected)
     assert torch.all(scores.tril(past) == scores)  # nothing beyond a token's own position
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 37])
+def test_silu_mul_gives_the_activated_gate_times_up_as_the_torch_path(dtype, rows):
+    """From the fused gate/up product (gate first in each row), against SiLU(gate) x up in
+    the product's dtype, as the MLP computes it."""
+    generator = torch.Generator().manual_seed(5)
+    gate_up = (4 * torch.randn(rows, 2 * 1536, generator=generator)).to(dtype)
+    gate, up = gate_up.chunk(2, dim=-1)
+    assert_near(kernels.silu_mul(gate_up), F.silu(gate) * up)
+
+
+@pytest.mark.skipif(
+    kernels.LOADED_LIBRARY == "rag.service.engine._kernels",
+    reason="the AVX2 build is the one loaded: the tests above cover it",
+)
+def test_the_avx2_build_computes_what_the_torch_code_computes():
+    """Where the AVX-512 build is the one loaded, the AVX2 build (what a CPU without AVX-512
+    loads) passes this file's tests too, in a process of its own."""
+    env = {**os.environ, "RAGBENCH_KERNELS": "avx2"}
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:]
+    assert " passed" in done.stdout and "failed" not in done.stdout

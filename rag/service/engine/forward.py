@@ -8,7 +8,8 @@ embedding applied to q and k apart).  This pass does the same arithmetic with fe
 q/k/v and gate/up as one matmul each (`fused`), the rotary embedding over q and k at once,
 keys and values written straight into the slots, each RMSNorm's five operations as one
 fused normalisation; with the engine's kernels (`kernels`), each residual add and the norm
-after it, and the rotary embedding, as one pass in place.  The numbers are those of the
+after it, and the rotary embedding, as one pass in place, and SiLU(gate) x up as one
+pass.  The numbers are those of the
 layers it replaces (their activation and rotary tables are called as they are; `rms_norm`
 gives their norms' results).
 """
@@ -18,12 +19,15 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel
+from transformers.activations import SiLUActivation
 
 from rag.service.engine import kernels
 from rag.service.engine.fused import fuse
 from rag.service.engine.int4 import Int4Linear
 from rag.service.engine.packed import PackedLinear, SlicedLinear, can_pack, dense_product
 from rag.service.engine.slots import SlotCache, StepPlan, attention
+
+SILU = (torch.nn.SiLU, SiLUActivation)  # transformers' "silu" and torch's own
 
 
 class Forward:
@@ -90,8 +94,7 @@ class Forward:
         return project(module.o_proj, attended)
 
     def _mlp(self, module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-        gate, up = project(module.gate_up_proj, x).chunk(2, dim=-1)
-        return project(module.down_proj, module.act_fn(gate) * up)
+        return project(module.down_proj, gated(module.act_fn, project(module.gate_up_proj, x)))
 
 
 def rms_norm(norm: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -123,6 +126,15 @@ def rotate(qk: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> tor
     tokens, heads, dim = qk.shape
     swapped = qk.view(tokens, heads, 2, dim // 2).flip(2).view(qk.shape)
     return qk * cos[:, None] + swapped * signed_sin[:, None]
+
+
+def gated(act_fn: torch.nn.Module, gate_up: torch.Tensor) -> torch.Tensor:
+    """act_fn(gate) x up from the fused gate/up product: one pass with the engine's kernel
+    where the activation is SiLU (the Llama pattern's), torch's two operations otherwise."""
+    if kernels.layer_ops(gate_up) and isinstance(act_fn, SILU):
+        return kernels.silu_mul(gate_up.contiguous())
+    gate, up = gate_up.chunk(2, dim=-1)
+    return act_fn(gate) * up
 
 
 def project(layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -1,9 +1,12 @@
 """The engine's own CPU kernels (kernels.cpp: decode attention; layer_ops.cpp: the pointwise
-work between a layer's matmuls; built with the package by setup.py), loaded
-as torch operators when the library was built and the CPU runs what it was compiled for
-(AVX2 and FMA); `available` says so, and callers keep a torch fallback for the rest.
-RAGBENCH_KERNELS=0 in the environment leaves them unloaded: the torch path, as on a
-machine where they were not built (to test or measure it beside them).
+work between a layer's matmuls; built with the package by setup.py, once for AVX2 and once
+for AVX-512), loaded as torch operators when the library was built and the CPU runs what it
+was compiled for: the AVX-512 build where torch runs its own AVX-512 code (twice the vector
+width, which the layer kernels use), the AVX2 one where it runs AVX2.  `available` says so,
+and callers keep a torch fallback for the rest.  RAGBENCH_KERNELS=0 in the environment
+leaves them unloaded: the torch path, as on a machine where they were not built (to test or
+measure it beside them); RAGBENCH_KERNELS=avx2 loads the AVX2 build on any machine that
+runs it.
 """
 
 from __future__ import annotations
@@ -14,22 +17,26 @@ import os
 import torch
 
 LIBRARY = "rag.service.engine._kernels"
-CAPABILITIES = ("AVX2", "AVX512")  # torch's names for CPUs that run x86-64-v3 code
+# The builds each of torch's CPU capabilities runs, widest first.
+BUILDS = {"AVX512": (f"{LIBRARY}_avx512", LIBRARY), "AVX2": (LIBRARY,)}
 
 
-def _load() -> bool:
-    if os.environ.get("RAGBENCH_KERNELS") == "0":
-        return False
-    spec = importlib.util.find_spec(LIBRARY)
-    if spec is None or spec.origin is None:
-        return False
-    if torch.backends.cpu.get_cpu_capability() not in CAPABILITIES:
-        return False
-    torch.ops.load_library(spec.origin)
-    return True
+def _load() -> str | None:
+    """The name of the library loaded, or None."""
+    choice = os.environ.get("RAGBENCH_KERNELS")
+    if choice == "0":
+        return None
+    builds = BUILDS.get(torch.backends.cpu.get_cpu_capability(), ())
+    for name in builds[-1:] if choice == "avx2" else builds:
+        spec = importlib.util.find_spec(name)
+        if spec is not None and spec.origin is not None:
+            torch.ops.load_library(spec.origin)
+            return name
+    return None
 
 
-LOADED = _load()
+LOADED_LIBRARY = _load()
+LOADED = LOADED_LIBRARY is not None
 
 
 def available(tensor: torch.Tensor) -> bool:
@@ -73,3 +80,9 @@ def causal_softmax_(scores: torch.Tensor, scale: float, past: int) -> None:
     """scores ([..., count, past + count], contiguous) in place to the softmax of scores x
     scale in float32, query i seeing keys 0..past + i (0 beyond)."""
     torch.ops.ragbench.causal_softmax_(scores, scale, past)
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """SiLU(gate) x up from the fused gate/up product ([rows, 2 width], contiguous, gate
+    first); [rows, width]."""
+    return torch.ops.ragbench.silu_mul(gate_up)

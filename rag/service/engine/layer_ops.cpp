@@ -13,6 +13,7 @@
 //   norm of the sum, in float32, cast back, times the weight), or the norm alone.
 // rotary_: the rotary embedding, in place, on every query and key head of each token.
 // causal_softmax_: a prompt's attention scores (scaled, causal, softmax in float32), in place.
+// silu_mul: the MLP's SiLU(gate) x up, read from the fused gate/up product.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -238,16 +239,51 @@ void causal_softmax_(at::Tensor& scores, double scale, int64_t past) {
   });
 }
 
+template <typename scalar_t>
+void silu_mul_kernel(const at::Tensor& gate_up, at::Tensor& out) {
+  using S = Stored<scalar_t>;
+  const int64_t rows = out.size(0), width = out.size(1);
+  const raw_t<scalar_t>* in_all = raw<scalar_t>(gate_up);
+  raw_t<scalar_t>* out_all = raw<scalar_t>(out);
+  at::parallel_for(0, rows, grain(width), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const raw_t<scalar_t>* gate = in_all + r * 2 * width;
+      const raw_t<scalar_t>* up = gate + width;
+      raw_t<scalar_t>* o = out_all + r * width;
+      // torch's silu, x / (1 + exp(-x)), rounded to the dtype, then the product rounded
+#pragma omp simd
+      for (int64_t i = 0; i < width; ++i) {
+        const float g = S::load(gate[i]);
+        o[i] = S::store(S::rounded(g / (1.f + fast_exp(-g))) * S::load(up[i]));
+      }
+    }
+  });
+}
+
+// gate_up [rows, 2 width], contiguous (gate then up in each row): SiLU(gate) x up, [rows, width].
+at::Tensor silu_mul(const at::Tensor& gate_up) {
+  TORCH_CHECK(gate_up.dim() == 2 && gate_up.is_contiguous() && gate_up.size(1) % 2 == 0,
+              "gate_up [rows, 2 width], contiguous");
+  at::Tensor out = at::empty({gate_up.size(0), gate_up.size(1) / 2}, gate_up.options());
+  float_or_bf16(gate_up.scalar_type(), "silu_mul", [&](auto tag) {
+    using scalar_t = decltype(tag);
+    silu_mul_kernel<scalar_t>(gate_up, out);
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(ragbench, m) {
   m.def("add_rms_norm_(Tensor(a!) hidden, Tensor? delta, Tensor weight, float eps) -> Tensor");
   m.def("rotary_(Tensor(a!) qk, Tensor cos, Tensor signed_sin) -> ()");
   m.def("causal_softmax_(Tensor(a!) scores, float scale, int past) -> ()");
+  m.def("silu_mul(Tensor gate_up) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(ragbench, CPU, m) {
   m.impl("add_rms_norm_", add_rms_norm_);
   m.impl("rotary_", rotary_);
   m.impl("causal_softmax_", causal_softmax_);
+  m.impl("silu_mul", silu_mul);
 }
