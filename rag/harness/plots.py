@@ -88,7 +88,12 @@ PLAIN = FuncFormatter(lambda value, _: f"{value:g}")
 
 
 def log_axis(ax: Axes, which: str = "y") -> None:
-    """A log scale labelled in plain numbers (0.5, 1, 2, 5, 10), not powers of ten."""
+    """A log scale labelled in plain numbers (0.5, 1, 2, 5, 10), not powers of ten.  An
+    axis with nothing positive drawn on it (a panel whose runs all lack the figure) stays
+    linear: a log scale would have nothing to show."""
+    _, highest = ax.dataLim.intervaly if which == "y" else ax.dataLim.intervalx
+    if not highest > 0:
+        return
     axis = ax.yaxis if which == "y" else ax.xaxis
     (ax.set_yscale if which == "y" else ax.set_xscale)("log")
     axis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
