@@ -8,10 +8,9 @@ embedding applied to q and k apart).  This pass does the same arithmetic with fe
 q/k/v and gate/up as one matmul each (`fused`), the rotary embedding over q and k at once,
 keys and values written straight into the slots, each RMSNorm's five operations as one
 fused normalisation; with the engine's kernels (`kernels`), each residual add and the norm
-after it, and the rotary embedding, as one pass in place, and SiLU(gate) x up as one
-pass.  The numbers are those of the
-layers it replaces (their activation and rotary tables are called as they are; `rms_norm`
-gives their norms' results).
+after it, and the rotary embedding, as one pass in place, and SiLU(gate) x up as one pass.
+The numbers are those of the layers it replaces (their activation and rotary tables are
+called as they are; `rms_norm` gives their norms' results).
 """
 
 from __future__ import annotations
