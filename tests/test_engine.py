@@ -16,7 +16,8 @@ from rag.service.engine.engine import Sequence
 from rag.service.engine.int4 import READERS, Int4Linear, use_int4_for_decode, write_blocks
 from rag.service.engine.slots import causal_mask, eager_attention, sdpa_attention
 from rag.service.generator import Generator
-from rag.service.models import load_generator
+from rag.service.models import TINY_TOKENIZER, build_engine, load_generator, tiny_decoder
+from rag.service.shaped import borrowed_tokenizer
 
 QUESTIONS = [
     "Why?",
@@ -193,6 +194,22 @@ def test_4_bit_blocks_go_back_into_the_layers_they_name_and_never_where_they_do_
         use_int4_for_decode(model, path, max_rows=4)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_only_a_bf16_model_decodes_in_4_bit(tmp_path, dtype):
+    """torch's 4-bit CPU kernel is vectorised for bf16 activations only; in the other
+    dtypes it is slower than the dense weight, so the engine keeps the dense layers."""
+    tokenizer = borrowed_tokenizer(TINY_TOKENIZER)
+    model = tiny_decoder(tokenizer, seed=0).to(dtype).eval()
+    down = model.model.layers[0].mlp.down_proj
+    q4_1 = GGMLQuantizationType.Q4_1
+    raw = quants.quantize(down.weight.detach().float().numpy(), q4_1)
+    path = tmp_path / "blocks.safetensors"
+    write_blocks(path, {"model.layers.0.mlp.down_proj.weight": READERS[q4_1](raw)})
+    assert build_engine(model, tokenizer, compose(["model=tiny"]).model, path) is not None
+    four_bit = [m for m in model.modules() if isinstance(m, Int4Linear)]
+    assert len(four_bit) == (1 if dtype == torch.bfloat16 else 0)
+
+
 @pytest.mark.packaged
 def test_engine_gives_generates_greedy_tokens_on_the_default_model(cache_dir):
     """In float32 and without 4-bit decode: any difference is then the engine's, not the
@@ -208,7 +225,8 @@ def test_engine_gives_generates_greedy_tokens_on_the_default_model(cache_dir):
 
 @pytest.mark.packaged
 def test_the_default_model_decodes_its_gguf_layers_in_4_bit(cache_dir):
-    generator = load_generator(compose([f"model.cache_dir={cache_dir}"]).model)
+    cfg = compose(["model.dtype=bfloat16", f"model.cache_dir={cache_dir}"])
+    generator = load_generator(cfg.model)
     layers = [m for m in generator.model.modules() if isinstance(m, Int4Linear)]
     decoder_layers = generator.model.model.layers
     fused = [m for d in decoder_layers for m in (d.self_attn.qkv_proj, d.mlp.gate_up_proj)]

@@ -39,7 +39,7 @@ from transformers import (
 from rag.config import ModelConfig
 from rag.service.embedder import Embedder
 from rag.service.engine.engine import Engine, TokenChooser
-from rag.service.engine.int4 import save_blocks, use_int4_for_decode
+from rag.service.engine.int4 import int4_pays, save_blocks, use_int4_for_decode
 from rag.service.engine.runner import SlotModel, UnsupportedModel, check_supported
 from rag.service.generator import Generator
 from rag.service.shaped import borrowed_tokenizer, is_shaped, shape_of
@@ -345,15 +345,18 @@ def build_engine(
     max_tokens: int = 0,
 ) -> Engine | None:
     """The step-level engine over `model`, with 4-bit decode from a GGUF's `blocks`
-    (`BLOCKS_FILE` of its cache) where there are some; None (transformers' generate) for
-    a model family the engine does not drive."""
+    (`BLOCKS_FILE` of its cache) where there are some and they pay; None (transformers'
+    generate) for a model family the engine does not drive."""
     try:
         check_supported(model)
     except UnsupportedModel as exc:
         log.warning("%s; generating with transformers' generate", exc)
         return None
-    if cfg.int4_decode and blocks is not None and model.device.type == "cpu":
-        use_int4_for_decode(model, blocks, cfg.int4_max_rows)
+    if cfg.int4_decode and blocks is not None:
+        if int4_pays(model):
+            use_int4_for_decode(model, blocks, cfg.int4_max_rows)
+        else:
+            log.info("4-bit decode is for bf16 on the CPU; %s decodes densely", model.dtype)
     decode = cfg.decode_step
     if decode == "auto":
         decode = "graphs" if model.device.type == "cuda" else "dynamic"

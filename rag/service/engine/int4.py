@@ -10,7 +10,8 @@ GGUF holds, except the scales, which the kernel takes in the activations' dtype.
 
 Each replaced layer keeps its dense weight (packed for oneDNN where it is bf16) for many
 rows (prefill, large batches), where a dense bf16 matmul is faster than unpacking 4-bit
-groups.
+groups.  The kernel is vectorised for bf16 activations only: in float32 or float16 it is
+far slower than the dense matmul, so a model in those dtypes keeps its dense layers.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from rag.service.engine.packed import dense_product
 GROUP = 32
 FIELDS = ("codes", "scales", "zeros")  # of Blocks, in order
 INT4_MM = torch.ops.aten._weight_int4pack_mm_for_cpu
+INT4_ACTIVATIONS = torch.bfloat16  # the one dtype INT4_MM computes at speed
 
 
 @register_flop_formula(INT4_MM)
@@ -244,6 +246,12 @@ def load_blocks(path: Path) -> Iterator[tuple[str, list[Blocks]]]:
                     for n in range(count)
                 ],
             )
+
+
+def int4_pays(model: PreTrainedModel) -> bool:
+    """Whether 4-bit decode is faster than the model's dense weights: on the CPU, with
+    activations in `INT4_ACTIVATIONS`."""
+    return model.device.type == "cpu" and model.dtype == INT4_ACTIVATIONS
 
 
 def use_int4_for_decode(model: PreTrainedModel, blocks_path: Path, max_rows: int) -> int:
