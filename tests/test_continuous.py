@@ -11,14 +11,13 @@ import asyncio
 import math
 import os
 import signal
-import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
 from async_helpers import run, soon, until
 from cluster_helpers import ready, wait_for
+from queue_helpers import LONG, post, send_in_background, sent_to_a_full_queue, stats
 from server_metrics import metric
 
 from rag.clock import FakeClock
@@ -30,28 +29,6 @@ from rag.service.continuous import ContinuousBatcher
 from rag.service.pipeline import RAGPipeline
 
 HOVER = "Which animals can hover in the air?"
-LONG = ("model.ignore_eos=true", "model.max_new_tokens=1500")  # well over a second a request
-
-
-def post(url: str, body: object, timeout: float = 120) -> httpx.Response:
-    return httpx.post(f"{url}/rag", json=body, timeout=timeout)
-
-
-def stats(url: str) -> dict:
-    return httpx.get(f"{url}/stats", timeout=10).json()
-
-
-def send_in_background(url: str, bodies: list[dict]) -> tuple[list[threading.Thread], dict]:
-    """Start one thread per request; the responses land in the returned dict by index."""
-    results: dict[int, httpx.Response] = {}
-
-    def send(i: int, body: dict) -> None:
-        results[i] = post(url, body)
-
-    threads = [threading.Thread(target=send, args=(i, b)) for i, b in enumerate(bodies)]
-    for thread in threads:
-        thread.start()
-    return threads, results
 
 
 @pytest.fixture
@@ -97,30 +74,8 @@ def test_a_newcomer_joins_the_running_batch_without_waiting_for_it(start_continu
 
 
 def test_full_queue_answers_429_with_retry_after(start_continuous):
-    """One running, one queued, then a third is refused.  On a busy machine the running
-    request can end while this process waits for a core, before the second is seen queued
-    or before the third arrives (which is then rightly queued, 200): the round is
-    repeated until a third arrives at a full queue."""
     server = start_continuous(*LONG, "variant.max_batch_size=1", "variant.max_queue=1")
-    deadline = time.monotonic() + 240
-    while True:
-        # One at a time: two sent together could both find the queue before either runs.
-        running_threads, running = send_in_background(server.url, [{"query": HOVER}])
-        wait_for(lambda: stats(server.url)["running"] == 1, 60, "one running")
-        queued_threads, queued = send_in_background(server.url, [{"query": HOVER}])
-        first = running_threads[0]
-        wait_for(
-            lambda first=first: stats(server.url)["queue_depth"] == 1 or not first.is_alive(),
-            60,
-            "one running, one queued (or the running one answered first)",
-        )
-        third = post(server.url, {"query": HOVER})
-        for thread in running_threads + queued_threads:
-            thread.join(120)
-        assert (running[0].status_code, queued[0].status_code) == (200, 200)
-        if third.status_code == 429:
-            break
-        assert third.status_code == 200 and time.monotonic() < deadline, third.text
+    third = sent_to_a_full_queue(server.url, {"query": HOVER})
     assert int(third.headers["Retry-After"]) >= 1 and "queue is full" in third.json()["detail"]
     assert metric(server.url, 'rag_requests_total{status="429"}') == 1
 
