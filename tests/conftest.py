@@ -8,6 +8,13 @@ import os
 # before anything imports huggingface_hub (it reads these once) and inherited by servers.
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
+# Under pytest-xdist more processes compute than there are cores: a torch op split over
+# every core then waits at its barriers for threads that another process has preempted,
+# spinning meanwhile.  One compute thread per process (workers and the servers they start)
+# unless the caller chose; tests of the thread settings set theirs explicitly.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("MKL_NUM_THREADS", "1")
 
 import shutil
 import subprocess
