@@ -9,11 +9,12 @@ import pytest
 import torch
 from engine_helpers import FAMILIES, tiny_model
 from gguf import GGMLQuantizationType, quants
+from transformers.modeling_gguf_pytorch_utils import TensorProcessor, get_gguf_hf_weights_map
 
 from rag.service.engine.engine import Engine, Sequence
 from rag.service.engine.forward import rms_norm
 from rag.service.engine.fused import fuse
-from rag.service.engine.int4 import READERS, Int4Linear
+from rag.service.engine.int4 import READERS, Int4Linear, gguf_names
 from rag.service.engine.packed import PackedLinear, can_pack
 from rag.service.engine.runner import SlotModel
 
@@ -24,6 +25,18 @@ def q4_layer(out_features: int, seed: int, kind=GGMLQuantizationType.Q4_1) -> In
     dense = torch.nn.Linear(128, out_features, bias=False)
     dense.weight.data = torch.from_numpy(quants.dequantize(raw, kind)) + 1.0  # tell them apart
     return Int4Linear.from_blocks(dense, READERS[kind](raw), max_rows=4)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_gguf_names_map_the_tensors_as_transformers_does(family):
+    model = tiny_model(family)
+    try:
+        expected = get_gguf_hf_weights_map(model, TensorProcessor())
+    except NotImplementedError:  # an architecture gguf does not know: refused alike
+        with pytest.raises(NotImplementedError):
+            gguf_names(model)
+        return
+    assert gguf_names(model) == expected
 
 
 @pytest.mark.parametrize("kind", [GGMLQuantizationType.Q4_1, GGMLQuantizationType.Q8_0])

@@ -22,16 +22,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from gguf import GGMLQuantizationType, GGUFReader
+from gguf import MODEL_ARCH_NAMES, GGMLQuantizationType, GGUFReader, get_tensor_name_map
 from safetensors import safe_open
 from safetensors.numpy import save_file
 from torch.utils.flop_counter import register_flop_formula
 from transformers import PreTrainedModel
-from transformers.modeling_gguf_pytorch_utils import (
-    TENSOR_PROCESSORS,
-    TensorProcessor,
-    get_gguf_hf_weights_map,
-)
+from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor
 
 from rag.service.engine.packed import dense_product
 
@@ -146,7 +142,7 @@ def read_blocks(gguf_path: Path, model: PreTrainedModel) -> Iterator[tuple[str, 
     matrix's codes are in memory), by the model's parameter name, with the row permutation
     transformers' GGUF loader applies (llama's q and k)."""
     config = model.config
-    names = get_gguf_hf_weights_map(model, TensorProcessor())
+    names = gguf_names(model)
     processor = TENSOR_PROCESSORS.get(config.model_type, TensorProcessor)(
         config={
             "num_attention_heads": config.num_attention_heads,
@@ -165,6 +161,22 @@ def read_blocks(gguf_path: Path, model: PreTrainedModel) -> Iterator[tuple[str, 
             )
             parts.append(Blocks(codes, scales, zeros))
         yield names[tensor.name], parts
+
+
+def gguf_names(model: PreTrainedModel) -> dict[str, str]:
+    """Each GGUF tensor name -> the model's parameter name, from gguf's name table for the
+    architecture.  transformers' `get_gguf_hf_weights_map` gives the same map for the
+    families the engine drives, but builds the table again for every submodule."""
+    arches = [k for k, v in MODEL_ARCH_NAMES.items() if v == model.config.model_type]
+    if not arches:
+        raise NotImplementedError(f"gguf knows no architecture {model.config.model_type!r}")
+    table = get_tensor_name_map(arches[0], model.config.num_hidden_layers)
+    names = {}
+    for name in model.state_dict():
+        stem, _, suffix = name.rpartition(".")
+        if (gguf_stem := table.get_name(stem)) is not None:
+            names[f"{gguf_stem}.{suffix}"] = name
+    return names
 
 
 def _reproduces(parts: list[Blocks], weight: torch.Tensor, chunk: int = 1024) -> bool:
