@@ -72,7 +72,8 @@ class SlotModel:
             model.dtype,
             model.device,
         )
-        # Faster still: every prompt's attention as one operation, the engine's kernel.
+        # Where the engine's kernels compute on the cache (the CPU), every prompt's
+        # attention is one operation instead (`kernels.prompt_attention`), faster still.
         self.prompt_kernel = kernels.layer_ops(self.cache.keys)
         self.forward = Forward(model, self.cache)
         self.static = (
