@@ -29,7 +29,7 @@ CATEGORIES = {
         "aten::softmax", "aten::_softmax", "aten::index_put_",
         "vllm::unified_attention_with_output", "vllm::unified_kv_cache_update",
         "_C::cpu_attention_with_kv_cache", "_C::cpu_attn_reshape_and_cache",
-        "ragbench::decode_attention",
+        "ragbench::decode_attention", "ragbench::prompt_attention",
     },
 }  # fmt: skip
 

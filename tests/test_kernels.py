@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import LlamaRMSNorm, rotate_half
 
 from rag.service.engine import kernels
-from rag.service.engine.slots import causal_mask
+from rag.service.engine.slots import causal_mask, eager_attention
 
 pytestmark = pytest.mark.skipif(
     not kernels.LOADED, reason="the engine's kernels were not built for this machine"
@@ -97,17 +97,39 @@ def test_rotary_turns_queries_and_keys_in_place_as_the_torch_path(dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("past", [0, 5])
-def test_causal_softmax_gives_the_masked_softmax_of_the_scaled_scores(dtype, past):
-    """A prompt's scores per key head and query head ([kv_heads, group, count, past +
-    count]), against the torch path: scaled, the causal mask added, softmax in float32."""
-    generator = torch.Generator().manual_seed(4)
-    count = 31
-    scores = (8 * torch.randn(3, 3, count, past + count, generator=generator)).to(dtype)
-    expected = (scores * 0.125 + causal_mask(count, past, scores.device)).softmax(-1).to(dtype)
-    kernels.causal_softmax_(scores, 0.125, past)
-    assert_near(scores, expected)
-    assert torch.all(scores.tril(past) == scores)  # nothing beyond a token's own position
+@pytest.mark.parametrize("heads, kv_heads", [(9, 3), (4, 4), (8, 1)])
+def test_prompt_attention_gives_each_prompt_what_the_torch_path_gives(dtype, heads, kv_heads):
+    """Prompts of different lengths (one token; more than a work item's 128) and pasts (none;
+    a shared prefix already in the slot), packed with rows of no prompt between them, read
+    from the strided view of the fused q/k/v product, against the torch path
+    (`eager_attention`: transformers' eager arithmetic) prompt by prompt; the other rows
+    are left alone."""
+    generator = torch.Generator().manual_seed(6)
+    slots, positions, dim = 5, 400, 16
+    keys, values = (
+        torch.randn(slots, positions, kv_heads, dim, generator=generator).to(dtype)
+        for _ in range(2)
+    )
+    spans = [(3, 0, 1, 0), (0, 1, 130, 24), (4, 140, 37, 5), (1, 177, 300, 0)]
+    others = [*range(131, 140), *range(477, 480)]  # in no span: decoded rows, say
+    tokens = 480
+    qkv = torch.randn(tokens, heads + 2 * kv_heads, dim, generator=generator).to(dtype)
+    query = qkv[:, :heads]
+    out = torch.full((tokens, heads * dim), 7.0, dtype=dtype)
+    kernels.prompt_attention(query, keys, values, torch.tensor(spans), 0.3, out)
+    for slot, start, count, past in spans:
+        mask = causal_mask(count, past, query.device)
+        k, v = keys[slot, : past + count], values[slot, : past + count]
+        expected = eager_attention(query[start : start + count], k, v, mask, 0.3)
+        assert_near(out[start : start + count], expected.reshape(count, heads * dim))
+    assert torch.all(out[others] == 7)
+
+
+def test_prompt_attention_refuses_a_span_outside_its_slot():
+    keys = torch.zeros(2, 8, 1, 4)
+    query, out = torch.zeros(6, 1, 4), torch.zeros(6, 4)
+    with pytest.raises(RuntimeError, match="each span within its slot"):
+        kernels.prompt_attention(query, keys, keys, torch.tensor([[0, 0, 6, 3]]), 1.0, out)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

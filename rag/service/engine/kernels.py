@@ -76,13 +76,24 @@ def rotary_(qk: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> No
     torch.ops.ragbench.rotary_(qk, cos, signed_sin)
 
 
-def causal_softmax_(scores: torch.Tensor, scale: float, past: int) -> None:
-    """scores ([..., count, past + count], contiguous) in place to the softmax of scores x
-    scale in float32, query i seeing keys 0..past + i (0 beyond)."""
-    torch.ops.ragbench.causal_softmax_(scores, scale, past)
-
-
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """SiLU(gate) x up from the fused gate/up product ([rows, 2 width], contiguous, gate
     first); [rows, width]."""
     return torch.ops.ragbench.silu_mul(gate_up)
+
+
+def prompt_attention(
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    spans: torch.Tensor,
+    scale: float,
+    out: torch.Tensor,
+) -> None:
+    """Each prompt's queries (its rows of query [tokens, heads, head_dim]) over its slot's
+    keys and values ([slots, positions, kv_heads, head_dim], one layer of the cache), each
+    token seeing the reused positions and the prompt up to itself, written into its rows of
+    out ([tokens, heads x head_dim]); spans [prompts, 4] int64: slot, first token, count,
+    positions already in the slot.  transformers' eager arithmetic: scores in the dtype,
+    softmax in float32."""
+    torch.ops.ragbench.prompt_attention(query, keys, values, spans, scale, out)

@@ -12,17 +12,20 @@
 // add_rms_norm_: the residual add and the next RMSNorm (hidden += delta, in place; the
 //   norm of the sum, in float32, cast back, times the weight), or the norm alone.
 // rotary_: the rotary embedding, in place, on every query and key head of each token.
-// causal_softmax_: a prompt's attention scores (scaled, causal, softmax in float32), in place.
 // silu_mul: the MLP's SiLU(gate) x up, read from the fused gate/up product.
+// prompt_attention: every prompt of a prefill pass attending over its slot's keys, as one
+//   operation (transformers' eager arithmetic: scores in the dtype, softmax in float32).
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <numeric>
 #include <vector>
 
 #include "fast_exp.h"
@@ -197,45 +200,164 @@ void rotary_(at::Tensor& qk, const at::Tensor& cos, const at::Tensor& signed_sin
   });
 }
 
+// Query tokens per work item of prompt_attention: a block's scores cover the keys up to its
+// last token, so smaller blocks skip more of the causal triangle but call the matmuls more.
+constexpr int64_t kQueryBlock = 128;
+// Positions the softmax takes at once: a multiple of any vector width.
+constexpr int64_t kChunk = 16;
+
+// One work item: a block of one prompt's query tokens and one key head.
+struct PromptBlock {
+  int64_t start;  // the prompt's first token in the packed pass
+  int64_t slot, past, first, last, head;  // its slot, reused keys, query tokens [first, last)
+  int64_t keys() const { return past + last; }
+};
+
+// A view of `count` rows of `width` values starting at `data`, `row_stride` apart (and its
+// transpose): what the matmuls read from the packed query and the slot cache, not copied.
+at::Tensor rows_view(const void* data, int64_t count, int64_t width, int64_t row_stride,
+                     const at::TensorOptions& options) {
+  return at::from_blob(const_cast<void*>(data), {count, width}, {row_stride, 1}, options);
+}
+
+// One key head's query heads, over a block of a prompt's tokens, against the keys they see.
+// Rows are (token, query head), so a token's query heads, and its output, are contiguous.
 template <typename scalar_t>
-void causal_softmax_kernel(at::Tensor& scores, float scale, int64_t past) {
+void prompt_block(const PromptBlock& b, const at::Tensor& query, const at::Tensor& keys,
+                  const at::Tensor& values, float scale, at::Tensor& out, at::Tensor& q_buffer,
+                  at::Tensor& score_buffer, at::Tensor& out_buffer, std::vector<float>& x) {
   using S = Stored<scalar_t>;
-  const int64_t count = scores.size(-2), total = scores.size(-1);
-  const int64_t rows = scores.numel() / total;
-  raw_t<scalar_t>* all = raw<scalar_t>(scores);
-  at::parallel_for(0, rows, grain(total), [&](int64_t begin, int64_t end) {
-    std::vector<float> x(total);
-    for (int64_t r = begin; r < end; ++r) {
-      raw_t<scalar_t>* s = all + r * total;
-      const int64_t seen = past + r % count + 1;  // the reused keys and the prompt so far
-      float top = -INFINITY;
-#pragma omp simd reduction(max : top)
-      for (int64_t j = 0; j < seen; ++j) {
-        x[j] = S::rounded(S::load(s[j]) * scale);
-        top = std::max(top, x[j]);
-      }
-      float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-      for (int64_t j = 0; j < seen; ++j) {
-        x[j] = fast_exp(x[j] - top);
-        sum += x[j];
-      }
-      const float inverse = 1.f / sum;
+  using R = raw_t<scalar_t>;
+  const int64_t heads = query.size(1), dim = query.size(2), group = heads / keys.size(2);
+  const int64_t tokens = b.last - b.first, rows = tokens * group, seen_all = b.keys();
+  const int64_t first_head = b.head * group;
+  const R* q_first = raw<scalar_t>(query) + (b.start + b.first) * query.stride(0);
+  R* q = raw<scalar_t>(q_buffer);
+  for (int64_t t = 0; t < tokens; ++t)
+    for (int64_t g = 0; g < group; ++g)
+      std::memcpy(q + (t * group + g) * dim,
+                  q_first + t * query.stride(0) + (first_head + g) * query.stride(1),
+                  dim * sizeof(R));
+  const at::TensorOptions options = query.options();
+  const int64_t offset = b.slot * keys.stride(0) + b.head * keys.stride(2);
+  const at::Tensor k =
+      rows_view(raw<scalar_t>(keys) + offset, seen_all, dim, keys.stride(1), options);
+  const at::Tensor v =
+      rows_view(raw<scalar_t>(values) + offset, seen_all, dim, values.stride(1), options);
+  at::Tensor scores = score_buffer.view(-1).narrow(0, 0, rows * seen_all).view({rows, seen_all});
+  at::mm_out(scores, q_buffer.narrow(0, 0, rows), k.t());
+
+  // softmax(scores x scale) in float32 over the keys each token sees, rounded to the dtype;
+  // in whole chunks of kChunk (the positions a token does not see count as -inf, then 0),
+  // so that no loop ends in a scalar remainder
+  R* s_all = raw<scalar_t>(scores);
+  for (int64_t r = 0; r < rows; ++r) {
+    R* s = s_all + r * seen_all;
+    const int64_t seen = b.past + b.first + r / group + 1;
+    const int64_t chunks = (seen + kChunk - 1) / kChunk;
+    float top[kChunk], sum[kChunk];
+    std::fill(top, top + kChunk, -INFINITY);
+    std::fill(sum, sum + kChunk, 0.f);
+    for (int64_t c = 0; c < chunks; ++c)
 #pragma omp simd
-      for (int64_t j = 0; j < seen; ++j) s[j] = S::store(x[j] * inverse);
-      std::fill(s + seen, s + total, S::store(0.f));
-    }
+      for (int64_t i = 0; i < kChunk; ++i) {
+        const int64_t j = c * kChunk + i;
+        const float scaled = S::rounded(S::load(s[j]) * scale);
+        x[j] = j < seen ? scaled : -INFINITY;
+        top[i] = std::max(top[i], x[j]);
+      }
+    const float most = *std::max_element(top, top + kChunk);
+    for (int64_t c = 0; c < chunks; ++c)
+#pragma omp simd
+      for (int64_t i = 0; i < kChunk; ++i) {
+        const int64_t j = c * kChunk + i;
+        x[j] = j < seen ? fast_exp(x[j] - most) : 0.f;
+        sum[i] += x[j];
+      }
+    const float inverse = 1.f / std::accumulate(sum, sum + kChunk, 0.f);
+    const int64_t whole = std::min(chunks * kChunk, seen_all);
+#pragma omp simd
+    for (int64_t j = 0; j < whole; ++j) s[j] = S::store(x[j] * inverse);
+    std::memset(s + whole, 0, (seen_all - whole) * sizeof(R));  // the block's later tokens
+  }
+
+  at::Tensor attended = out_buffer.narrow(0, 0, rows);
+  at::mm_out(attended, scores, v);
+  const R* a = raw<scalar_t>(attended);
+  R* o_all = raw<scalar_t>(out);
+  for (int64_t t = 0; t < tokens; ++t)
+    std::memcpy(o_all + (b.start + b.first + t) * out.stride(0) + first_head * dim,
+                a + t * group * dim, group * dim * sizeof(R));
+}
+
+template <typename scalar_t>
+void prompt_attention_kernel(const at::Tensor& query, const at::Tensor& keys,
+                             const at::Tensor& values, const at::Tensor& spans, float scale,
+                             at::Tensor& out) {
+  const int64_t kv_heads = keys.size(2), group = query.size(1) / kv_heads, dim = query.size(2);
+  const int64_t* plan = spans.const_data_ptr<int64_t>();
+  std::vector<PromptBlock> blocks;
+  int64_t widest = 0;
+  for (int64_t p = 0; p < spans.size(0); ++p) {
+    const int64_t slot = plan[4 * p], start = plan[4 * p + 1], count = plan[4 * p + 2],
+                  past = plan[4 * p + 3];
+    for (int64_t first = 0; first < count; first += kQueryBlock)
+      for (int64_t head = 0; head < kv_heads; ++head)
+        blocks.push_back({start, slot, past, first, std::min(count, first + kQueryBlock), head});
+    widest = std::max(widest, past + count);
+  }
+  // The costliest blocks (the most keys) first, each thread taking the next one free: the
+  // threads finish together whatever the prompts' lengths.
+  std::stable_sort(blocks.begin(), blocks.end(),
+                   [](const PromptBlock& a, const PromptBlock& b) { return a.keys() > b.keys(); });
+  std::atomic<size_t> next{0};
+  const int64_t rows = kQueryBlock * group;
+  at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
+    // matmuls inside the region run on the calling thread alone
+    at::Tensor q_buffer = at::empty({rows, dim}, query.options());
+    // (a row's last chunk may read past the last row's end)
+    at::Tensor score_buffer = at::empty({rows * widest + kChunk}, query.options());
+    at::Tensor out_buffer = at::empty({rows, dim}, query.options());
+    std::vector<float> x((widest + kChunk - 1) / kChunk * kChunk);
+    for (size_t i; (i = next.fetch_add(1)) < blocks.size();)
+      prompt_block<scalar_t>(blocks[i], query, keys, values, scale, out, q_buffer, score_buffer,
+                             out_buffer, x);
   });
 }
 
-// scores [..., count, past + count], contiguous: a prompt's query tokens against its slot's
-// keys; each row becomes the softmax of its scaled scores over the keys it sees.
-void causal_softmax_(at::Tensor& scores, double scale, int64_t past) {
-  TORCH_CHECK(scores.dim() >= 2 && scores.is_contiguous(), "scores [..., count, keys], contiguous");
-  TORCH_CHECK(past >= 0 && scores.size(-1) == past + scores.size(-2), "keys = past + count");
-  float_or_bf16(scores.scalar_type(), "causal_softmax_", [&](auto tag) {
+// query [tokens, heads, head_dim] (each head's values contiguous); keys, values [slots,
+// positions, kv_heads, head_dim] (one layer of the slot cache, holding each prompt's keys);
+// spans [prompts, 4] int64: slot, first token in the pass, count, keys already in the slot.
+// Writes each prompt's attention into its rows of out [tokens, heads x head_dim].
+void prompt_attention(const at::Tensor& query, const at::Tensor& keys, const at::Tensor& values,
+                      const at::Tensor& spans, double scale, at::Tensor& out) {
+  TORCH_CHECK(query.dim() == 3 && query.stride(2) == 1,
+              "query [tokens, heads, dim], rows contiguous");
+  TORCH_CHECK(keys.dim() == 4 && keys.sizes() == values.sizes() &&
+                  keys.strides() == values.strides() && keys.stride(3) == 1,
+              "keys and values [slots, positions, kv_heads, dim], one layout");
+  TORCH_CHECK(query.size(2) == keys.size(3) && query.size(1) % keys.size(2) == 0,
+              "query heads a multiple of key heads, one head_dim");
+  TORCH_CHECK(query.scalar_type() == keys.scalar_type() &&
+                  out.scalar_type() == keys.scalar_type(),
+              "query, cache and out of one dtype");
+  TORCH_CHECK(out.dim() == 2 && out.is_contiguous() && out.size(0) == query.size(0) &&
+                  out.size(1) == query.size(1) * query.size(2),
+              "out [tokens, heads x dim], contiguous");
+  TORCH_CHECK(spans.scalar_type() == at::kLong && spans.dim() == 2 && spans.size(1) == 4
+              && spans.is_contiguous(), "spans [prompts, 4] int64");
+  const int64_t* plan = spans.const_data_ptr<int64_t>();
+  for (int64_t p = 0; p < spans.size(0); ++p) {
+    const int64_t slot = plan[4 * p], start = plan[4 * p + 1], count = plan[4 * p + 2],
+                  past = plan[4 * p + 3];
+    TORCH_CHECK(slot >= 0 && slot < keys.size(0) && count > 0 && past >= 0 &&
+                    past + count <= keys.size(1) && start >= 0 && start + count <= query.size(0),
+                "each span within its slot and the pass");
+  }
+  float_or_bf16(query.scalar_type(), "prompt_attention", [&](auto tag) {
     using scalar_t = decltype(tag);
-    causal_softmax_kernel<scalar_t>(scores, static_cast<float>(scale), past);
+    prompt_attention_kernel<scalar_t>(query, keys, values, spans, static_cast<float>(scale),
+                                      out);
   });
 }
 
@@ -277,13 +399,14 @@ at::Tensor silu_mul(const at::Tensor& gate_up) {
 TORCH_LIBRARY_FRAGMENT(ragbench, m) {
   m.def("add_rms_norm_(Tensor(a!) hidden, Tensor? delta, Tensor weight, float eps) -> Tensor");
   m.def("rotary_(Tensor(a!) qk, Tensor cos, Tensor signed_sin) -> ()");
-  m.def("causal_softmax_(Tensor(a!) scores, float scale, int past) -> ()");
   m.def("silu_mul(Tensor gate_up) -> Tensor");
+  m.def("prompt_attention(Tensor query, Tensor keys, Tensor values, Tensor spans, float scale,"
+        " Tensor(a!) out) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(ragbench, CPU, m) {
   m.impl("add_rms_norm_", add_rms_norm_);
   m.impl("rotary_", rotary_);
-  m.impl("causal_softmax_", causal_softmax_);
   m.impl("silu_mul", silu_mul);
+  m.impl("prompt_attention", prompt_attention);
 }

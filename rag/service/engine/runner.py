@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import torch
 from transformers import PreTrainedModel
 
+from rag.service.engine import kernels
 from rag.service.engine.forward import Forward
 from rag.service.engine.slots import SlotCache, StepPlan, causal_mask
 from rag.service.engine.static import StaticDecode
@@ -71,6 +72,9 @@ class SlotModel:
             model.dtype,
             model.device,
         )
+        # Where the engine's kernels compute on the cache (the CPU), every prompt's
+        # attention is one operation instead (`kernels.prompt_attention`), faster still.
+        self.prompt_kernel = kernels.layer_ops(self.cache.keys)
         self.forward = Forward(model, self.cache)
         self.static = (
             StaticDecode(self.forward, self.cache, graphs=decode == "graphs")
@@ -134,13 +138,19 @@ class SlotModel:
         keys, values = (
             c[:, :rows, :span].transpose(2, 3) for c in (self.cache.keys, self.cache.values)
         )
+        table = None
+        if spans and self.prompt_kernel:
+            table = torch.tensor(spans, dtype=torch.long)
         plan = StepPlan(
             self._long(slot_of_token), self._long(position_of_token), tuple(spans),
             tuple(self._prompt_mask(count, past) for _, _, count, past in spans),
-            rows, span, lengths, mask, keys, values,
+            rows, span, lengths, mask, keys, values, table,
         )  # fmt: skip
         return self.forward(self._long(tokens), plan, self._long(last))
 
     def _prompt_mask(self, count: int, past: int) -> torch.Tensor | None:
-        """Masked prompt attention takes a mask; SDPA knows the causal shape itself."""
-        return causal_mask(count, past, self.device) if self.masked_prompts else None
+        """Masked prompt attention takes a mask; SDPA and the kernel know the causal shape
+        themselves."""
+        if self.masked_prompts and not self.prompt_kernel:
+            return causal_mask(count, past, self.device)
+        return None

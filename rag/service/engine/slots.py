@@ -25,13 +25,15 @@ from rag.service.engine import kernels
 class StepPlan:
     """The tokens of one forward pass, packed in one row: first the prompts being prefilled
     (`spans`: slot, first packed token, count, positions already in the slot from a reused
-    prefix; `span_masks`: each one's `causal_mask` on the CPU, None elsewhere), then one
-    token for each of slots 0..rows-1 being decoded.  Each token's keys go to
-    (`slot_of_token`, `position_of_token`).  A decoded row attends to its slot's first
-    `lengths[row]` keys (= its position + 1): the CPU kernel reads them in place; torch's
-    attention reads `decode_keys` and `decode_values` ([layers, rows, kv_heads, span,
-    head_dim] views of the cache, taken once per step rather than once per layer) under
-    `mask` ([rows, 1, 1, span], boolean or additive; None when every row sees all `span`)."""
+    prefix; `span_table`: the same as a [prompts, 4] int64 tensor where the engine's prompt
+    attention kernel computes them, else None; `span_masks`: each one's `causal_mask` where
+    torch's masked attention computes them, else None), then one token for each of slots
+    0..rows-1 being decoded.  Each token's keys go to (`slot_of_token`,
+    `position_of_token`).  A decoded row attends to its slot's first `lengths[row]` keys (=
+    its position + 1): the CPU kernel reads them in place; torch's attention reads
+    `decode_keys` and `decode_values` ([layers, rows, kv_heads, span, head_dim] views of
+    the cache, taken once per step rather than once per layer) under `mask` ([rows, 1, 1,
+    span], boolean or additive; None when every row sees all `span`)."""
 
     slot_of_token: torch.Tensor
     position_of_token: torch.Tensor
@@ -43,6 +45,7 @@ class StepPlan:
     mask: torch.Tensor | None
     decode_keys: torch.Tensor
     decode_values: torch.Tensor
+    span_table: torch.Tensor | None = None
 
 
 def _zeroed(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -103,17 +106,23 @@ def attention(
     cache: SlotCache, layer: int, plan: StepPlan, query: torch.Tensor, scale: float
 ) -> torch.Tensor:
     """Each token's query ([tokens, heads, head_dim]) over its slot's keys up to its own
-    position; [tokens, heads x head_dim]."""
+    position; [tokens, heads x head_dim].  Every prompt's attention is one operation with
+    the engine's kernel (no loop over the prompts, no copies of their queries and
+    outputs), else one `prompt_attention` per prompt."""
     if not plan.spans:
         return _decode_attention(cache, layer, plan, query, scale)
-    out = query.new_empty(query.shape)
-    for (slot, start, count, past), mask in zip(plan.spans, plan.span_masks, strict=True):
-        keys = cache.keys[layer, slot, : past + count]
-        values = cache.values[layer, slot, : past + count]
-        out[start : start + count] = prompt_attention(
-            query[start : start + count], keys, values, mask, scale
-        )
-    out = out.view(query.shape[0], -1)
+    out = query.new_empty(query.shape[0], query.shape[1] * query.shape[2])
+    if plan.span_table is not None:
+        keys, values = cache.keys[layer], cache.values[layer]
+        kernels.prompt_attention(query, keys, values, plan.span_table, scale, out)
+    else:
+        by_head = out.view(query.shape)
+        for (slot, start, count, past), mask in zip(plan.spans, plan.span_masks, strict=True):
+            keys = cache.keys[layer, slot, : past + count]
+            values = cache.values[layer, slot, : past + count]
+            by_head[start : start + count] = prompt_attention(
+                query[start : start + count], keys, values, mask, scale
+            )
     if plan.rows:
         decoded = query[query.shape[0] - plan.rows :]
         out[query.shape[0] - plan.rows :] = _decode_attention(cache, layer, plan, decoded, scale)
@@ -136,7 +145,8 @@ def prompt_attention(
     """A prompt's queries [count, heads, head_dim] over its slot's keys and values [past +
     count, kv_heads, head_dim], each token seeing the reused positions and the prompt up to
     itself; [count, heads, head_dim].  On the CPU `eager_attention` under its
-    `causal_mask`, elsewhere `sdpa_attention`, whose GPU kernels are the fast ones."""
+    `causal_mask` (where the engine's kernel is absent), elsewhere `sdpa_attention`, whose
+    GPU kernels are the fast ones."""
     if mask is not None:
         return eager_attention(query, keys, values, mask, scale)
     return sdpa_attention(query, keys, values, scale)
@@ -154,19 +164,9 @@ def eager_attention(
     grouped = query.view(count, kv_heads, group, head_dim).permute(1, 2, 0, 3)
     grouped = grouped.reshape(kv_heads, group * count, head_dim)
     scores = torch.bmm(grouped, keys.permute(1, 2, 0)).view(kv_heads, group, count, total)
-    weights = causal_softmax(scores, mask, scale)
+    weights = (scores * scale + mask).softmax(-1).to(scores.dtype)
     out = torch.bmm(weights.view(kv_heads, group * count, total), values.transpose(0, 1))
     return out.view(kv_heads, group, count, head_dim).permute(2, 0, 1, 3).reshape(query.shape)
-
-
-def causal_softmax(scores: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
-    """softmax(scores x scale + mask) in float32, in the scores' dtype (scores [..., count,
-    past + count], mask their `causal_mask`): in place, in one pass, with the engine's
-    kernel, which applies the causal shape by position rather than reading the mask."""
-    if kernels.layer_ops(scores):
-        kernels.causal_softmax_(scores, scale, scores.shape[-1] - scores.shape[-2])
-        return scores
-    return (scores * scale + mask).softmax(-1).to(scores.dtype)
 
 
 def sdpa_attention(
