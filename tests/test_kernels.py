@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
 from transformers.models.llama.modeling_llama import LlamaRMSNorm, rotate_half
 
 from rag.service.engine import kernels
@@ -59,6 +60,22 @@ def assert_near(out: torch.Tensor, expected: torch.Tensor) -> None:
     assert out.dtype == expected.dtype and out.shape == expected.shape
     tolerance = LAYER_TOLERANCE[expected.dtype]
     torch.testing.assert_close(out.float(), expected.float(), rtol=tolerance, atol=tolerance)
+
+
+def test_the_attention_kernels_flops_are_counted():
+    """FlopCounterMode counts them as the attention they compute, 2 x 2 x heads x head_dim
+    per (query token, key) pair: a decoded row's keys; a prompt token's causal pairs (the
+    reused positions and the prompt up to itself)."""
+    heads, dim = 4, 8
+    keys = torch.randn(3, 20, 2, dim)
+    query = torch.randn(8, heads, dim)
+    with FlopCounterMode(display=False) as decode:
+        kernels.decode_attention(query[:2], keys, keys, torch.tensor([11, 4]), 1.0)
+    assert decode.get_total_flops() == 4 * heads * dim * (11 + 4)
+    spans = torch.tensor([[0, 0, 3, 2], [2, 3, 5, 0]])  # pairs: 3 x 2 + 3 x 4 / 2, 5 x 6 / 2
+    with FlopCounterMode(display=False) as prompts:
+        kernels.prompt_attention(query, keys, keys, spans, 1.0, torch.zeros(8, heads * dim))
+    assert prompts.get_total_flops() == 4 * heads * dim * (12 + 15)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -15,6 +15,7 @@ import importlib.util
 import os
 
 import torch
+from torch.utils.flop_counter import register_flop_formula
 
 LIBRARY = "rag.service.engine._kernels"
 # The builds each of torch's CPU capabilities runs, widest first.
@@ -37,6 +38,24 @@ def _load() -> str | None:
 
 LOADED_LIBRARY = _load()
 LOADED = LOADED_LIBRARY is not None
+
+
+def attention_flops(query: torch.Tensor, pairs: int) -> int:
+    """q k^T and p v over `pairs` (query token, key) pairs: 2 x 2 x heads x head_dim each."""
+    return 4 * query.shape[1] * query.shape[2] * pairs
+
+
+if LOADED:  # counted by torch's FlopCounterMode as the matmuls they replace are
+
+    @register_flop_formula(torch.ops.ragbench.decode_attention, get_raw=True)
+    def _decode_attention_flops(query, keys, values, lengths, scale, **kwargs) -> int:
+        return attention_flops(query, int(lengths.sum()))
+
+    @register_flop_formula(torch.ops.ragbench.prompt_attention, get_raw=True)
+    def _prompt_attention_flops(query, keys, values, spans, scale, out, **kwargs) -> int:
+        """The causal pairs only: each token's reused positions and the prompt up to it."""
+        counts, past = spans[:, 2], spans[:, 3]
+        return attention_flops(query, int((counts * past + counts * (counts + 1) // 2).sum()))
 
 
 def available(tensor: torch.Tensor) -> bool:
