@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 from cluster_helpers import alive, wait_for
-from queue_helpers import LONG, sent_to_a_full_queue
+from queue_helpers import LONG, sent_to_a_full_queue, stats
 from server_metrics import metric
 
 from rag.cluster.process import ServerFailed
@@ -148,10 +148,6 @@ def test_full_queue_answers_429_with_retry_after(start_server):
     assert int(refused.headers["Retry-After"]) >= 1
     assert "queue is full" in refused.json()["detail"]
     assert metric(server.url, 'rag_requests_total{status="429"}') == 1
-
-
-def stats(url: str) -> dict:
-    return httpx.get(f"{url}/stats", timeout=10).json()
 
 
 def test_request_waiting_past_its_timeout_gets_504(start_server):
