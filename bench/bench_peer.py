@@ -135,6 +135,7 @@ def child(
     from step_profile import profiled
 
     from rag.config import compose
+    from rag.service.engine.int4_rows import int4_rows
     from rag.service.models import load_generator
 
     prompts = json.loads(Path(prompts_path).read_text())
@@ -175,6 +176,7 @@ def child(
         result["batches"][batch] = {"seconds": seconds, "tokens": tokens}
     result["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     result["torch_threads"] = torch.get_num_threads()
+    result["int4_max_rows"] = int4_rows(generator.model)
     Path(out).write_text(json.dumps(result))
 
 
