@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 import torch
 from transformers import PreTrainedModel
 
-from rag.service.engine.int4 import Int4Linear
+from rag.service.engine.int4 import INT4_ACTIVATIONS, Int4Linear
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +99,7 @@ def choose_int4_rows(model: PreTrainedModel) -> int:
 def _probe(layers: Sequence[Int4Linear], rows: int) -> tuple[float, float]:
     """The median seconds of one step's matmuls at `rows` rows: (4-bit, dense)."""
     inputs = {
-        width: torch.randn(rows, width, dtype=layers[0].scales_zeros[0].dtype)
+        width: torch.randn(rows, width, dtype=INT4_ACTIVATIONS)
         for width in {layer.in_features for layer in layers}
     }
     kinds = (Int4Linear.four_bit_product, Int4Linear.dense_product)
@@ -117,5 +117,4 @@ def _probe(layers: Sequence[Int4Linear], rows: int) -> tuple[float, float]:
     for _ in range(REPEATS):
         for kind, product in enumerate(kinds):
             times[kind].append(step(product))
-    four_bit, dense = (statistics.median(t) for t in times)
-    return four_bit, dense
+    return statistics.median(times[0]), statistics.median(times[1])
