@@ -135,6 +135,7 @@ def child(
     from step_profile import profiled
 
     from rag.config import compose
+    from rag.service.engine.int4_rows import int4_rows
     from rag.service.models import load_generator
 
     prompts = json.loads(Path(prompts_path).read_text())
@@ -175,6 +176,7 @@ def child(
         result["batches"][batch] = {"seconds": seconds, "tokens": tokens}
     result["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     result["torch_threads"] = torch.get_num_threads()
+    result["int4_max_rows"] = int4_rows(generator.model)
     Path(out).write_text(json.dumps(result))
 
 
@@ -307,9 +309,13 @@ def query_prompts(queries: list[str]) -> dict[str, list[int]]:
     return dict(zip(queries, ids, strict=True))
 
 
-def served(peer: str, model: Path, rates: list[float], requests: int, logs: Path) -> dict:
+def served(
+    peer: str, model: Path, rates: list[float], requests: int, logs: Path
+) -> tuple[dict, dict]:
     """Every rate's poisson schedule (seeded alike) to our batched and continuous servers
-    and to vLLM's, one server at a time, each warmed by a few requests first: summaries."""
+    and to vLLM's, one server at a time, each warmed by a few requests first: summaries,
+    and what each of our servers ran on (its /stats runtime: threads, 4-bit rows)."""
+    import httpx
     from peer_client import run_completions
 
     from rag.cluster.process import ServerProcess
@@ -321,10 +327,12 @@ def served(peer: str, model: Path, rates: list[float], requests: int, logs: Path
                           seed=0, timeout=120, progress=False)  # fmt: skip
 
     results: dict = {}
+    runtimes: dict = {}
     for variant in SERVED_VARIANTS:
         with ServerProcess([f"variant={variant}", "model.ignore_eos=true"]) as server:
             run_load(load(server.url, 4, WARM_UP_REQUESTS))
             results[variant] = {rate: run_load(load(server.url, rate))[1] for rate in rates}
+            runtimes[variant] = httpx.get(f"{server.url}/stats", timeout=10).json()["runtime"]
     prompts = query_prompts([p.text for p in load_prompts()])
     with PeerServer(peer, model, logs / "vllm-server.log") as server:
         send = lambda rate, count=requests: run_completions(  # noqa: E731
@@ -340,7 +348,7 @@ def served(peer: str, model: Path, rates: list[float], requests: int, logs: Path
                 f"{s['ok']}/{s['scheduled']} ok",
                 flush=True,
             )
-    return results
+    return results, runtimes
 
 
 def judge_in_process(record: BenchRecord, rounds: list[dict]) -> None:
@@ -457,7 +465,10 @@ def main() -> int:
         }
         judge_in_process(record, rounds)
         if args.served:
-            results = served(args.peer, model, list(SERVED_RATES), SERVED_REQUESTS, Path(work))
+            results, runtimes = served(
+                args.peer, model, list(SERVED_RATES), SERVED_REQUESTS, Path(work)
+            )
+            record.note(served_runtime=runtimes)
             record.results["served"] = results
             judge_served(record, results)
     return record.finish(args.check)

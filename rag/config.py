@@ -55,7 +55,9 @@ class ModelConfig:
     engine: bool = True  # the step-level engine; false = transformers' generate
     engine_slots: int = 32  # sequences the engine decodes together at most
     int4_decode: bool = True  # decode with the GGUF's own 4-bit blocks (CPU, GGUF models)
-    int4_max_rows: int = 12  # above this many rows a layer multiplies with its dense weight
+    # Up to this many rows a 4-bit layer multiplies in 4 bits, above with its dense weight;
+    # auto: the crossover timed on this machine when the engine is built (1..16 rows).
+    int4_max_rows: int | str = "auto"
     max_prefill_tokens: int = 2048  # prompt tokens packed into one prefill at most
     # A decode-only step: dynamic (shaped by its rows), static (padded to fixed shapes), or
     # graphs (the static step replayed from CUDA graphs); auto = graphs on CUDA, else dynamic.

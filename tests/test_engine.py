@@ -14,6 +14,7 @@ from rag.config import compose
 from rag.service.engine import kernels
 from rag.service.engine.engine import Sequence
 from rag.service.engine.int4 import READERS, Int4Linear, use_int4_for_decode, write_blocks
+from rag.service.engine.int4_rows import AUTO, MOST_ROWS, decode_layers, int4_rows
 from rag.service.engine.slots import causal_mask, eager_attention, sdpa_attention
 from rag.service.generator import Generator
 from rag.service.models import TINY_TOKENIZER, build_engine, load_generator, tiny_decoder
@@ -208,6 +209,52 @@ def test_only_a_bf16_model_decodes_in_4_bit(tmp_path, dtype):
     assert build_engine(model, tokenizer, compose(["model=tiny"]).model, path) is not None
     four_bit = [m for m in model.modules() if isinstance(m, Int4Linear)]
     assert len(four_bit) == (1 if dtype == torch.bfloat16 else 0)
+
+
+def bf16_model_with_4_bit_down_projections(tmp_path):
+    """A tiny bf16 decoder and a blocks file holding each layer's down projection."""
+    tokenizer = borrowed_tokenizer(TINY_TOKENIZER)
+    model = tiny_decoder(tokenizer, seed=0).to(torch.bfloat16).eval()
+    q4_1 = GGMLQuantizationType.Q4_1
+    blocks = {}
+    for n, layer in enumerate(model.model.layers):
+        raw = quants.quantize(layer.mlp.down_proj.weight.detach().float().numpy(), q4_1)
+        blocks[f"model.layers.{n}.mlp.down_proj.weight"] = READERS[q4_1](raw)
+    path = tmp_path / "blocks.safetensors"
+    write_blocks(path, blocks)
+    return model, tokenizer, path
+
+
+def test_auto_times_up_to_how_many_rows_4_bit_pays_and_every_4_bit_layer_keeps_it(tmp_path):
+    model, tokenizer, path = bf16_model_with_4_bit_down_projections(tmp_path)
+    cfg = compose(["model=tiny"]).model
+    assert cfg.int4_max_rows == AUTO  # the default
+    engine = build_engine(model, tokenizer, cfg, path)
+    assert engine is not None
+    chosen = int4_rows(model)
+    assert 0 <= chosen <= MOST_ROWS
+    layers = [m for m in model.modules() if isinstance(m, Int4Linear)]
+    assert len(layers) == len(model.model.layers)
+    assert {layer.max_rows for layer in layers} == {chosen}
+    assert decode_layers(model) == layers  # what was timed: each step's 4-bit layers
+
+
+@pytest.mark.parametrize("rows", [0, 3, 40])
+def test_an_explicit_int4_max_rows_overrides_the_timing(tmp_path, rows):
+    model, tokenizer, path = bf16_model_with_4_bit_down_projections(tmp_path)
+    cfg = compose(["model=tiny", f"model.int4_max_rows={rows}"]).model
+    assert build_engine(model, tokenizer, cfg, path) is not None
+    layers = [m for m in model.modules() if isinstance(m, Int4Linear)]
+    assert layers and {layer.max_rows for layer in layers} == {rows}
+    assert int4_rows(model) == rows
+
+
+@pytest.mark.parametrize("setting", ["many", "-1"])
+def test_a_wrong_int4_max_rows_is_refused_with_what_it_may_be(tmp_path, setting):
+    model, tokenizer, path = bf16_model_with_4_bit_down_projections(tmp_path)
+    cfg = compose(["model=tiny", f"model.int4_max_rows={setting}"]).model
+    with pytest.raises(ValueError, match="'auto' or a row count"):
+        build_engine(model, tokenizer, cfg, path)
 
 
 @pytest.mark.packaged

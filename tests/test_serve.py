@@ -17,6 +17,7 @@ from queue_helpers import LONG, sent_to_a_full_queue, stats
 from server_metrics import metric
 
 from rag.cluster.process import ServerFailed
+from rag.service.engine.int4_rows import MOST_ROWS
 
 HOVER = "Which animals can hover in the air?"
 
@@ -265,3 +266,4 @@ def test_default_server_answers_the_hover_query(start_server):
     assert answer["result"].strip()
     runtime = httpx.get(f"{server.url}/stats").json()["runtime"]
     assert runtime["device"] == "cpu"
+    assert 0 <= runtime["int4_max_rows"] <= MOST_ROWS  # timed when the engine was built

@@ -40,6 +40,7 @@ from rag.config import ModelConfig
 from rag.service.embedder import Embedder
 from rag.service.engine.engine import Engine, TokenChooser
 from rag.service.engine.int4 import int4_pays, save_blocks, use_int4_for_decode
+from rag.service.engine.int4_rows import MOST_ROWS, choose_int4_rows, int4_rows, parse_int4_rows
 from rag.service.engine.runner import SlotModel, UnsupportedModel, check_supported
 from rag.service.generator import Generator
 from rag.service.shaped import borrowed_tokenizer, is_shaped, shape_of
@@ -352,9 +353,12 @@ def build_engine(
     except UnsupportedModel as exc:
         log.warning("%s; generating with transformers' generate", exc)
         return None
+    int4_max_rows = parse_int4_rows(cfg.int4_max_rows)
     if cfg.int4_decode and blocks is not None:
         if int4_pays(model):
-            use_int4_for_decode(model, blocks, cfg.int4_max_rows)
+            use_int4_for_decode(
+                model, blocks, MOST_ROWS if int4_max_rows is None else int4_max_rows
+            )
         else:
             log.info("4-bit decode is for bf16 on the CPU; %s decodes densely", model.dtype)
     decode = cfg.decode_step
@@ -362,6 +366,8 @@ def build_engine(
         decode = "graphs" if model.device.type == "cuda" else "dynamic"
     positions = cfg.max_prompt_tokens + max(cfg.max_new_tokens, max_tokens)
     slots = SlotModel(model, cfg.engine_slots, positions, decode)
+    if int4_max_rows is None:  # timed on the layers as the forward pass has packed them
+        choose_int4_rows(model)
     eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
     chooser = TokenChooser(cfg.temperature, cfg.top_p, cfg.seed)
     return Engine(slots, eos, chooser, cfg.max_prefill_tokens)
@@ -418,6 +424,7 @@ def describe_runtime(generator: Generator) -> dict[str, str | int | bool]:
         "generator": cfg.generator,
         "weights": "random" if random else "trained",
         "decode_step": generator.engine.model.decode_step if generator.engine else "generate",
+        "int4_max_rows": int4_rows(model),
         "torch": torch.__version__,
         "device": str(model.device),
         "dtype": str(model.dtype).removeprefix("torch."),

@@ -101,6 +101,7 @@ class Int4Linear(torch.nn.Module):
         super().__init__()
         self.dense = dense
         self.max_rows = max_rows
+        self.in_features = dense.in_features
         self.out_features = dense.out_features
         self.packed = packed
         self.scales_zeros = scales_zeros
@@ -128,7 +129,13 @@ class Int4Linear(torch.nn.Module):
         """The output for contiguous rows [rows, in] (`forward` without nn.Module's call
         and reshapes, which cost a few microseconds a call)."""
         if flat.shape[0] > self.max_rows:
-            return dense_product(self.dense, flat)
+            return self.dense_product(flat)
+        return self.four_bit_product(flat)
+
+    def dense_product(self, flat: torch.Tensor) -> torch.Tensor:
+        return dense_product(self.dense, flat)
+
+    def four_bit_product(self, flat: torch.Tensor) -> torch.Tensor:
         out = INT4_MM(flat, self.packed[0], GROUP, self.scales_zeros[0])
         for packed, scales_zeros in zip(self.packed[1:], self.scales_zeros[1:], strict=True):
             out = out + INT4_MM(flat, packed, GROUP, scales_zeros)
