@@ -25,7 +25,7 @@ pytestmark = pytest.mark.skipif(
 DECODE_LENGTHS = [1, 2, 15, 16, 17, 31, 33, 64, 100, 255, 256, 300]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("heads, kv_heads", [(9, 3), (4, 4), (8, 1)])
 @pytest.mark.parametrize("head_dim", [16, 24, 64, 128])
 def test_decode_attention_computes_what_sdpa_computes(dtype, heads, kv_heads, head_dim):
@@ -49,6 +49,13 @@ def test_decode_attention_computes_what_sdpa_computes(dtype, heads, kv_heads, he
     assert out.dtype == dtype and out.shape == query.shape
     tolerance = 1e-5 if dtype == torch.float32 else 1e-2
     torch.testing.assert_close(out.float(), expected, rtol=tolerance, atol=tolerance)
+
+
+def test_decode_attention_of_no_rows_is_empty():
+    keys = torch.zeros(2, 8, 1, 64)
+    query = torch.zeros(0, 1, 64)
+    out = kernels.decode_attention(query, keys, keys, torch.zeros(0, dtype=torch.long), 1.0)
+    assert out.shape == query.shape
 
 
 def test_decode_attention_refuses_a_length_outside_the_slot():

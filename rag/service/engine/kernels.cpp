@@ -165,7 +165,7 @@ void decode_attention_kernel(const at::Tensor& query, const at::Tensor& keys,
   const scalar_t* k_all = keys.const_data_ptr<scalar_t>();
   const scalar_t* v_all = values.const_data_ptr<scalar_t>();
   const int64_t* visible = lengths.const_data_ptr<int64_t>();
-  const int64_t longest = *std::max_element(visible, visible + rows);
+  const int64_t longest = rows ? *std::max_element(visible, visible + rows) : 0;
   scalar_t* out_all = out.data_ptr<scalar_t>();
   const auto [score, weigh] = inner_loops<scalar_t>(dim);
 
