@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,29 +21,41 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("heads, kv_heads", [(9, 3), (4, 4), (8, 1)])
-def test_decode_attention_computes_what_sdpa_computes(dtype, heads, kv_heads):
-    """Rows of different lengths over one layer of a slot cache (more slots than rows),
-    against SDPA in float32 over the same keys under the mask the engine builds."""
-    generator = torch.Generator().manual_seed(0)
-    slots, positions, head_dim = 5, 40, 16
-    cache = torch.randn(2, slots, positions, kv_heads, head_dim, generator=generator)
-    keys, values = cache.to(dtype)
-    lengths = torch.tensor([1, 33, 7, 40])
-    rows = len(lengths)
-    query = torch.randn(rows, heads, head_dim, generator=generator).to(dtype)
-    out = kernels.decode_attention(query, keys, values, lengths, 0.3)
+# Lengths about the 16-position blocks the AVX-512 build scores together, up to 300.
+DECODE_LENGTHS = [1, 2, 15, 16, 17, 31, 33, 64, 100, 255, 256, 300]
 
-    span = int(lengths.max())
-    mask = (torch.arange(span)[None, :] < lengths[:, None])[:, None, None, :]
-    k, v = (c[:rows, :span].transpose(1, 2).float() for c in (keys, values))
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("heads, kv_heads", [(9, 3), (4, 4), (8, 1)])
+@pytest.mark.parametrize("head_dim", [16, 24, 64, 128])
+def test_decode_attention_computes_what_sdpa_computes(dtype, heads, kv_heads, head_dim):
+    """Rows of 1 to 300 positions over one layer of a slot cache (more slots than rows),
+    against SDPA in float32 over the same keys under the mask the engine builds; head sizes
+    the AVX-512 build has its own loops for (16, 64, 128) and one it has not (24)."""
+    generator = torch.Generator().manual_seed(0)
+    lengths = torch.tensor(DECODE_LENGTHS)
+    rows, positions = len(lengths), int(lengths.max())
+    cache = torch.randn(2, rows + 1, positions, kv_heads, head_dim, generator=generator)
+    keys, values = cache.to(dtype)
+    query = torch.randn(rows, heads, head_dim, generator=generator).to(dtype)
+    out = kernels.decode_attention(query, keys, values, lengths, head_dim**-0.5)
+
+    mask = (torch.arange(positions)[None, :] < lengths[:, None])[:, None, None, :]
+    k, v = (c[:rows].transpose(1, 2).float() for c in (keys, values))
     grouped = query.float().reshape(rows, kv_heads, heads // kv_heads, head_dim)
-    expected = F.scaled_dot_product_attention(grouped, k, v, attn_mask=mask, scale=0.3)
+    expected = F.scaled_dot_product_attention(
+        grouped, k, v, attn_mask=mask, scale=head_dim**-0.5
+    ).reshape(query.shape)
     assert out.dtype == dtype and out.shape == query.shape
     tolerance = 1e-5 if dtype == torch.float32 else 1e-2
-    torch.testing.assert_close(out.float(), expected.reshape(query.shape), rtol=tolerance,
-                               atol=tolerance)  # fmt: skip
+    torch.testing.assert_close(out.float(), expected, rtol=tolerance, atol=tolerance)
+
+
+def test_decode_attention_of_no_rows_is_empty():
+    keys = torch.zeros(2, 8, 1, 64)
+    query = torch.zeros(0, 1, 64)
+    out = kernels.decode_attention(query, keys, keys, torch.zeros(0, dtype=torch.long), 1.0)
+    assert out.shape == query.shape
 
 
 def test_decode_attention_refuses_a_length_outside_the_slot():
@@ -160,15 +173,38 @@ def test_silu_mul_gives_the_activated_gate_times_up_as_the_torch_path(dtype, row
     assert_near(kernels.silu_mul(gate_up), F.silu(gate) * up)
 
 
+def run_this_file(env: dict[str, str], *selection: str) -> None:
+    """This file's tests (those `selection` picks, as pytest's -k) pass in a process of its
+    own under `env`."""
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__]
+    environment = {**os.environ, **env}
+    done = subprocess.run(
+        [*command, *selection], env=environment, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stdout[-3000:]
+    assert " passed" in done.stdout and "failed" not in done.stdout
+
+
 @pytest.mark.skipif(
     kernels.LOADED_LIBRARY == "rag.service.engine._kernels",
     reason="the AVX2 build is the one loaded: the tests above cover it",
 )
 def test_the_avx2_build_computes_what_the_torch_code_computes():
     """Where the AVX-512 build is the one loaded, the AVX2 build (what a CPU without AVX-512
-    loads) passes this file's tests too, in a process of its own."""
-    env = {**os.environ, "RAGBENCH_KERNELS": "avx2"}
-    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout[-3000:]
-    assert " passed" in done.stdout and "failed" not in done.stdout
+    loads) passes this file's tests too."""
+    run_this_file({"RAGBENCH_KERNELS": "avx2"})
+
+
+def cpu_has_avx512_bf16() -> bool:
+    cpuinfo = Path("/proc/cpuinfo")
+    return cpuinfo.exists() and "avx512_bf16" in cpuinfo.read_text()
+
+
+@pytest.mark.skipif(
+    kernels.LOADED_LIBRARY != "rag.service.engine._kernels_avx512" or not cpu_has_avx512_bf16(),
+    reason="bf16 keys are converted to float here anyway: the tests above cover it",
+)
+def test_bf16_keys_converted_to_float_give_what_sdpa_computes():
+    """Where the AVX-512 build scores bf16 keys with AVX512-BF16's dot products, its other
+    way (keys converted to float, what a CPU without them runs) passes the decode tests."""
+    run_this_file({"RAGBENCH_BF16_DOT": "0"}, "-k", "decode_attention")

@@ -8,7 +8,10 @@
 // head (grouped-query attention) are scored together, so each key and value is read once,
 // and the scores, softmax and weighted sum are in float32 whatever the cache's dtype.
 // SDPA's CPU kernel pays a blocked flash-attention setup for these few-query problems and
-// reads the cache through a strided view with a mask; this loop streams it.
+// reads the cache through a strided view with a mask; this loop streams it.  The AVX-512
+// build has its own inner loops for the common head sizes (decode_avx512.h: 16 positions'
+// scores finished together, bf16 keys multiplied as stored where the CPU has AVX512-BF16,
+// the weighted sums in registers); the plain loops below serve the rest and the AVX2 build.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -17,9 +20,15 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
+#include <string>
+#include <utility>
 #include <vector>
 
 #include "fast_exp.h"
+#ifdef __AVX512F__
+#include "decode_avx512.h"
+#endif
 
 namespace {
 
@@ -42,6 +51,109 @@ void prefetch_row(const scalar_t* row, int64_t dim) {
     __builtin_prefetch(reinterpret_cast<const char*>(row) + byte);
 }
 
+// The two inner loops of a work item: `Scores` fills scores[g * n + p] = scale x q_g . k_p
+// for the item's query heads g < group (q_raw as stored, q as float) and its n positions;
+// `Weigh` fills out[g] = sum_p weights[g * n + p] v_p.  `block`: scratch for 16 positions.
+template <typename scalar_t>
+using Scores = void (*)(const scalar_t* q_raw, const float* q, int64_t group, int64_t dim,
+                        const scalar_t* k, int64_t stride, int64_t n, float scale,
+                        float* block, float* scores);
+template <typename scalar_t>
+using Weigh = void (*)(const float* weights, int64_t group, int64_t dim, const scalar_t* v,
+                       int64_t stride, int64_t n, float* out);
+
+// Any head size and instruction set: one key row converted at a time, a dot product (and
+// its horizontal sum) per query head and position.
+template <typename scalar_t>
+void score_keys(const scalar_t*, const float* q, int64_t group, int64_t dim, const scalar_t* k,
+                int64_t stride, int64_t n, float scale, float* row, float* scores) {
+  for (int64_t p = 0; p < n; ++p) {
+    if (p + kPrefetchAhead < n) prefetch_row(k + (p + kPrefetchAhead) * stride, dim);
+    to_float(k + p * stride, row, dim);
+    for (int64_t g = 0; g < group; ++g) {
+      const float* qg = q + g * dim;
+      float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+      for (int64_t d = 0; d < dim; ++d) dot += qg[d] * row[d];
+      scores[g * n + p] = dot * scale;
+    }
+  }
+}
+
+template <typename scalar_t>
+void weigh_values(const float* weights, int64_t group, int64_t dim, const scalar_t* v,
+                  int64_t stride, int64_t n, float* out) {
+  std::fill(out, out + group * dim, 0.f);
+  float row[kMaxHeadDim];
+  for (int64_t p = 0; p < n; ++p) {
+    if (p + kPrefetchAhead < n) prefetch_row(v + (p + kPrefetchAhead) * stride, dim);
+    to_float(v + p * stride, row, dim);
+    for (int64_t g = 0; g < group; ++g) {
+      const float weight = weights[g * n + p];
+      float* a = out + g * dim;
+#pragma omp simd
+      for (int64_t d = 0; d < dim; ++d) a[d] += weight * row[d];
+    }
+  }
+}
+
+#ifdef __AVX512F__
+template <int kChunks, typename scalar_t>
+void score_keys_avx512(const scalar_t*, const float* q, int64_t group, int64_t,
+                       const scalar_t* k, int64_t stride, int64_t n, float scale, float* block,
+                       float* scores) {
+  decode_avx512::score_keys<kChunks>(q, group, k, stride, n, scale, block, scores);
+}
+
+template <int kChunks>
+void score_keys_bf16(const c10::BFloat16* q_raw, const float*, int64_t group, int64_t,
+                     const c10::BFloat16* k, int64_t stride, int64_t n, float scale, float*,
+                     float* scores) {
+  decode_avx512::score_keys_bf16<kChunks>(q_raw, group, k, stride, n, scale, scores);
+}
+
+template <int kChunks, typename scalar_t>
+void weigh_values_avx512(const float* weights, int64_t group, int64_t, const scalar_t* v,
+                         int64_t stride, int64_t n, float* out) {
+  decode_avx512::weigh_values<kChunks>(weights, group, v, stride, n, out);
+}
+
+// Whether a bf16 cache is scored with AVX512-BF16's dot products: where the CPU has them,
+// unless RAGBENCH_BF16_DOT=0 (which converts the keys to float, as on a CPU without them: to
+// test or measure that path on one with them).
+bool bf16_dot() {
+  static const bool use = [] {
+    const char* choice = std::getenv("RAGBENCH_BF16_DOT");
+    return __builtin_cpu_supports("avx512bf16") && !(choice && std::string(choice) == "0");
+  }();
+  return use;
+}
+
+template <int kChunks, typename scalar_t>
+std::pair<Scores<scalar_t>, Weigh<scalar_t>> avx512_loops() {
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16> && kChunks % 2 == 0) {
+    if (bf16_dot()) return {score_keys_bf16<kChunks>, weigh_values_avx512<kChunks, scalar_t>};
+  }
+  return {score_keys_avx512<kChunks, scalar_t>, weigh_values_avx512<kChunks, scalar_t>};
+}
+#endif
+
+// The widest loops this build has for the head size (float64 keeps the plain ones).
+template <typename scalar_t>
+std::pair<Scores<scalar_t>, Weigh<scalar_t>> inner_loops(int64_t dim) {
+#ifdef __AVX512F__
+  if constexpr (!std::is_same_v<scalar_t, double>) {
+    switch (dim) {
+      case 16: return avx512_loops<1, scalar_t>();
+      case 32: return avx512_loops<2, scalar_t>();
+      case 64: return avx512_loops<4, scalar_t>();
+      case 128: return avx512_loops<8, scalar_t>();
+    }
+  }
+#endif
+  return {score_keys<scalar_t>, weigh_values<scalar_t>};
+}
+
 template <typename scalar_t>
 void decode_attention_kernel(const at::Tensor& query, const at::Tensor& keys,
                              const at::Tensor& values, const at::Tensor& lengths, float scale,
@@ -53,32 +165,20 @@ void decode_attention_kernel(const at::Tensor& query, const at::Tensor& keys,
   const scalar_t* k_all = keys.const_data_ptr<scalar_t>();
   const scalar_t* v_all = values.const_data_ptr<scalar_t>();
   const int64_t* visible = lengths.const_data_ptr<int64_t>();
+  const int64_t longest = rows ? *std::max_element(visible, visible + rows) : 0;
   scalar_t* out_all = out.data_ptr<scalar_t>();
+  const auto [score, weigh] = inner_loops<scalar_t>(dim);
 
   at::parallel_for(0, rows * kv_heads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> q(group * dim), acc(group * dim), sums(group), scores;
-    float row[kMaxHeadDim];
+    std::vector<float> q(group * dim), acc(group * dim), sums(group), block(16 * dim),
+        scores(group * longest);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t r = item / kv_heads, h = item % kv_heads, n = visible[r];
       const int64_t first_head = r * heads + h * group;
       to_float(q_all + first_head * dim, q.data(), group * dim);
-      for (float& x : q) x *= scale;
-      const scalar_t* k = k_all + r * slot_stride + h * dim;
-      const scalar_t* v = v_all + r * slot_stride + h * dim;
-
-      // scores[g][p] = q_g . k_p, for every query head g of this key head
-      scores.resize(group * n);
-      for (int64_t p = 0; p < n; ++p) {
-        if (p + kPrefetchAhead < n) prefetch_row(k + (p + kPrefetchAhead) * position_stride, dim);
-        to_float(k + p * position_stride, row, dim);
-        for (int64_t g = 0; g < group; ++g) {
-          const float* qg = q.data() + g * dim;
-          float dot = 0.f;
-#pragma omp simd reduction(+ : dot)
-          for (int64_t d = 0; d < dim; ++d) dot += qg[d] * row[d];
-          scores[g * n + p] = dot;
-        }
-      }
+      const int64_t offset = r * slot_stride + h * dim;
+      score(q_all + first_head * dim, q.data(), group, dim, k_all + offset, position_stride, n,
+            scale, block.data(), scores.data());
       // softmax over the positions, left unnormalised until the end
       for (int64_t g = 0; g < group; ++g) {
         float* s = scores.data() + g * n;
@@ -91,18 +191,7 @@ void decode_attention_kernel(const at::Tensor& query, const at::Tensor& keys,
         }
         sums[g] = sum;
       }
-      // acc[g] = sum_p scores[g][p] v_p
-      std::fill(acc.begin(), acc.end(), 0.f);
-      for (int64_t p = 0; p < n; ++p) {
-        if (p + kPrefetchAhead < n) prefetch_row(v + (p + kPrefetchAhead) * position_stride, dim);
-        to_float(v + p * position_stride, row, dim);
-        for (int64_t g = 0; g < group; ++g) {
-          const float weight = scores[g * n + p];
-          float* a = acc.data() + g * dim;
-#pragma omp simd
-          for (int64_t d = 0; d < dim; ++d) a[d] += weight * row[d];
-        }
-      }
+      weigh(scores.data(), group, dim, v_all + offset, position_stride, n, acc.data());
       for (int64_t g = 0; g < group; ++g) {
         const float inverse = 1.f / sums[g];
         scalar_t* o = out_all + (first_head + g) * dim;
