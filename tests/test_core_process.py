@@ -121,10 +121,11 @@ def test_a_message_larger_than_the_pipe_reaches_the_core(tmp_path):
 
 def test_while_the_core_refuses_every_arrival_the_http_process_answers_429_itself(start_server):
     """A full queue behind a running batch shuts the door: the core says until when, the
-    HTTP process answers 429 on its word (the core never hears of it), every refusal is
-    counted in /stats and /metrics, and once the running batch has ended the door is open
-    again.  The simulated model's batches take seconds, so the door stays shut far longer
-    than the test needs."""
+    HTTP process answers 429 on its word (the core never hears of it) before reading the
+    request (a malformed body is refused alike), in each route's own error format, every
+    refusal is counted in /stats and /metrics, and once the running batch has ended the
+    door is open again.  The simulated model's batches take seconds, so the door stays
+    shut far longer than the test needs."""
     server = start_server(
         "variant.max_batch_size=1",
         "variant.max_queue=1",
@@ -150,11 +151,20 @@ def test_while_the_core_refuses_every_arrival_the_http_process_answers_429_itsel
         assert refused.status_code == 429
         assert "queue is full" in refused.json()["detail"]
         assert int(refused.headers["Retry-After"]) >= 1
+        malformed = httpx.post(f"{server.url}/rag", content=b"{not json", timeout=10)
+        assert malformed.status_code == 429 and "queue is full" in malformed.json()["detail"]
+        completion = httpx.post(
+            f"{server.url}/v1/completions", json={"prompt": HOVER, "max_tokens": 4}, timeout=10
+        )
+        assert completion.status_code == 429
+        assert "queue is full" in completion.json()["error"]["message"]
         counts = stats()
-        assert counts["refused_by_front"] == 1 and counts["refused"] == 1
-        assert metric(server.url, "rag_refused_total") == 1
-        assert metric(server.url, 'rag_requests_total{status="429"}') == 1
+        assert counts["refused_by_front"] == 3 and counts["refused"] == 3
+        assert metric(server.url, "rag_refused_total") == 3
+        assert metric(server.url, 'rag_requests_total{status="429"}') == 2
+        v1 = 'rag_v1_requests_total{endpoint="/v1/completions",status="429"}'
+        assert metric(server.url, v1) == 1
         assert running.result().status_code == 200
         assert queued.result().status_code == 200
     assert post().status_code == 200  # the door open again
-    assert stats()["refused"] == 1
+    assert stats()["refused"] == 3

@@ -33,6 +33,7 @@ from rag.service.api import (
     openapi_document,
     request_schema,
 )
+from rag.service.door import RefuseAtShutDoor
 from rag.service.params import decoding_of, read_params
 from rag.service.questions import Question
 from rag.service.responding import RAGFace, respond
@@ -182,6 +183,8 @@ def create_app(cfg: Config) -> FastAPI:
     app.include_router(admin.router)
     for exception, handler in ERROR_HANDLERS.items():
         app.add_exception_handler(exception, handler)
+    generation_paths = ("/rag", *(p for p in V1_PATHS if p != "/v1/models"))
+    app.add_middleware(RefuseAtShutDoor, state=state, paths=generation_paths)
     # A query's characters may each take up to 12 bytes as JSON escapes (surrogate pairs).
     app.add_middleware(
         BodyLimit,

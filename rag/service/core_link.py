@@ -79,14 +79,21 @@ class CoreLink:
         if self._gone:
             self.deliver([_gone(question.id)])
             return
-        shut_for = self.door_shut_for()
-        if shut_for is not None and self._door is not None:
-            self.refused += 1
-            refusal = error_payload(Overloaded(self._door[1], shut_for))
+        refusal = self.door_refusal()
+        if refusal is not None:
             self.deliver([Event(question.id, Kind.ERROR, refusal)])
             return
         self._open.add(question.id)
         self._send(("submit", question, timeout_s))
+
+    def door_refusal(self) -> dict[str, Any] | None:
+        """While the core says its door is shut, the 429 payload for an arrival (counted
+        in `refused`); None while it is open."""
+        shut_for = self.door_shut_for()
+        if self._gone or shut_for is None or self._door is None:
+            return None
+        self.refused += 1
+        return error_payload(Overloaded(self._door[1], shut_for))
 
     def door_shut_for(self) -> float | None:
         """Seconds until the core's door opens, as the core last said; None while open."""

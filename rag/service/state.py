@@ -111,6 +111,12 @@ class ServerState:
             return
         self.core.submit(question, timeout_s)
 
+    def door_refusal(self) -> dict[str, Any] | None:
+        """The core's refusal of any arrival while its door is shut (rag.service.door);
+        None while it is open, and while loading, draining or failed (their 503 comes
+        the ordinary way)."""
+        return None if self._refusal() is not None else self.core.door_refusal()
+
     def _refusal(self) -> str | None:
         if self.failure:
             return self.failure
