@@ -9,8 +9,8 @@ import time
 import httpx
 from cluster_helpers import wait_for
 
-# Well over a second a request on the tiny model: long enough to be seen running.
-LONG = ("model.ignore_eos=true", "model.max_new_tokens=1500")
+# Several seconds a request on the tiny model: long enough to be seen running on a busy machine.
+LONG = ("model.ignore_eos=true", "model.max_new_tokens=5000")
 
 
 def post(url: str, body: object, timeout: float = 120) -> httpx.Response:

@@ -67,8 +67,8 @@ def test_a_newcomer_joins_the_running_batch_without_waiting_for_it(start_continu
     for thread in first_threads + second_threads:
         thread.join(120)
     early, late = first[0].json(), second[0].json()
-    assert (early["new_tokens"], late["new_tokens"]) == (1500, 1500)
-    # The newcomer waited for a step of the running batch, not for its 1500 steps.
+    assert (early["new_tokens"], late["new_tokens"]) == (5000, 5000)
+    # The newcomer waited for a step of the running batch, not for its 5000 steps.
     assert late["timings"]["queue_ms"] < early["timings"]["generate_ms"] / 10
     assert stats(server.url)["batch_size_counts"].get("2", 0) >= 1
 
@@ -106,7 +106,7 @@ def test_sigterm_drains_the_running_batch_then_exits(start_continuous):
     assert post(server.url, {"query": HOVER}).status_code == 503
     for thread in threads:
         thread.join(120)
-    assert [results[i].json()["new_tokens"] for i in range(3)] == [1500, 1500, 1500]
+    assert [results[i].json()["new_tokens"] for i in range(3)] == [5000, 5000, 5000]
     assert server.process.wait(30) == 0
 
 
