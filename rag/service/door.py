@@ -15,6 +15,7 @@ from collections.abc import Collection
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from rag.service.responding import RAGFace
 from rag.service.state import ServerState
 from rag.web import CLIENT_GONE, json_error, read_body
 
@@ -40,6 +41,5 @@ class RefuseAtShutDoor:
         except ClientDisconnect as exc:
             response = json_error(CLIENT_GONE, str(exc))
         else:
-            retry_after = {"Retry-After": str(refusal["retry_after"])}
-            response = json_error(refusal["status"], refusal["detail"], retry_after)
+            response = RAGFace().error(refusal["status"], refusal["detail"], refusal["retry_after"])
         await response(scope, receive, send)
