@@ -128,30 +128,43 @@ def test_rotary_turns_queries_and_keys_in_place_as_the_torch_path(dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("heads, kv_heads", [(9, 3), (4, 4), (8, 1)])
-def test_prompt_attention_gives_each_prompt_what_the_torch_path_gives(dtype, heads, kv_heads):
-    """Prompts of different lengths (one token; more than a work item's 128) and pasts (none;
-    a shared prefix already in the slot), packed with rows of no prompt between them, read
-    from the strided view of the fused q/k/v product, against the torch path
-    (`eager_attention`: transformers' eager arithmetic) prompt by prompt; the other rows
-    are left alone."""
+@pytest.mark.parametrize("head_dim", [16, 24, 64, 128])
+def test_prompt_attention_gives_each_prompt_what_the_torch_path_gives(
+    dtype, heads, kv_heads, head_dim
+):
+    """Prompts of different lengths (one token to 300, about the AVX-512 loops' tiles of 8
+    query rows and blocks of 16 keys, and a matmul block's 128 tokens) and pasts (none; a
+    shared prefix already in the slot, odd or even), packed with rows of no prompt between
+    them, read from the strided view of the fused q/k/v product, against the torch path
+    (`eager_attention`: transformers' eager arithmetic) prompt by prompt; head sizes the
+    AVX-512 build has its own loops for (16, 64, 128) and one it has not (24).  The other
+    rows are left alone."""
     generator = torch.Generator().manual_seed(6)
-    slots, positions, dim = 5, 400, 16
+    slots, positions = 7, 400
     keys, values = (
-        torch.randn(slots, positions, kv_heads, dim, generator=generator).to(dtype)
+        torch.randn(slots, positions, kv_heads, head_dim, generator=generator).to(dtype)
         for _ in range(2)
     )
-    spans = [(3, 0, 1, 0), (0, 1, 130, 24), (4, 140, 37, 5), (1, 177, 300, 0)]
+    spans = [
+        (3, 0, 1, 0),
+        (0, 1, 130, 24),
+        (4, 140, 37, 5),
+        (1, 177, 300, 0),
+        (6, 480, 17, 40),
+        (2, 497, 2, 0),
+        (5, 499, 33, 1),
+    ]
     others = [*range(131, 140), *range(477, 480)]  # in no span: decoded rows, say
-    tokens = 480
-    qkv = torch.randn(tokens, heads + 2 * kv_heads, dim, generator=generator).to(dtype)
+    tokens = 532
+    qkv = torch.randn(tokens, heads + 2 * kv_heads, head_dim, generator=generator).to(dtype)
     query = qkv[:, :heads]
-    out = torch.full((tokens, heads * dim), 7.0, dtype=dtype)
+    out = torch.full((tokens, heads * head_dim), 7.0, dtype=dtype)
     kernels.prompt_attention(query, keys, values, torch.tensor(spans), 0.3, out)
     for slot, start, count, past in spans:
         mask = causal_mask(count, past, query.device)
         k, v = keys[slot, : past + count], values[slot, : past + count]
         expected = eager_attention(query[start : start + count], k, v, mask, 0.3)
-        assert_near(out[start : start + count], expected.reshape(count, heads * dim))
+        assert_near(out[start : start + count], expected.reshape(count, heads * head_dim))
     assert torch.all(out[others] == 7)
 
 
@@ -204,7 +217,8 @@ def cpu_has_avx512_bf16() -> bool:
     kernels.LOADED_LIBRARY != "rag.service.engine._kernels_avx512" or not cpu_has_avx512_bf16(),
     reason="bf16 keys are converted to float here anyway: the tests above cover it",
 )
-def test_bf16_keys_converted_to_float_give_what_sdpa_computes():
-    """Where the AVX-512 build scores bf16 keys with AVX512-BF16's dot products, its other
-    way (keys converted to float, what a CPU without them runs) passes the decode tests."""
-    run_this_file({"RAGBENCH_BF16_DOT": "0"}, "-k", "decode_attention")
+def test_bf16_keys_converted_to_float_give_what_the_torch_path_gives():
+    """Where the AVX-512 build multiplies bf16 keys and values with AVX512-BF16's dot
+    products, its other way (converted to float, what a CPU without them runs) passes the
+    attention tests."""
+    run_this_file({"RAGBENCH_BF16_DOT": "0"}, "-k", "decode_attention or prompt_attention")

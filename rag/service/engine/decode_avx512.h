@@ -1,5 +1,6 @@
 // decode_attention's two inner loops written for AVX-512 (the kernels' x86-64-v4 build;
-// kernels.cpp includes this only there), for head sizes of 16 to 128.
+// kernels.cpp includes this only there), for head sizes of 16 to 128; prompt_attention's
+// loops (prompt_avx512.h) use its helpers too.
 //
 // Scores: a block of 16 positions at a time, each query head's 16 dot products left as 16
 // vectors of partial sums and finished together by one transposing reduction (45
@@ -18,8 +19,21 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
+#include <string>
 
 namespace decode_avx512 {
+
+// Whether a bf16 cache is scored with AVX512-BF16's dot products: where the CPU has them,
+// unless RAGBENCH_BF16_DOT=0 (which converts the keys to float, as on a CPU without them: to
+// test or measure that path on one with them).  Decode and prompt attention ask alike.
+inline bool bf16_dot() {
+  static const bool use = [] {
+    const char* choice = std::getenv("RAGBENCH_BF16_DOT");
+    return __builtin_cpu_supports("avx512bf16") && !(choice && std::string(choice) == "0");
+  }();
+  return use;
+}
 
 constexpr int kBlock = 16;  // positions scored together: one vector of scores
 constexpr int64_t kValuesAhead = 8;

@@ -20,8 +20,6 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <cstdlib>
-#include <string>
 #include <utility>
 #include <vector>
 
@@ -118,21 +116,10 @@ void weigh_values_avx512(const float* weights, int64_t group, int64_t, const sca
   decode_avx512::weigh_values<kChunks>(weights, group, v, stride, n, out);
 }
 
-// Whether a bf16 cache is scored with AVX512-BF16's dot products: where the CPU has them,
-// unless RAGBENCH_BF16_DOT=0 (which converts the keys to float, as on a CPU without them: to
-// test or measure that path on one with them).
-bool bf16_dot() {
-  static const bool use = [] {
-    const char* choice = std::getenv("RAGBENCH_BF16_DOT");
-    return __builtin_cpu_supports("avx512bf16") && !(choice && std::string(choice) == "0");
-  }();
-  return use;
-}
-
 template <int kChunks, typename scalar_t>
 std::pair<Scores<scalar_t>, Weigh<scalar_t>> avx512_loops() {
   if constexpr (std::is_same_v<scalar_t, c10::BFloat16> && kChunks % 2 == 0) {
-    if (bf16_dot()) return {score_keys_bf16<kChunks>, weigh_values_avx512<kChunks, scalar_t>};
+    if (decode_avx512::bf16_dot()) return {score_keys_bf16<kChunks>, weigh_values_avx512<kChunks, scalar_t>};
   }
   return {score_keys_avx512<kChunks, scalar_t>, weigh_values_avx512<kChunks, scalar_t>};
 }

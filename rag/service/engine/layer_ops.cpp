@@ -14,7 +14,10 @@
 // rotary_: the rotary embedding, in place, on every query and key head of each token.
 // silu_mul: the MLP's SiLU(gate) x up, read from the fused gate/up product.
 // prompt_attention: every prompt of a prefill pass attending over its slot's keys, as one
-//   operation (transformers' eager arithmetic: scores in the dtype, softmax in float32).
+//   operation (transformers' eager arithmetic: scores in the dtype, softmax in float32,
+//   probabilities in the dtype, their products with the values summed in float32).  The
+//   AVX-512 build has its own loops for the common head sizes (prompt_avx512.h); the rest,
+//   and the AVX2 build, multiply through oneDNN (at::mm_out).
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -26,9 +29,14 @@
 #include <cstdint>
 #include <cstring>
 #include <numeric>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "fast_exp.h"
+#ifdef __AVX512F__
+#include "prompt_avx512.h"
+#endif
 
 namespace {
 
@@ -206,9 +214,63 @@ constexpr int64_t kQueryBlock = 128;
 // Positions the softmax takes at once: a multiple of any vector width.
 constexpr int64_t kChunk = 16;
 
+// One query row's softmax(scores x scale) in float32 over the `seen` keys it sees, rounded
+// to the dtype, into probabilities[0, width) (0 past `seen`): transformers' eager arithmetic,
+// the scores read as the dtype holds them (a float score, an unrounded dot product, rounded
+// first).  In whole chunks of kChunk (positions past `seen` count as -inf, then 0), so that
+// no loop ends in a scalar remainder: `scores` and `x` are read and written up to `seen`
+// rounded up to a chunk.  `probabilities` may be `scores`.
+template <typename scalar_t, typename In, typename Out>
+void softmax_row(const In* scores, int64_t seen, int64_t width, float scale, float* x,
+                 Out* probabilities) {
+  using S = Stored<scalar_t>;
+  const auto score = [](In s) {
+    if constexpr (std::is_same_v<In, raw_t<scalar_t>>)
+      return S::load(s);
+    else
+      return S::rounded(s);
+  };
+  const auto probability = [](float p) {
+    if constexpr (std::is_same_v<Out, raw_t<scalar_t>>)
+      return S::store(p);
+    else
+      return S::rounded(p);
+  };
+  const int64_t chunks = (seen + kChunk - 1) / kChunk, end = chunks * kChunk;
+  float top[kChunk], sum[kChunk];
+  std::fill(top, top + kChunk, -INFINITY);
+  std::fill(sum, sum + kChunk, 0.f);
+  for (int64_t c = 0; c < chunks; ++c)
+#pragma omp simd
+    for (int64_t i = 0; i < kChunk; ++i) {
+      const int64_t j = c * kChunk + i;
+      x[j] = S::rounded(score(scores[j]) * scale);
+    }
+  std::fill(x + seen, x + end, -INFINITY);
+  for (int64_t c = 0; c < chunks; ++c)
+#pragma omp simd
+    for (int64_t i = 0; i < kChunk; ++i) top[i] = std::max(top[i], x[c * kChunk + i]);
+  const float most = *std::max_element(top, top + kChunk);
+  // (exp's floor leaves the unseen positions at float's smallest normal, nothing to a sum
+  // of at least 1; they are set to 0 after it)
+  for (int64_t c = 0; c < chunks; ++c)
+#pragma omp simd
+    for (int64_t i = 0; i < kChunk; ++i) {
+      const int64_t j = c * kChunk + i;
+      x[j] = fast_exp(x[j] - most);
+      sum[i] += x[j];
+    }
+  std::fill(x + seen, x + end, 0.f);
+  const float inverse = 1.f / std::accumulate(sum, sum + kChunk, 0.f);
+  const int64_t whole = std::min(chunks * kChunk, width);
+#pragma omp simd
+  for (int64_t j = 0; j < whole; ++j) probabilities[j] = probability(x[j] * inverse);
+  std::fill(probabilities + whole, probabilities + width, Out{});  // later tokens' keys
+}
+
 // One work item: a block of one prompt's query tokens and one key head.
 struct PromptBlock {
-  int64_t start;  // the prompt's first token in the packed pass
+  int64_t prompt, start;  // the prompt's index and its first token in the packed pass
   int64_t slot, past, first, last, head;  // its slot, reused keys, query tokens [first, last)
   int64_t keys() const { return past + last; }
 };
@@ -226,7 +288,6 @@ template <typename scalar_t>
 void prompt_block(const PromptBlock& b, const at::Tensor& query, const at::Tensor& keys,
                   const at::Tensor& values, float scale, at::Tensor& out, at::Tensor& q_buffer,
                   at::Tensor& score_buffer, at::Tensor& out_buffer, std::vector<float>& x) {
-  using S = Stored<scalar_t>;
   using R = raw_t<scalar_t>;
   const int64_t heads = query.size(1), dim = query.size(2), group = heads / keys.size(2);
   const int64_t tokens = b.last - b.first, rows = tokens * group, seen_all = b.keys();
@@ -247,38 +308,10 @@ void prompt_block(const PromptBlock& b, const at::Tensor& query, const at::Tenso
   at::Tensor scores = score_buffer.view(-1).narrow(0, 0, rows * seen_all).view({rows, seen_all});
   at::mm_out(scores, q_buffer.narrow(0, 0, rows), k.t());
 
-  // softmax(scores x scale) in float32 over the keys each token sees, rounded to the dtype;
-  // in whole chunks of kChunk (the positions a token does not see count as -inf, then 0),
-  // so that no loop ends in a scalar remainder
   R* s_all = raw<scalar_t>(scores);
   for (int64_t r = 0; r < rows; ++r) {
     R* s = s_all + r * seen_all;
-    const int64_t seen = b.past + b.first + r / group + 1;
-    const int64_t chunks = (seen + kChunk - 1) / kChunk;
-    float top[kChunk], sum[kChunk];
-    std::fill(top, top + kChunk, -INFINITY);
-    std::fill(sum, sum + kChunk, 0.f);
-    for (int64_t c = 0; c < chunks; ++c)
-#pragma omp simd
-      for (int64_t i = 0; i < kChunk; ++i) {
-        const int64_t j = c * kChunk + i;
-        const float scaled = S::rounded(S::load(s[j]) * scale);
-        x[j] = j < seen ? scaled : -INFINITY;
-        top[i] = std::max(top[i], x[j]);
-      }
-    const float most = *std::max_element(top, top + kChunk);
-    for (int64_t c = 0; c < chunks; ++c)
-#pragma omp simd
-      for (int64_t i = 0; i < kChunk; ++i) {
-        const int64_t j = c * kChunk + i;
-        x[j] = j < seen ? fast_exp(x[j] - most) : 0.f;
-        sum[i] += x[j];
-      }
-    const float inverse = 1.f / std::accumulate(sum, sum + kChunk, 0.f);
-    const int64_t whole = std::min(chunks * kChunk, seen_all);
-#pragma omp simd
-    for (int64_t j = 0; j < whole; ++j) s[j] = S::store(x[j] * inverse);
-    std::memset(s + whole, 0, (seen_all - whole) * sizeof(R));  // the block's later tokens
+    softmax_row<scalar_t>(s, b.past + b.first + r / group + 1, seen_all, scale, x.data(), s);
   }
 
   at::Tensor attended = out_buffer.narrow(0, 0, rows);
@@ -290,26 +323,42 @@ void prompt_block(const PromptBlock& b, const at::Tensor& query, const at::Tenso
                 a + t * group * dim, group * dim * sizeof(R));
 }
 
-template <typename scalar_t>
-void prompt_attention_kernel(const at::Tensor& query, const at::Tensor& keys,
-                             const at::Tensor& values, const at::Tensor& spans, float scale,
-                             at::Tensor& out) {
-  const int64_t kv_heads = keys.size(2), group = query.size(1) / kv_heads, dim = query.size(2);
+// Work items of up to `tokens` query tokens of a prompt and one key head, the costliest
+// (the most keys) first: the threads, each taking the next item free, finish together
+// whatever the prompts' lengths.
+std::vector<PromptBlock> prompt_blocks(const at::Tensor& spans, int64_t kv_heads,
+                                       int64_t tokens) {
   const int64_t* plan = spans.const_data_ptr<int64_t>();
   std::vector<PromptBlock> blocks;
-  int64_t widest = 0;
   for (int64_t p = 0; p < spans.size(0); ++p) {
     const int64_t slot = plan[4 * p], start = plan[4 * p + 1], count = plan[4 * p + 2],
                   past = plan[4 * p + 3];
-    for (int64_t first = 0; first < count; first += kQueryBlock)
+    for (int64_t first = 0; first < count; first += tokens)
       for (int64_t head = 0; head < kv_heads; ++head)
-        blocks.push_back({start, slot, past, first, std::min(count, first + kQueryBlock), head});
-    widest = std::max(widest, past + count);
+        blocks.push_back({p, start, slot, past, first, std::min(count, first + tokens), head});
   }
-  // The costliest blocks (the most keys) first, each thread taking the next one free: the
-  // threads finish together whatever the prompts' lengths.
   std::stable_sort(blocks.begin(), blocks.end(),
                    [](const PromptBlock& a, const PromptBlock& b) { return a.keys() > b.keys(); });
+  return blocks;
+}
+
+// The most keys any prompt's tokens see.
+int64_t widest_prompt(const at::Tensor& spans) {
+  const int64_t* plan = spans.const_data_ptr<int64_t>();
+  int64_t widest = 0;
+  for (int64_t p = 0; p < spans.size(0); ++p)
+    widest = std::max(widest, plan[4 * p + 2] + plan[4 * p + 3]);
+  return widest;
+}
+
+// Each block's two products through oneDNN (at::mm_out): any head size, the AVX2 build.
+template <typename scalar_t>
+void prompt_attention_matmuls(const at::Tensor& query, const at::Tensor& keys,
+                              const at::Tensor& values, const at::Tensor& spans, float scale,
+                              at::Tensor& out) {
+  const int64_t kv_heads = keys.size(2), group = query.size(1) / kv_heads, dim = query.size(2);
+  const std::vector<PromptBlock> blocks = prompt_blocks(spans, kv_heads, kQueryBlock);
+  const int64_t widest = widest_prompt(spans);
   std::atomic<size_t> next{0};
   const int64_t rows = kQueryBlock * group;
   at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
@@ -323,6 +372,168 @@ void prompt_attention_kernel(const at::Tensor& query, const at::Tensor& keys,
       prompt_block<scalar_t>(blocks[i], query, keys, values, scale, out, q_buffer, score_buffer,
                              out_buffer, x);
   });
+}
+
+#ifdef __AVX512F__
+// Query tokens per work item of the AVX-512 loops: with no per-call set-up to pay off,
+// small blocks skip most of the causal triangle and keep every thread busy at one prompt.
+constexpr int64_t kTokenBlock = 32;
+
+// Storage kept from call to call on the calling thread (a layer's packed keys are megabytes,
+// which a fresh allocation would fault in page by page every layer).
+template <typename T>
+T* reused_storage(size_t count) {
+  static thread_local std::vector<T> storage;
+  if (storage.size() < count) storage.resize(count);
+  return storage.data();
+}
+
+// prompt_avx512.h's loops: each (prompt, key head)'s keys packed once (as float; or, where
+// `Packed` is uint32_t, as bf16 pairs for AVX512-BF16, and its values too), then tiles of
+// kTileRows query rows (token, query head), each scored against the keys its last token
+// sees, its rows' softmax as the matmul path's, and the weighted values summed in
+// registers (two positions a product with AVX512-BF16, else decode_avx512.h's
+// weigh_values).
+template <typename scalar_t, int kChunks, typename Packed>
+void prompt_attention_avx512(const at::Tensor& query, const at::Tensor& keys,
+                             const at::Tensor& values, const at::Tensor& spans, float scale,
+                             at::Tensor& out) {
+  using S = Stored<scalar_t>;
+  using prompt_avx512::kKeys;
+  using prompt_avx512::kTileRows;
+  constexpr bool kPairs = std::is_same_v<Packed, uint32_t>;
+  constexpr int64_t dim = 16 * kChunks, packed_dim = kPairs ? dim / 2 : dim;
+  const int64_t kv_heads = keys.size(2), group = query.size(1) / kv_heads;
+  const int64_t prompts = spans.size(0);
+  const int64_t* plan = spans.const_data_ptr<int64_t>();
+  const auto key_blocks = [](int64_t n) { return (n + kKeys - 1) / kKeys; };
+
+  // (prompt, head)'s keys packed at offsets[prompt x kv_heads + head], its values (bf16
+  // pairs only) at value_offsets[...], in one buffer
+  std::vector<int64_t> offsets(prompts * kv_heads + 1, 0), value_offsets(prompts * kv_heads);
+  for (int64_t i = 0; i < prompts * kv_heads; ++i) {
+    const int64_t p = i / kv_heads, seen = plan[4 * p + 2] + plan[4 * p + 3];
+    value_offsets[i] = offsets[i] + key_blocks(seen) * kKeys * packed_dim;
+    offsets[i + 1] = value_offsets[i] + (kPairs ? (seen + 1) / 2 * dim : 0);
+  }
+  Packed* packed = reused_storage<Packed>(offsets.back());
+  const scalar_t* k_all = keys.const_data_ptr<scalar_t>();
+  const scalar_t* v_all = values.const_data_ptr<scalar_t>();
+  at::parallel_for(0, prompts * kv_heads, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t p = i / kv_heads, head = i % kv_heads, slot = plan[4 * p];
+      const int64_t seen = plan[4 * p + 2] + plan[4 * p + 3];
+      const scalar_t* k = k_all + slot * keys.stride(0) + head * keys.stride(2);
+      if constexpr (kPairs) {
+        prompt_avx512::pack_key_pairs(k, keys.stride(1), seen, dim, packed + offsets[i]);
+        const scalar_t* v = v_all + slot * values.stride(0) + head * values.stride(2);
+        prompt_avx512::pack_value_pairs(v, values.stride(1), seen, dim,
+                                        packed + value_offsets[i]);
+      } else {
+        prompt_avx512::pack_keys(k, keys.stride(1), seen, dim, packed + offsets[i]);
+      }
+    }
+  });
+
+  const std::vector<PromptBlock> blocks = prompt_blocks(spans, kv_heads, kTokenBlock);
+  const int64_t width = key_blocks(widest_prompt(spans)) * kKeys;
+  const scalar_t* q_all = query.const_data_ptr<scalar_t>();
+  raw_t<scalar_t>* out_all = raw<scalar_t>(out);
+  std::atomic<size_t> next{0};
+  at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
+    std::vector<Packed> q(kTileRows * packed_dim);
+    // each row's weights: bf16 pairs (unused rows 0) or float
+    using Weight = std::conditional_t<kPairs, uint16_t, float>;
+    std::vector<Weight> weights(kTileRows * (width + 1));
+    std::vector<float> scores(kTileRows * width), x(width), sums(kTileRows * dim);
+    for (size_t i; (i = next.fetch_add(1)) < blocks.size();) {
+      const PromptBlock& b = blocks[i];
+      const Packed* head_keys = packed + offsets[b.prompt * kv_heads + b.head];
+      const Packed* head_values = packed + value_offsets[b.prompt * kv_heads + b.head];
+      const scalar_t* v = values.const_data_ptr<scalar_t>() + b.slot * values.stride(0) +
+                          b.head * values.stride(2);
+      const int64_t rows = (b.last - b.first) * group;
+      const auto row_of = [&](int64_t r) {  // (query token, query head) of the block's row r
+        return std::pair{b.start + b.first + r / group, b.head * group + r % group};
+      };
+      for (int64_t first = 0; first < rows; first += kTileRows) {
+        const int64_t tile = std::min<int64_t>(kTileRows, rows - first);
+        for (int64_t r = 0; r < kTileRows; ++r) {
+          Packed* to = q.data() + r * packed_dim;
+          if (r >= tile) {
+            std::fill(to, to + packed_dim, Packed{});
+            continue;
+          }
+          const auto [token, head] = row_of(first + r);
+          const scalar_t* from = q_all + token * query.stride(0) + head * query.stride(1);
+          if constexpr (kPairs)
+            std::memcpy(to, from, dim * sizeof(scalar_t));
+          else
+            for (int64_t d = 0; d < dim; ++d) to[d] = static_cast<float>(from[d]);
+        }
+        const auto seen = [&](int64_t r) { return b.past + b.first + (first + r) / group + 1; };
+        const int64_t n = seen(tile - 1);  // the keys the tile's last token sees
+        const int64_t blocks_seen = key_blocks(n), stride = blocks_seen * kKeys;
+        if constexpr (kPairs) {
+          prompt_avx512::score_tile_bf16<kChunks>(q.data(), head_keys, blocks_seen,
+                                                  scores.data(), stride);
+          const int64_t pairs = (n + 1) / 2, row = 2 * pairs;  // the weights' row, in pairs
+          std::fill(weights.begin() + tile * row, weights.begin() + kTileRows * row, 0);
+          for (int64_t r = 0; r < tile; ++r)
+            softmax_row<scalar_t>(scores.data() + r * stride, seen(r), row, scale, x.data(),
+                                  weights.data() + r * row);
+          prompt_avx512::weigh_tile_bf16<kChunks>(weights.data(), row, head_values, pairs,
+                                                  sums.data());
+        } else {
+          prompt_avx512::score_tile<kChunks>(q.data(), head_keys, blocks_seen, scores.data(),
+                                             stride);
+          for (int64_t r = 0; r < tile; ++r)
+            softmax_row<scalar_t>(scores.data() + r * stride, seen(r), n, scale, x.data(),
+                                  weights.data() + r * n);
+          decode_avx512::weigh_values<kChunks>(weights.data(), tile, v, values.stride(1), n,
+                                               sums.data());
+        }
+        for (int64_t r = 0; r < tile; ++r) {
+          const auto [token, head] = row_of(first + r);
+          raw_t<scalar_t>* o = out_all + token * out.stride(0) + head * dim;
+          const float* sum = sums.data() + r * dim;
+#pragma omp simd
+          for (int64_t d = 0; d < dim; ++d) o[d] = S::store(sum[d]);
+        }
+      }
+    }
+  });
+}
+
+// The AVX-512 loops for a head of 16 kChunks values, with AVX512-BF16's dot products for a
+// bf16 cache where the CPU has them.
+template <typename scalar_t, int kChunks>
+void prompt_attention_avx512(const at::Tensor& query, const at::Tensor& keys,
+                             const at::Tensor& values, const at::Tensor& spans, float scale,
+                             at::Tensor& out) {
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16> && kChunks % 2 == 0) {
+    if (decode_avx512::bf16_dot())
+      return prompt_attention_avx512<scalar_t, kChunks, uint32_t>(query, keys, values, spans,
+                                                                  scale, out);
+  }
+  prompt_attention_avx512<scalar_t, kChunks, float>(query, keys, values, spans, scale, out);
+}
+#endif
+
+// The AVX-512 loops where the build has them for the head size, else the matmuls.
+template <typename scalar_t>
+void prompt_attention_kernel(const at::Tensor& query, const at::Tensor& keys,
+                             const at::Tensor& values, const at::Tensor& spans, float scale,
+                             at::Tensor& out) {
+#ifdef __AVX512F__
+  switch (query.size(2)) {
+    case 16: return prompt_attention_avx512<scalar_t, 1>(query, keys, values, spans, scale, out);
+    case 32: return prompt_attention_avx512<scalar_t, 2>(query, keys, values, spans, scale, out);
+    case 64: return prompt_attention_avx512<scalar_t, 4>(query, keys, values, spans, scale, out);
+    case 128: return prompt_attention_avx512<scalar_t, 8>(query, keys, values, spans, scale, out);
+  }
+#endif
+  prompt_attention_matmuls<scalar_t>(query, keys, values, spans, scale, out);
 }
 
 // query [tokens, heads, head_dim] (each head's values contiguous); keys, values [slots,
