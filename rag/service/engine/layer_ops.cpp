@@ -251,7 +251,7 @@ void softmax_row(const In* scores, int64_t seen, int64_t width, float scale, flo
 #pragma omp simd
     for (int64_t i = 0; i < kChunk; ++i) top[i] = std::max(top[i], x[c * kChunk + i]);
   const float most = *std::max_element(top, top + kChunk);
-  // (exp's floor leaves the unseen positions at float's smallest normal, nothing to a sum
+  // (exp's floor leaves the unseen positions near float's smallest normal, nothing to a sum
   // of at least 1; they are set to 0 after it)
   for (int64_t c = 0; c < chunks; ++c)
 #pragma omp simd
