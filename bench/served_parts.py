@@ -83,6 +83,13 @@ def process_tree(pid: int) -> list[int]:
     return found
 
 
+def machine_busy_seconds() -> float:
+    """Processor time every process on the machine has used so far (/proc/stat)."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
+    idle = fields[3] + fields[4]  # idle, iowait
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
 def client_seconds() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
@@ -90,13 +97,15 @@ def client_seconds() -> float:
 
 def measured(pid: int, run: Callable[[], Any]) -> tuple[Any, dict[str, float]]:
     """`run()`'s result, and the processor seconds each process of the server's tree (by
-    its command's first words) and this client spent during it."""
+    its role), this client and the rest of the machine (a neighbour's work, which makes
+    the run's figures worthless) spent during it."""
     pids = process_tree(pid)
     before = {p: processor_seconds(p) for p in pids}
-    client = client_seconds()
+    client, busy = client_seconds(), machine_busy_seconds()
     result = run()
     spent = {process_name(p): processor_seconds(p) - before[p] for p in pids}
     spent["client"] = client_seconds() - client
+    spent["others"] = machine_busy_seconds() - busy - sum(spent.values())
     return result, spent
 
 
