@@ -52,6 +52,9 @@ PEER_HISTOGRAMS = (
     "vllm:inter_token_latency_seconds",
     "vllm:e2e_request_latency_seconds",
 )
+# Processor seconds other processes may take during a run before its figures say more about
+# them than about the server (the machine's own background takes a fraction of this).
+NEIGHBOURS_S = 2.0
 # Words of a command line that name its process's role.
 PROCESS_ROLES = (
     ("rag.serve", "http"),
@@ -264,6 +267,8 @@ def show(name: str, result: dict[str, Any]) -> None:
     for part, value in result.get("steps", {}).items():
         print(f"  step {part}: {value:.2f}")
     print("  processor s: " + ", ".join(f"{k} {v:.1f}" for k, v in result["processor_s"].items()))
+    if result["processor_s"]["others"] > NEIGHBOURS_S:
+        print(f"  NOT COMPARABLE: other work took {result['processor_s']['others']:.1f} processor s")
 
 
 def main() -> int:
