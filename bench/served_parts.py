@@ -267,8 +267,8 @@ def show(name: str, result: dict[str, Any]) -> None:
     for part, value in result.get("steps", {}).items():
         print(f"  step {part}: {value:.2f}")
     print("  processor s: " + ", ".join(f"{k} {v:.1f}" for k, v in result["processor_s"].items()))
-    if result["processor_s"]["others"] > NEIGHBOURS_S:
-        print(f"  NOT COMPARABLE: other work took {result['processor_s']['others']:.1f} processor s")
+    if (others := result["processor_s"]["others"]) > NEIGHBOURS_S:
+        print(f"  NOT COMPARABLE: other work took {others:.1f} processor s")
 
 
 def main() -> int:
