@@ -22,6 +22,7 @@ No targets (bench_peer's served comparison holds them); a record under outputs/b
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import resource
 import statistics
@@ -202,25 +203,20 @@ def histograms(url: str) -> dict[str, dict[str, Any]]:
     return found
 
 
-def histogram_figures(before: dict[str, Any], after: dict[str, Any]) -> dict[str, float]:
-    """Mean and median (interpolated within its bucket) in milliseconds over the run."""
+def histogram_figures(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
+    """Over the run, in milliseconds: the mean, and the bucket the median falls in (vLLM's
+    buckets are too coarse to interpolate within: its queue time's first is 0-300 ms)."""
     count = after["count"] - before["count"]
     if not count:
         return {"count": 0}
-    cumulative = sorted(
-        (bound, after["buckets"][bound] - before["buckets"].get(bound, 0.0))
-        for bound in after["buckets"]
-    )
-    low, below, median = 0.0, 0.0, float("nan")
-    for bound, up_to in cumulative:
-        if up_to >= count / 2:
-            inside = up_to - below
-            share = (count / 2 - below) / inside if inside else 0.0
-            median = low + share * (bound - low) if bound != float("inf") else low
+    low, median = 0.0, [math.nan, math.nan]
+    for bound in sorted(after["buckets"]):
+        if after["buckets"][bound] - before["buckets"].get(bound, 0.0) >= count / 2:
+            median = [low * 1e3, bound * 1e3]
             break
-        low, below = bound, up_to
+        low = bound
     mean = (after["sum"] - before["sum"]) / count
-    return {"count": count, "mean": mean * 1e3, "p50": median * 1e3}
+    return {"count": count, "mean": mean * 1e3, "p50_bucket": median}
 
 
 def peer(python: str, rate: float, requests: int, logs: Path) -> dict[str, Any]:
@@ -263,7 +259,8 @@ def show(name: str, result: dict[str, Any]) -> None:
         print(f"  {part}: mean {figure['mean']:.1f} ms, p50 {figure['p50']:.1f} ms")
     for part, figure in result.get("histograms_ms", {}).items():
         if figure["count"]:
-            print(f"  {part}: mean {figure['mean']:.1f} ms, p50 {figure['p50']:.1f} ms")
+            low, high = figure["p50_bucket"]
+            print(f"  {part}: mean {figure['mean']:.1f} ms, p50 in ({low:g}, {high:g}] ms")
     for part, value in result.get("steps", {}).items():
         print(f"  step {part}: {value:.2f}")
     print("  processor s: " + ", ".join(f"{k} {v:.1f}" for k, v in result["processor_s"].items()))
