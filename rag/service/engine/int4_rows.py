@@ -10,7 +10,7 @@ than set once.
 A probe is one decode step's matmuls at a given number of rows (every 4-bit layer the
 forward pass multiplies with, in order, so the weights stream from memory as in a real
 step), 4-bit against dense, alternating, median of a few; rows are probed from one
-upwards until 4-bit stops being faster.
+upwards until 4-bit stops being clearly faster (PAYS_AT_MOST).
 """
 
 from __future__ import annotations
