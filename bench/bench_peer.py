@@ -44,8 +44,12 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from record import BenchRecord, add_check_option
+
+if TYPE_CHECKING:
+    from rag.loadgen import LoadConfig
 
 BENCH = Path(__file__).resolve().parent
 COMMITTED = BENCH.parent / "test-results" / "bench"
@@ -309,6 +313,14 @@ def query_prompts(queries: list[str]) -> dict[str, list[int]]:
     return dict(zip(queries, ids, strict=True))
 
 
+def served_load(url: str, rate: float, count: int) -> LoadConfig:
+    """The served comparison's schedule at `rate`: poisson, seeded, `count` requests."""
+    from rag.loadgen import LoadConfig
+
+    return LoadConfig(target=url, timing_mode="poisson", rps=rate, num_requests=count,
+                      seed=0, timeout=120, progress=False)  # fmt: skip
+
+
 def served(
     peer: str, model: Path, rates: list[float], requests: int, logs: Path
 ) -> tuple[dict, dict]:
@@ -319,25 +331,23 @@ def served(
     from peer_client import run_completions
 
     from rag.cluster.process import ServerProcess
-    from rag.loadgen import LoadConfig, run_load
+    from rag.loadgen import run_load
     from rag.loadgen.schedule import load_prompts
-
-    def load(url: str, rate: float, count: int = requests) -> LoadConfig:
-        return LoadConfig(target=url, timing_mode="poisson", rps=rate, num_requests=count,
-                          seed=0, timeout=120, progress=False)  # fmt: skip
 
     results: dict = {}
     runtimes: dict = {}
     for variant in SERVED_VARIANTS:
         with ServerProcess([f"variant={variant}", "model.ignore_eos=true"]) as server:
-            run_load(load(server.url, 4, WARM_UP_REQUESTS))
-            results[variant] = {rate: run_load(load(server.url, rate))[1] for rate in rates}
+            run_load(served_load(server.url, 4, WARM_UP_REQUESTS))
+            results[variant] = {
+                rate: run_load(served_load(server.url, rate, requests))[1] for rate in rates
+            }
             runtimes[variant] = httpx.get(f"{server.url}/stats", timeout=10).json()["runtime"]
     prompts = query_prompts([p.text for p in load_prompts()])
     with PeerServer(peer, model, logs / "vllm-server.log") as server:
         send = lambda rate, count=requests: run_completions(  # noqa: E731
-            load(server.url, rate, count), prompts, "peer", NEW_TOKENS
-        )
+            served_load(server.url, rate, count), prompts, "peer", NEW_TOKENS
+        )[1]
         send(4, WARM_UP_REQUESTS)
         results["vllm"] = {rate: send(rate) for rate in rates}
     for name, by_rate in results.items():

@@ -28,12 +28,13 @@ class PromptIdsApi(CompletionsApi):
 
 def run_completions(
     load: LoadConfig, prompts: dict[str, list[int]], model: str, max_tokens: int
-) -> dict[str, Any]:
-    """`run_load`'s summary for this schedule sent to /v1/completions at `load.target`."""
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """What `run_load` gives (a row per request, the summary) for this schedule sent to
+    /v1/completions at `load.target`."""
     load.max_tokens = max_tokens
     run = plan(load)
     api = PromptIdsApi(Options(stream=load.stream, model=model, ignore_eos=True), prompts)
     assert run.schedule is not None  # an open loop
     sender = Sender(run.schedule, load.target, api, timeout=load.timeout)
     interrupted = asyncio.run(sender.run(asyncio.Event()))
-    return summarise_run(run, sender.rows, interrupted)
+    return sender.rows, summarise_run(run, sender.rows, interrupted)

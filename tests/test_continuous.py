@@ -55,6 +55,10 @@ def test_concurrent_requests_are_answered_with_the_batched_contract(start_contin
     running_at_most = compose(["variant=continuous"]).variant.max_batch_size
     assert after["max_batch_size"] == running_at_most and after["max_wait_ms"] == 0
     assert max(int(rows) for rows in after["batch_size_counts"]) > 1  # decoded together
+    parts = after["step_parts"]  # every step counted once, every prompt prefilled once
+    assert parts["mixed_steps"] + parts["decode_steps"] == sum(after["batch_size_counts"].values())
+    assert parts["prefilled"] == 12 and parts["prefill_tokens"] > parts["prefilled"]
+    assert min(parts["prepare_s"], parts["mixed_s"], parts["decode_s"], parts["events_s"]) >= 0
     assert 'rag_requests_total{status="200"} 12.0' in httpx.get(f"{server.url}/metrics").text
 
 

@@ -8,9 +8,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from transformers import AutoTokenizer, BertModel
 
 from rag.service.embedder import Embedder
+from rag.service.engine.packed import PackedLinear, can_pack, pack_linears
 from rag.service.models import tiny_encoder
 
 MINILM = (
@@ -76,3 +78,17 @@ def test_prefixes_and_truncation(tokenizer):
 def test_rejects_bad_sizes(tokenizer):
     with pytest.raises(ValueError, match="batch_size"):
         make_embedder(tokenizer, batch_size=0)
+
+
+@pytest.mark.skipif(
+    not can_pack(torch.zeros(1, dtype=torch.bfloat16)), reason="no bf16 oneDNN on this CPU"
+)
+def test_packed_weights_embed_exactly_as_the_dense_ones(tokenizer):
+    dense = Embedder(tiny_bert(tokenizer).to(torch.bfloat16), tokenizer, identity="tiny|bf16")
+    packed = Embedder(tiny_bert(tokenizer).to(torch.bfloat16), tokenizer, identity="tiny|bf16")
+    layers = sum(isinstance(m, torch.nn.Linear) for m in packed.model.modules())
+    assert pack_linears(packed.model) == layers > 0
+    assert not any(isinstance(m, torch.nn.Linear) for m in packed.model.modules())
+    assert any(isinstance(m, PackedLinear) for m in packed.model.modules())
+    np.testing.assert_array_equal(packed.embed_queries(TEXTS), dense.embed_queries(TEXTS))
+    np.testing.assert_array_equal(packed.embed_documents(TEXTS), dense.embed_documents(TEXTS))

@@ -14,7 +14,14 @@ from rag.config import compose
 from rag.service.engine import kernels
 from rag.service.engine.engine import Sequence
 from rag.service.engine.int4 import READERS, Int4Linear, use_int4_for_decode, write_blocks
-from rag.service.engine.int4_rows import AUTO, MOST_ROWS, decode_layers, int4_rows
+from rag.service.engine.int4_rows import (
+    AUTO,
+    MOST_ROWS,
+    PAYS_AT_MOST,
+    decode_layers,
+    int4_rows,
+    rows_that_pay,
+)
 from rag.service.engine.slots import causal_mask, eager_attention, sdpa_attention
 from rag.service.generator import Generator
 from rag.service.models import TINY_TOKENIZER, build_engine, load_generator, tiny_decoder
@@ -237,6 +244,26 @@ def test_auto_times_up_to_how_many_rows_4_bit_pays_and_every_4_bit_layer_keeps_i
     assert len(layers) == len(model.model.layers)
     assert {layer.max_rows for layer in layers} == {chosen}
     assert decode_layers(model) == layers  # what was timed: each step's 4-bit layers
+
+
+@pytest.mark.parametrize(
+    ("ratios", "chosen"),
+    [
+        ([0.5, 0.6, 0.7, 0.95, 0.9, 0.8], 3),  # a near-tie ends it: later rows are not asked
+        ([PAYS_AT_MOST, 0.9], 1),  # at the bound it still pays
+        ([0.99, 0.5], 0),
+        ([0.5] * MOST_ROWS, MOST_ROWS),
+    ],
+)
+def test_4_bit_is_kept_only_up_to_the_rows_where_it_is_clearly_faster(ratios, chosen):
+    asked: list[int] = []
+
+    def ratio(rows: int) -> float:
+        asked.append(rows)
+        return ratios[rows - 1]
+
+    assert rows_that_pay(ratio) == chosen
+    assert asked == list(range(1, min(chosen + 1, MOST_ROWS) + 1))
 
 
 @pytest.mark.parametrize("rows", [0, 3, 40])

@@ -23,7 +23,7 @@ import math
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import Executor
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING
 
 from rag.clock import MONOTONIC, Clock
@@ -38,7 +38,7 @@ from rag.service.generator import token_events
 from rag.service.validation import QueryRejected
 
 if TYPE_CHECKING:
-    from rag.service.engine.engine import Engine, Sequence
+    from rag.service.engine.engine import Engine, Sequence, StepReport
     from rag.service.events import Publish
     from rag.service.generator import Output
     from rag.service.pipeline import Answer, Prepared, RAGPipeline
@@ -55,6 +55,38 @@ class _Request:
     running_at_start: int = 0  # the running batch it joined, itself included
     prepared: Prepared | None = None
     output: Output | None = None
+
+
+@dataclass
+class StepParts:
+    """Where the compute thread's steps spend their time, summed since start, so that a
+    served request's time can be split into its parts: preparing newcomers (validation,
+    embedding, retrieval, prompts, tokenizing), engine passes with newcomers' prompts
+    (mixed) and without (decode only), and turning new tokens into events."""
+
+    mixed_steps: int = 0
+    decode_steps: int = 0
+    prefilled: int = 0  # prompts computed
+    prefill_tokens: int = 0
+    prepare_s: float = 0.0
+    mixed_s: float = 0.0
+    decode_s: float = 0.0
+    events_s: float = 0.0
+
+    def add(self, report: StepReport, prepare_s: float, engine_s: float, events_s: float) -> None:
+        if report.prefilled:
+            self.mixed_steps += 1
+            self.mixed_s += engine_s
+        else:
+            self.decode_steps += 1
+            self.decode_s += engine_s
+        self.prefilled += report.prefilled
+        self.prefill_tokens += report.prefill_tokens
+        self.prepare_s += prepare_s
+        self.events_s += events_s
+
+    def as_dict(self) -> dict[str, float]:
+        return asdict(self)
 
 
 class ContinuousBatcher(RequestQueue):
@@ -83,6 +115,7 @@ class ContinuousBatcher(RequestQueue):
         self.publish = publish
         self.batch_size_counts: Counter[int] = Counter()  # steps by rows decoded
         self.request_times = BatchTimes(clock)  # a request's time in the engine, by running batch
+        self.step_parts = StepParts()
         self._running: dict[Sequence, _Request] = {}
         self._executor = executor
 
@@ -145,23 +178,32 @@ class ContinuousBatcher(RequestQueue):
         for sequence in leaving:
             self.engine.cancel(sequence)
         if joining:
-            questions = [r.question for r in joining]
-            outcomes = self.pipeline.prepare(questions, self.publish)
-            generator = self.pipeline.generator
-            prompts = [o.prompt for o in outcomes if not isinstance(o, QueryRejected)]
-            encoded = iter(generator.encode(prompts) if prompts else [])
-            for request, outcome in zip(joining, outcomes, strict=True):
-                if isinstance(outcome, QueryRejected):
-                    request.future.get_loop().call_soon_threadsafe(_settle, request.future, outcome)
-                    continue
-                request.prepared = outcome
-                request.output = generator.output(request.question, next(encoded))
-                self.engine.submit(request.output.sequence)
-                running.append(request.output)
+            self._prepare(joining, running)
+        prepared = self.clock.now()
         report = self.engine.step()
+        stepped = self.clock.now()
         if self.publish is not None and (events := token_events(running)):
             self.publish(events)
-        return report.finished, self.clock.now() - started
+        ended = self.clock.now()
+        self.step_parts.add(report, prepared - started, stepped - prepared, ended - stepped)
+        return report.finished, ended - started
+
+    def _prepare(self, joining: list[_Request], running: list[Output]) -> None:
+        """On the compute thread: the newcomers' documents, prompts and token ids, each
+        valid one submitted to the engine and added to `running`; an invalid one answered."""
+        questions = [r.question for r in joining]
+        outcomes = self.pipeline.prepare(questions, self.publish)
+        generator = self.pipeline.generator
+        prompts = [o.prompt for o in outcomes if not isinstance(o, QueryRejected)]
+        encoded = iter(generator.encode(prompts) if prompts else [])
+        for request, outcome in zip(joining, outcomes, strict=True):
+            if isinstance(outcome, QueryRejected):
+                request.future.get_loop().call_soon_threadsafe(_settle, request.future, outcome)
+                continue
+            request.prepared = outcome
+            request.output = generator.output(request.question, next(encoded))
+            self.engine.submit(request.output.sequence)
+            running.append(request.output)
 
     async def _serve_forever(self) -> None:
         loop = asyncio.get_running_loop()

@@ -267,6 +267,7 @@ class Core:
             "cancelled": self.answering.cancelled,
             "engine": _engine_use(pipeline) if pipeline else None,
             "batch_size_counts": dict(sorted(batcher.batch_size_counts.items())) if batcher else {},
+            "step_parts": _step_parts(batcher),
             "corpus_size": pipeline.index.size if pipeline else None,
             "runtime": self._runtime(pipeline) if pipeline else None,
         }
@@ -290,6 +291,12 @@ def _door_moved(last: tuple[float, str] | None, now: tuple[float, str] | None) -
     if last is None or now is None:
         return (last is None) != (now is None)
     return abs(now[0] - last[0]) > DOOR_TOLERANCE_S
+
+
+def _step_parts(batcher: Batcher | ContinuousBatcher | None) -> dict[str, float] | None:
+    """The continuous loop's time by part (`continuous.StepParts`); None for whole batches."""
+    parts = getattr(batcher, "step_parts", None)
+    return parts.as_dict() if parts is not None else None
 
 
 def _engine_use(pipeline: RAGPipeline) -> dict[str, int] | None:

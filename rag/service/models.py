@@ -41,6 +41,7 @@ from rag.service.embedder import Embedder
 from rag.service.engine.engine import Engine, TokenChooser
 from rag.service.engine.int4 import int4_pays, save_blocks, use_int4_for_decode
 from rag.service.engine.int4_rows import MOST_ROWS, choose_int4_rows, int4_rows, parse_int4_rows
+from rag.service.engine.packed import pack_linears
 from rag.service.engine.runner import SlotModel, UnsupportedModel, check_supported
 from rag.service.generator import Generator
 from rag.service.shaped import borrowed_tokenizer, is_shaped, shape_of
@@ -392,8 +393,10 @@ def load_embedder(cfg: ModelConfig, batch_size: int = 64) -> Embedder:
     except OSError as exc:
         raise _hub_error(source, exc) from exc
     identity = f"{cfg.embedder}|seed={cfg.seed}|{str(dtype).removeprefix('torch.')}"
+    model = _place(model, device, dtype)
+    pack_linears(model)  # the same outputs, so the identity (the cache's key) is unchanged
     return Embedder(
-        _place(model, device, dtype),
+        model,
         tokenizer,
         identity=identity,
         max_tokens=cfg.embed_max_tokens,

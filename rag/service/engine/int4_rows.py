@@ -10,7 +10,7 @@ than set once.
 A probe is one decode step's matmuls at a given number of rows (every 4-bit layer the
 forward pass multiplies with, in order, so the weights stream from memory as in a real
 step), 4-bit against dense, alternating, median of a few; rows are probed from one
-upwards until 4-bit stops being faster.
+upwards until 4-bit stops being clearly faster (PAYS_AT_MOST).
 """
 
 from __future__ import annotations
@@ -30,6 +30,11 @@ log = logging.getLogger(__name__)
 AUTO = "auto"  # `model.int4_max_rows`: time the crossover when the engine is built
 MOST_ROWS = 16  # the largest row count probed (and the most auto keeps 4-bit for)
 REPEATS = 3  # timed passes per kind and row count
+# 4 bits is kept at a row count only where its matmuls take at most this share of the
+# dense ones' time.  Near the crossover the two are within the probe's noise, which decided
+# such near-ties either way from one start to the next, and there a served decode step
+# loses: 4 bits' unpacking takes processor time that the step's other work needs.
+PAYS_AT_MOST = 0.85
 
 
 def decode_layers(model: PreTrainedModel) -> list[Int4Linear]:
@@ -70,19 +75,15 @@ def parse_int4_rows(setting: int | str) -> int | None:
 
 
 def choose_int4_rows(model: PreTrainedModel) -> int:
-    """The most rows (0..MOST_ROWS) up to which every probed row count decodes faster in 4
-    bits than with the dense weights, timed on the model as the engine will run it; the
-    model's 4-bit layers are left multiplying up to that many rows."""
+    """The most rows (0..MOST_ROWS) up to which every probed row count decodes clearly
+    faster in 4 bits than with the dense weights (`rows_that_pay`), timed on the model as
+    the engine will run it; the model's 4-bit layers are left multiplying up to that many
+    rows."""
     layers = decode_layers(model)
     if not layers:
         return 0
     started = time.perf_counter()
-    chosen = 0
-    for rows in range(1, MOST_ROWS + 1):
-        four_bit, dense = _probe(layers, rows)
-        if four_bit >= dense:
-            break
-        chosen = rows
+    chosen = rows_that_pay(lambda rows: _probe(layers, rows))
     set_int4_rows(model, chosen)
     log.info(
         "4-bit decode up to %d rows (timed on %d layers at 1..%d rows in %.2f s, %d threads)",
@@ -95,9 +96,21 @@ def choose_int4_rows(model: PreTrainedModel) -> int:
     return chosen
 
 
+def rows_that_pay(ratio: Callable[[int], float]) -> int:
+    """The most rows (0..MOST_ROWS) up to which every row count's 4-bit time, as a share
+    of the dense time (`ratio(rows)`, asked from one row upwards), is at most PAYS_AT_MOST."""
+    chosen = 0
+    for rows in range(1, MOST_ROWS + 1):
+        if ratio(rows) > PAYS_AT_MOST:
+            break
+        chosen = rows
+    return chosen
+
+
 @torch.inference_mode()
-def _probe(layers: Sequence[Int4Linear], rows: int) -> tuple[float, float]:
-    """The median seconds of one step's matmuls at `rows` rows: (4-bit, dense)."""
+def _probe(layers: Sequence[Int4Linear], rows: int) -> float:
+    """One step's matmuls at `rows` rows, median seconds in 4 bits over median seconds
+    dense."""
     inputs = {
         width: torch.randn(rows, width, dtype=INT4_ACTIVATIONS)
         for width in {layer.in_features for layer in layers}
@@ -117,4 +130,4 @@ def _probe(layers: Sequence[Int4Linear], rows: int) -> tuple[float, float]:
     for _ in range(REPEATS):
         for kind, product in enumerate(kinds):
             times[kind].append(step(product))
-    return statistics.median(times[0]), statistics.median(times[1])
+    return statistics.median(times[0]) / statistics.median(times[1])

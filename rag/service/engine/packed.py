@@ -69,6 +69,21 @@ class SlicedLinear(torch.nn.Module):
         return self.fused.multiply(x)[..., self.rows]
 
 
+def pack_linears(model: torch.nn.Module) -> int:
+    """Pack, in place, every linear layer of `model` whose weight can be packed (the
+    sentence encoder's: it embeds each query on the compute thread, between the engine's
+    steps, where a weight copy per call is time every running request waits); how many."""
+    packable = [
+        (parent, name, child)
+        for parent in model.modules()
+        for name, child in parent.named_children()
+        if type(child) is torch.nn.Linear and can_pack(child.weight)
+    ]
+    for parent, name, child in packable:
+        setattr(parent, name, PackedLinear(child))
+    return len(packable)
+
+
 def dense_product(layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     """A dense layer's output, packed or not, without nn.Module's call overhead."""
     if isinstance(layer, PackedLinear | SlicedLinear):
