@@ -15,7 +15,7 @@ and latency, and each process's processor seconds during the run.
 
 No targets (bench_peer's served comparison holds them); a record under outputs/bench/.
 
-    ragbench-bench .venv/bin/python bench/served_parts.py [--rate 8] [--requests 120]
+    ragbench-bench .venv/bin/python bench/served_parts.py [--rate 8] [--requests 240]
         [--peer /work/venvs/vllm/bin/python] [--override OVERRIDE ...]
 """
 
@@ -34,6 +34,7 @@ from typing import Any
 from bench_peer import (
     DEFAULT_PEER,
     NEW_TOKENS,
+    SERVED_REQUESTS,
     WARM_UP_REQUESTS,
     PeerServer,
     has_peer,
@@ -271,7 +272,7 @@ def show(name: str, result: dict[str, Any]) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rate", type=float, default=8.0)
-    parser.add_argument("--requests", type=int, default=120)
+    parser.add_argument("--requests", type=int, default=SERVED_REQUESTS)
     parser.add_argument("--peer", default=DEFAULT_PEER, help="the peer's python")
     parser.add_argument("--override", action="append", default=[], help="our server's config")
     parser.add_argument("--no-peer", action="store_true", help="ours only")
