@@ -1,14 +1,20 @@
-"""Reading a running balancer in tests: its replicas, whether a process still lives, and
-waiting (with a deadline) for a state to be reached."""
+"""Reading a running balancer in tests: its replicas, its autoscaler's decisions, whether a
+process still lives; waiting (with a deadline) for a state to be reached, and loading it
+until then."""
 
 from __future__ import annotations
 
+import asyncio
+import csv
 import os
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import httpx
+
+from rag.loadgen import LoadConfig, run_load_async
 
 
 def replicas(url: str) -> list[dict]:
@@ -38,3 +44,33 @@ def alive(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
     except OSError:
         return False
+
+
+def decisions(log: Path) -> list[dict]:
+    """The rows of an autoscaler.csv so far (rewritten whole at each check)."""
+    return list(csv.DictReader(log.read_text().splitlines())) if log.exists() else []
+
+
+def load_until(
+    config: LoadConfig, done: Callable[[], bool], timeout_s: float
+) -> tuple[list[dict], dict]:
+    """Send `config`'s load until `done()` holds (at most for its duration), then stop
+    sending and return every row, as Ctrl-C would (waiting `stop_grace` for answers).
+    Verdicts that need arrivals all through their window are reached however long a busy
+    machine takes to start a replica, not only within a fixed load."""
+    loop = asyncio.new_event_loop()
+    stop = asyncio.Event()
+    result: dict = {}
+
+    def send() -> None:
+        result["rows"], result["summary"] = loop.run_until_complete(run_load_async(config, stop))
+
+    sender = threading.Thread(target=send)
+    sender.start()
+    try:
+        wait_for(lambda: done() or not sender.is_alive(), timeout_s, "the awaited state")
+    finally:
+        loop.call_soon_threadsafe(stop.set)
+        sender.join(config.stop_grace + 30)
+    loop.close()
+    return result["rows"], result["summary"]

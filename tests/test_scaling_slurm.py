@@ -7,19 +7,17 @@ is up; run inside `flock /tmp/ragbench-slurm.lock` with `slurm/local-cluster.sh 
 
 from __future__ import annotations
 
-import csv
 import shutil
 import subprocess
-import threading
 import time
 
 import httpx
 import pytest
-from cluster_helpers import ready, replicas, wait_for
+from cluster_helpers import decisions, load_until, ready, replicas, wait_for
 
 from rag.cluster.process import ServerFailed, ServerProcess
 from rag.cluster.slurm_state import read_partition
-from rag.loadgen import LoadConfig, run_load
+from rag.loadgen import LoadConfig
 
 pytestmark = pytest.mark.slurm
 
@@ -129,17 +127,15 @@ def test_a_replica_job_is_judged_on_its_own_rate(cluster, cache_overrides, tmp_p
     )  # fmt: skip
     server.start()
     try:
-        overload = LoadConfig(target=server.url, timing_mode="poisson", rps=100,
-                              duration=40, num_requests=0, timeout=120, progress=False)  # fmt: skip
-        sender = threading.Thread(target=run_load, args=(overload,))
-        sender.start()
-        decisions = tmp_path / "autoscaler.csv"
+        overload = LoadConfig(target=server.url, timing_mode="poisson", rps=100, duration=180,
+                              num_requests=0, timeout=120, stop_grace=120,
+                              progress=False)  # fmt: skip
+        decided = tmp_path / "autoscaler.csv"
 
         def judged() -> list[dict]:
-            return [r for r in csv.DictReader(decisions.open()) if r["verdict"] == "gain"]
+            return [r for r in decisions(decided) if r["verdict"] == "gain"]
 
-        wait_for(lambda: bool(judged()), 120, "the second job judged")
-        sender.join(120)
+        load_until(overload, lambda: bool(judged()), 180)
     finally:
         server.stop(timeout_s=90)
     (verdict,) = judged()
