@@ -450,8 +450,7 @@ void prompt_attention_avx512(const at::Tensor& query, const at::Tensor& keys,
       const PromptBlock& b = blocks[i];
       const Packed* head_keys = packed + offsets[b.prompt * kv_heads + b.head];
       const Packed* head_values = packed + value_offsets[b.prompt * kv_heads + b.head];
-      const scalar_t* v = values.const_data_ptr<scalar_t>() + b.slot * values.stride(0) +
-                          b.head * values.stride(2);
+      const scalar_t* v = v_all + b.slot * values.stride(0) + b.head * values.stride(2);
       const int64_t rows = (b.last - b.first) * group;
       const auto row_of = [&](int64_t r) {  // (query token, query head) of the block's row r
         return std::pair{b.start + b.first + r / group, b.head * group + r % group};
