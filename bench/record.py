@@ -4,7 +4,12 @@ line per target, and write a JSON record of the results and the environment they
 A figure without its machine, its software and the machine's load is not comparable with
 another, so the record carries them: git commit and dirty flag, CPU model, package versions,
 torch's threads, the dtype, the load average before and after, and whatever the benchmark
-adds (a matmul peak measured in the same process, its settings).
+adds (a matmul peak measured in the same process, its settings).  And how fast the machine
+was: a short bf16 matmul timed before and after the run (one CPU model has given half the
+speed of another day's on the same figures, with no load and no steal to show it), and its
+processor time during the run by kind (busy, idle, and stolen: time a virtual machine's
+processors were ready but its host ran something else).  A run whose machine changed speed
+or was robbed says so in its record and its last line.
 
     record = BenchRecord("serve", vars(args))
     record.target("served / offline", 0.97, at_least=0.9)
@@ -32,6 +37,53 @@ RECORD_DIR = Path(
     or Path(__file__).resolve().parent.parent / "outputs" / "bench"
 )
 PACKAGES = ("torch", "transformers", "numpy", "aiohttp", "uvloop")
+# Above this share of the machine's processor time taken by its host (steal), or this change
+# of the machine's matmul speed between a run's start and end, a run's timings say more about
+# the machine than about the code.
+STOLEN_NOISY = 0.02
+SPEED_CHANGE_NOISY = 0.15
+
+
+def processor_times() -> dict[str, float]:
+    """Processor seconds the whole machine has spent so far (all processors, /proc/stat):
+    busy (user, nice, system, interrupts), idle (idle, iowait) and stolen by the host."""
+    ticks = [int(v) for v in Path("/proc/stat").read_text().split("\n")[0].split()[1:9]]
+    user, nice, system, idle, iowait, irq, softirq, steal = (
+        t / os.sysconf("SC_CLK_TCK") for t in ticks
+    )
+    return {"busy": user + nice + system + irq + softirq, "idle": idle + iowait, "stolen": steal}
+
+
+def processor_use(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """The machine's processor seconds between two `processor_times()`, by kind, and the
+    share of them that was stolen."""
+    spent = {kind: round(after[kind] - before[kind], 2) for kind in before}
+    total = sum(spent.values())
+    return {**spent, "stolen_share": round(spent["stolen"] / total, 4) if total else 0.0}
+
+
+def machine_gflops() -> float:
+    """The machine's bf16 matmul speed now, on all its processors (about 0.1 s): a figure
+    to compare runs by, not a peak."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(len(os.sched_getaffinity(0)))
+    try:
+        return round(matmul_peak_gflops("bfloat16", size=1024, repeats=20), 1)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def noise(environment: dict[str, Any]) -> str:
+    """Why a run's timings are not comparable, from its environment; "" when nothing says so."""
+    reasons = []
+    if (stolen := environment["processor_s"]["stolen_share"]) > STOLEN_NOISY:
+        reasons.append(f"the host took {stolen:.1%} of the processors")
+    before, after = environment["machine_gflops_before"], environment["machine_gflops_after"]
+    if abs(after / before - 1) > SPEED_CHANGE_NOISY:
+        reasons.append(f"the machine's matmul speed went from {before:.0f} to {after:.0f} GFLOP/s")
+    return "; ".join(reasons)
 
 
 def add_check_option(parser: argparse.ArgumentParser) -> None:
@@ -112,10 +164,12 @@ class BenchRecord:
     def __init__(self, bench: str, settings: dict[str, Any]) -> None:
         self.bench = bench
         self.started = time.perf_counter()
+        self._processor_before = processor_times()
         env = machine(PACKAGES)
         self.environment: dict[str, Any] = {
             **env,
             "load_average_before": env.pop("load_average"),
+            "machine_gflops_before": machine_gflops(),
         }
         self.settings = settings
         self.targets: list[dict[str, Any]] = []
@@ -165,6 +219,10 @@ class BenchRecord:
             self.environment.setdefault("torch_threads", torch.get_num_threads())
         self.environment["load_average_after"] = os.getloadavg()
         self.environment["seconds"] = round(time.perf_counter() - self.started, 1)
+        self.environment["processor_s"] = processor_use(self._processor_before, processor_times())
+        self.environment["machine_gflops_after"] = machine_gflops()
+        if noisy := noise(self.environment):
+            self.environment["noisy"] = noisy
         stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
         path = RECORD_DIR / f"{self.bench}-{stamp}.json"
         record = {
@@ -177,5 +235,7 @@ class BenchRecord:
         }
         write_json(path, record)
         verdict = f"MISSED: {', '.join(self.missed)}" if self.missed else "all targets met"
+        if noisy := self.environment.get("noisy"):
+            verdict += f"; NOISY: {noisy}"
         print(f"# {verdict}; record: {os.path.relpath(path)}")
         return 1 if check and self.missed else 0

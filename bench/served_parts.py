@@ -42,7 +42,7 @@ from bench_peer import (
     query_prompts,
     served_load,
 )
-from record import BenchRecord
+from record import BenchRecord, processor_times
 
 # vLLM's per-request histograms worth setting beside ours (v1's names).
 PEER_HISTOGRAMS = (
@@ -54,8 +54,9 @@ PEER_HISTOGRAMS = (
     "vllm:inter_token_latency_seconds",
     "vllm:e2e_request_latency_seconds",
 )
-# Processor seconds other processes may take during a run before its figures say more about
-# them than about the server (the machine's own background takes a fraction of this).
+# Processor seconds other processes (or the virtual machine's host, stolen) may take during a
+# run before its figures say more about them than about the server (the machine's own
+# background takes a fraction of this).
 NEIGHBOURS_S = 2.0
 # Words of a command line that name its process's role.
 PROCESS_ROLES = (
@@ -88,13 +89,6 @@ def process_tree(pid: int) -> list[int]:
     return found
 
 
-def machine_busy_seconds() -> float:
-    """Processor time every process on the machine has used so far (/proc/stat)."""
-    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
-    idle = fields[3] + fields[4]  # idle, iowait
-    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
-
-
 def client_seconds() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
@@ -102,15 +96,18 @@ def client_seconds() -> float:
 
 def measured(pid: int, run: Callable[[], Any]) -> tuple[Any, dict[str, float]]:
     """`run()`'s result, and the processor seconds each process of the server's tree (by
-    its role), this client and the rest of the machine (a neighbour's work, which makes
-    the run's figures worthless) spent during it."""
+    its role), this client, the rest of the machine and the virtual machine's host (stolen)
+    spent during it: a neighbour's work, here or on the host, makes the run's figures
+    worthless."""
     pids = process_tree(pid)
     before = {p: processor_seconds(p) for p in pids}
-    client, busy = client_seconds(), machine_busy_seconds()
+    client, machine = client_seconds(), processor_times()
     result = run()
+    after = processor_times()
     spent = {process_name(p): processor_seconds(p) - before[p] for p in pids}
     spent["client"] = client_seconds() - client
-    spent["others"] = machine_busy_seconds() - busy - sum(spent.values())
+    spent["others"] = after["busy"] - machine["busy"] - sum(spent.values())
+    spent["stolen"] = after["stolen"] - machine["stolen"]
     return result, spent
 
 
@@ -265,8 +262,9 @@ def show(name: str, result: dict[str, Any]) -> None:
     for part, value in result.get("steps", {}).items():
         print(f"  step {part}: {value:.2f}")
     print("  processor s: " + ", ".join(f"{k} {v:.1f}" for k, v in result["processor_s"].items()))
-    if (others := result["processor_s"]["others"]) > NEIGHBOURS_S:
-        print(f"  NOT COMPARABLE: other work took {others:.1f} processor s")
+    for kind in ("others", "stolen"):
+        if (seconds := result["processor_s"][kind]) > NEIGHBOURS_S:
+            print(f"  NOT COMPARABLE: {kind} took {seconds:.1f} processor s")
 
 
 def main() -> int:
