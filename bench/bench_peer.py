@@ -14,7 +14,7 @@ Served (--served): one poisson schedule per rate (4 and 8 requests/s, --served-r
 requests, 240 by default, 32 tokens each) to our batched and continuous servers through
 the load generator, and to vLLM's OpenAI server through /v1/completions (`peer_client`),
 the same queries at the same moments, the prompts our pipeline builds for them.  Targets,
-for our better variant: throughput >= 1.0x vLLM's, p50 and p99 latency <= 1.0x.
+for our variant with the lower p99: throughput >= 1.0x vLLM's, p50 and p99 latency <= 1.0x.
 
 --steps: where the time goes instead: one run at 1, 8, 20 and 40 requests on each engine,
 step by step, each step's wall time split into matmuls, attention and the rest
