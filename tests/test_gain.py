@@ -283,3 +283,22 @@ def test_the_check_can_be_turned_off():
 def test_refuses_a_window_too_short_to_measure():
     with pytest.raises(ValueError, match="gain_window_s"):
         GainCheck(replace(CFG, gain_window_s=2))
+
+
+def test_a_replica_is_judged_on_the_first_window_in_which_the_queue_grew():
+    """While the load only matches what the two serve, r1's windows say nothing of its
+    capacity; once the load outgrows them, it is judged (not passed over for good)."""
+    scaler = Autoscaler(CFG, own_rate=True)
+    queue = 0.0
+    verdicts = []
+    for second in range(1, 40):
+        rates = {"r0": 10.0} if second < 5 else {"r0": 10.0, "r1": 9.0}
+        served = sum(rates.values())
+        arrivals = 10.0 if second < 5 else (19.0 if second < 25 else 30.0)
+        before, queue = queue, queue + arrivals - served
+        obs = Observation(float(second), 1.0, (before + queue) / 2, arrivals, ready=len(rates),
+                          served=served, rates=rates, places=frozenset({"n1"}))  # fmt: skip
+        if verdict := scaler.decide(obs).verdict:
+            verdicts.append((second, verdict))
+    ((second, verdict),) = verdicts
+    assert verdict == "gain" and second >= 25

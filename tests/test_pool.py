@@ -53,6 +53,7 @@ def test_a_refused_answer_is_counted_apart_from_those_served(tmp_path):
     clock = FakeClock()
     pool = pool_on(clock, tmp_path, [])
     replica = Replica("a")
+    pool.replicas[replica.id] = replica
     for served in (True, False, False, True):
         pool.begin(replica)
         pool.end(replica, served)
@@ -60,6 +61,8 @@ def test_a_refused_answer_is_counted_apart_from_those_served(tmp_path):
     clock.advance(2.0)
     sample = pool.sample()
     assert (sample.rps, sample.served, sample.refused, sample.in_flight) == (2.5, 1.0, 1.0, 1)
+    # The replica's own: sent to it, and answered by it (what its own rate is judged on).
+    assert (replica.rps, replica.served_rps) == (2.5, 1.0)
 
 
 def test_a_replica_not_ready_by_its_start_deadline_on_the_pools_clock_is_dead(

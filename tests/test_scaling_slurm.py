@@ -13,7 +13,7 @@ import time
 
 import httpx
 import pytest
-from cluster_helpers import decisions, load_until, ready, replicas, wait_for
+from cluster_helpers import decided, decisions, load_until, ready, replicas, wait_for
 
 from rag.cluster.process import ServerFailed, ServerProcess
 from rag.cluster.slurm_state import read_partition
@@ -110,8 +110,9 @@ def test_replica_jobs_that_can_never_start_fail_the_variant_at_once(
 
 def test_a_replica_job_is_judged_on_its_own_rate(cluster, cache_overrides, tmp_path):
     """A load one replica cannot carry brings a second job; once it has served a window
-    with the queue still growing, its own rate is set against the first one's (a job has
-    an allocation of its own, so the pool's total is not what it is judged by)."""
+    with the queue still growing, its own rate (the answers it gave) is set against the
+    first one's (a job has an allocation of its own, so the pool's total is not what it is
+    judged by)."""
     server = ServerProcess(
         [
             "variant=scaling", "model=simulated", *cache_overrides, f"run_dir={tmp_path}",
@@ -121,23 +122,25 @@ def test_a_replica_job_is_judged_on_its_own_rate(cluster, cache_overrides, tmp_p
             "variant.scaling.max_replicas=2", "variant.scaling.target_ongoing_requests=2",
             "variant.scaling.check_interval_s=0.5", "variant.scaling.gain_settle_s=1",
             "variant.scaling.gain_window_s=3", "variant.max_batch_size=4",
-            "model.simulated.generate_fixed_ms=100", "model.simulated.generate_per_query_ms=0",
+            "model.simulated.generate_fixed_ms=200", "model.simulated.generate_per_query_ms=0",
         ],
         ready_timeout_s=180,
     )  # fmt: skip
     server.start()
+    # Each replica serves 20/s, so 60/s outgrows two of them however busy the machine is.
+    log = tmp_path / "autoscaler.csv"
     try:
-        overload = LoadConfig(target=server.url, timing_mode="poisson", rps=100, duration=180,
+        overload = LoadConfig(target=server.url, timing_mode="poisson", rps=60, duration=180,
                               num_requests=0, timeout=120, stop_grace=120,
                               progress=False)  # fmt: skip
-        decided = tmp_path / "autoscaler.csv"
 
         def judged() -> list[dict]:
-            return [r for r in decisions(decided) if r["verdict"] == "gain"]
+            return [r for r in decisions(log) if r["verdict"] in ("gain", "no gain")]
 
-        load_until(overload, lambda: bool(judged()), 180)
+        load_until(overload, lambda: bool(judged()), 180, decided(log, "r1 judged"))
     finally:
         server.stop(timeout_s=90)
     (verdict,) = judged()
+    assert verdict["verdict"] == "gain", verdict["reason"]
     assert "r1 serves" in verdict["reason"] and "/s on its own, one replica" in verdict["reason"]
     assert verdict["replicas_after"] == "2"  # kept: it adds its own allocation's worth

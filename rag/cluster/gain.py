@@ -32,9 +32,11 @@ passed, the pool's served rate over a window is compared with its rate before:
 - a window in which arrivals stopped (the load ended, the queue only drains) judges
   nothing: its queue shrinks whatever the replicas can serve.
 
-Replicas on allocations of their own (SLURM jobs) are judged on their own rate instead: one
-ready for a settling time and a window, whose own rate is under `gain_share` of the other
-replicas' mean while the queue grew, is taken back.
+Replicas on allocations of their own (SLURM jobs) are judged on their own rate instead: the
+requests/s each answered over the first window, after a settling time, in which the queue
+grew (in a window where it did not, the load bounded what each served, and a later one
+judges).  One whose own rate is under `gain_share` of the other replicas' mean is taken
+back.
 """
 
 from __future__ import annotations
@@ -63,7 +65,7 @@ class Window:
     seconds: float
     arrivals: float  # requests/s
     growth: float  # requests/s by which requests in flight rose
-    rates: dict[str, float]  # requests/s to each replica ready all through the window
+    rates: dict[str, float]  # requests/s answered by each replica ready all through it
     refused: float = 0.0  # requests/s refused or failed
     idle: float = 0.0  # the longest run of seconds without an arrival
 
@@ -335,10 +337,13 @@ class GainCheck:
         if self._stopped(measured):
             return None
         for replica in due:
-            self._judged.add(replica)
             others = [r for r in measured.rates if r != replica]
-            if replica not in measured.rates or not others or not measured.grew:
-                continue  # alone, or the load (not the replicas) bounded what each served
+            if not others:  # the first replica, alone: the one the others are set against
+                self._judged.add(replica)
+                continue
+            if replica not in measured.rates or not measured.grew:
+                continue  # the load, not the replicas, bounded what each served: a later window
+            self._judged.add(replica)
             own = measured.rates[replica]
             unit = sum(measured.rates[r] for r in others) / len(others)
             rates = f"{replica} serves {own:.1f}/s on its own, one replica {unit:.1f}/s"

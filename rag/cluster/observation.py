@@ -22,7 +22,8 @@ class Observation:
     # Requests/s the replicas refused or failed (429, 503, 504, ...): an answer that costs a
     # replica next to nothing is not capacity.
     refused: float = 0.0
-    # Requests/s forwarded to each ready replica over the interval, by replica id.
+    # Requests/s each ready replica answered over the interval, by replica id: what it
+    # served, not what the balancer sent it (a backlogged replica is sent less).
     rates: Mapping[str, float] = field(default_factory=dict)
     # Where the ready replicas compute (their hosts): replicas on one host share it.
     places: frozenset[str] = frozenset()

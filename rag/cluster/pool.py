@@ -51,7 +51,9 @@ class Replica:
     requests: int = 0  # forwarded to it, including those it refused to connect
     refused: int = 0  # never reached it (connection refused): sent to another replica
     errors: int = 0
-    rps: float = 0.0  # over the autoscaler's last check interval
+    answered: int = 0  # answers it gave (2xx/3xx)
+    rps: float = 0.0  # requests forwarded to it per second over the last check interval
+    served_rps: float = 0.0  # answers per second over the last check interval
     reason: str = ""  # why it stopped or died
     launched_at: float = 0.0  # on the pool's clock, as ready_at
     ready_at: float | None = None
@@ -60,6 +62,7 @@ class Replica:
     strikes: int = 0
     parking: bool = False  # draining to be parked, not stopped
     _requests_at_sample: int = 0
+    _answered_at_sample: int = 0
 
     @property
     def capacity(self) -> bool:
@@ -77,6 +80,7 @@ class Replica:
             "requests": self.requests,
             "refused": self.refused,
             "requests_per_s": round(self.rps, 3),
+            "answers_per_s": round(self.served_rps, 3),
             "errors": self.errors,
             "start_s": None if self.start_s is None else round(self.start_s, 3),
         }
@@ -167,6 +171,7 @@ class ReplicaPool:
         self._in_flight -= 1
         self._refused += not served
         replica.in_flight -= 1
+        replica.answered += served
         if replica.state is State.DRAINING and replica.in_flight == 0:
             self._drained(replica)
 
@@ -180,7 +185,9 @@ class ReplicaPool:
         self._sampled = (now, self._area, self._requests, self._in_flight, self._refused)
         for replica in self.replicas.values():
             replica.rps = (replica.requests - replica._requests_at_sample) / seconds
+            replica.served_rps = (replica.answered - replica._answered_at_sample) / seconds
             replica._requests_at_sample = replica.requests
+            replica._answered_at_sample = replica.answered
         forwarded = self._requests - requests
         refusals = self._refused - refused
         answered = forwarded - (self._in_flight - in_flight) - refusals

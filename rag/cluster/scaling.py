@@ -192,7 +192,7 @@ class ScalingService:
             in_flight=sample.in_flight,
             served=sample.served,
             refused=sample.refused,
-            rates={r.id: r.rps for r in self.pool.ready},
+            rates={r.id: r.served_rps for r in self.pool.ready},
             places=frozenset(urlsplit(r.url).hostname or "" for r in self.pool.ready),
         )
 
