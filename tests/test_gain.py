@@ -262,7 +262,7 @@ def test_the_served_rate_is_arrivals_less_the_growth_of_requests_in_flight():
     # In flight rising 3/s with arrivals at 10/s: 7/s served, the queue grew.
     trace = [Observation(float(t), 1.0, 3.0 * t, 10.0, ready=1) for t in range(1, 8)]
     measured = window_of(trace)
-    assert measured == Window(7.0, 10.0, pytest.approx(3.0), {})
+    assert measured == Window(7.0, pytest.approx(10.0), pytest.approx(3.0), {})
     assert measured.served == pytest.approx(7.0) and measured.grew
     # In flight steady, 4/s of the 10/s refused at once: 6/s served, the pool fell short.
     refusing = [Observation(float(t), 1.0, 5.0, 10.0, ready=1, refused=4.0) for t in range(1, 8)]
@@ -302,3 +302,14 @@ def test_a_replica_is_judged_on_the_first_window_in_which_the_queue_grew():
             verdicts.append((second, verdict))
     ((second, verdict),) = verdicts
     assert verdict == "gain" and second >= 25
+
+
+def test_bursty_arrivals_do_not_bend_the_served_rate():
+    """A pool answering 33/s while a busy load generator sends in bursts (the arrivals of
+    a busy run's autoscaler.csv, half-second checks): the window's served rate is 33/s."""
+    arrivals = [38.0, 34.0, 36.0, 56.0, 44.0, 40.0]
+    queue, trace = 200.0, []
+    for t, rate in enumerate(arrivals, start=1):
+        before, queue = queue, queue + (rate - 33.0) * 0.5
+        trace.append(Observation(t * 0.5, 0.5, (before + queue) / 2, rate, ready=1))
+    assert window_of(trace).served == pytest.approx(33.0)
