@@ -16,7 +16,8 @@ as the engine's does, timed as a step's sequence, in fresh processes taking turn
 
     ragbench-bench .venv/bin/python bench/matmul_peer.py [--rows 1 8 20 24 40]
 
-Only the figures of one run compare.  This file's measuring half imports only torch and
+And what a call costs around the kernel: a product of one row of 64 by 64, called 2,000
+times.  Only the figures of one run compare.  This file's measuring half imports only torch and
 the standard library, so the peer's interpreter runs it as it is.
 """
 
@@ -68,7 +69,27 @@ def measure(kind: str, spec: dict, out: str) -> None:
             seconds.append(time.perf_counter() - started)
         figures[str(rows)] = statistics.median(seconds[spec["warmup"] :]) * 1e3
         del products
-    Path(out).write_text(json.dumps({"ms_per_step": figures, "threads": torch.get_num_threads()}))
+    Path(out).write_text(json.dumps({
+        "ms_per_step": figures,
+        "us_per_call": call_cost(kind),
+        "threads": torch.get_num_threads(),
+    }))  # fmt: skip
+
+
+def call_cost(kind: str, calls: int = 2000) -> float:
+    """Microseconds a call of a product too small to cost anything itself (one row of 64
+    by 64): what `kind` spends around oneDNN's kernel (the best of 5 runs)."""
+    import torch
+
+    product = make_product(kind, torch.randn(64, 64, dtype=torch.bfloat16), 1)
+    x = torch.randn(1, 64, dtype=torch.bfloat16)
+    runs = []
+    for _ in range(6):
+        started = time.perf_counter()
+        for _ in range(calls):
+            product(x)
+        runs.append((time.perf_counter() - started) / calls * 1e6)
+    return min(runs[1:])
 
 
 def make_product(kind: str, weight, rows: int):
@@ -129,14 +150,17 @@ def main() -> int:
     rounds = []
     for number in range(args.rounds):  # each round in the other order
         order = kinds if number % 2 == 0 else kinds[::-1]
-        rounds.append({kind: run_kind(kind, args.peer, spec)["ms_per_step"] for kind in order})
+        rounds.append({kind: run_kind(kind, args.peer, spec) for kind in order})
     figures = {
-        kind: {rows: statistics.median(r[kind][str(rows)] for r in rounds) for rows in args.rows}
+        kind: {rows: statistics.median(r[kind]["ms_per_step"][str(rows)] for r in rounds)
+               for rows in args.rows}
         for kind in kinds
-    }
-    record.results.update(rounds=rounds, ms_per_step=figures)
+    }  # fmt: skip
+    calls = {kind: statistics.median(r[kind]["us_per_call"] for r in rounds) for kind in kinds}
+    record.results.update(rounds=rounds, ms_per_step=figures, us_per_call=calls)
     for rows in args.rows:
         print(f"{rows:>3} rows: " + ", ".join(f"{k} {figures[k][rows]:.2f} ms" for k in kinds))
+    print("one call: " + ", ".join(f"{k} {calls[k]:.1f} us" for k in kinds))
     if "vllm" in kinds and TARGET_ROWS in args.rows:
         ratio = figures["packed"][TARGET_ROWS] / figures["vllm"][TARGET_ROWS]
         record.target(f"decode products at {TARGET_ROWS} rows, ours / vLLM", ratio,
