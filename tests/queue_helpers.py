@@ -1,5 +1,5 @@
-"""Driving a server's bounded queue from tests: requests sent from threads, and a request
-sent exactly when one is running and the queue is full."""
+"""Driving a server's bounded queue from tests: requests sent from threads, a request sent
+exactly when one is running and the queue is full, and one that joins a running one."""
 
 from __future__ import annotations
 
@@ -59,3 +59,31 @@ def sent_to_a_full_queue(url: str, body: dict, timeout_s: float = 240) -> httpx.
         if third.status_code == 429:
             return third
         assert third.status_code == 200 and time.monotonic() < deadline, third.text
+
+
+def joined_while_running(
+    url: str, first: dict, second: dict, timeout_s: float = 240
+) -> tuple[httpx.Response, httpx.Response]:
+    """The answers to `second`, sent while `first` (LONG) decodes, and to `first`, once the
+    two have run in one batch.  On a busy machine the first can end while this process
+    waits for a core, before the second joins it: such a round is repeated until the two
+    are seen running together."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        early_threads, early = send_in_background(url, [first])
+        wait_for(lambda: stats(url)["running"] == 1, 60, "the first request decoding")
+        late_threads, late = send_in_background(url, [second])
+        together = False
+
+        def joined_or_over(thread: threading.Thread = early_threads[0]) -> bool:
+            nonlocal together
+            together = together or stats(url)["running"] == 2
+            return together or not thread.is_alive()
+
+        wait_for(joined_or_over, 60, "the newcomer in the running batch (or the first answered)")
+        for thread in early_threads + late_threads:
+            thread.join(120)
+        assert (early[0].status_code, late[0].status_code) == (200, 200)
+        if together:
+            return early[0], late[0]
+        assert time.monotonic() < deadline, "the two never ran together"

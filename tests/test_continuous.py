@@ -17,7 +17,14 @@ import httpx
 import pytest
 from async_helpers import run, soon, until
 from cluster_helpers import ready, wait_for
-from queue_helpers import LONG, post, send_in_background, sent_to_a_full_queue, stats
+from queue_helpers import (
+    LONG,
+    joined_while_running,
+    post,
+    send_in_background,
+    sent_to_a_full_queue,
+    stats,
+)
 from server_metrics import metric
 
 from rag.clock import FakeClock
@@ -64,13 +71,8 @@ def test_concurrent_requests_are_answered_with_the_batched_contract(start_contin
 
 def test_a_newcomer_joins_the_running_batch_without_waiting_for_it(start_continuous):
     server = start_continuous(*LONG)
-    first_threads, first = send_in_background(server.url, [{"query": HOVER}])
-    wait_for(lambda: stats(server.url)["running"] == 1, 60, "the first request decoding")
-    second_threads, second = send_in_background(server.url, [{"query": f"{HOVER} again"}])
-    wait_for(lambda: stats(server.url)["running"] == 2, 60, "the newcomer in the running batch")
-    for thread in first_threads + second_threads:
-        thread.join(120)
-    early, late = first[0].json(), second[0].json()
+    first, second = joined_while_running(server.url, {"query": HOVER}, {"query": f"{HOVER} again"})
+    early, late = first.json(), second.json()
     assert (early["new_tokens"], late["new_tokens"]) == (5000, 5000)
     # The newcomer waited for a step of the running batch, not for its 5000 steps.
     assert late["timings"]["queue_ms"] < early["timings"]["generate_ms"] / 10
