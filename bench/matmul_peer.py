@@ -7,7 +7,7 @@ layer's fused q/k/v, o, fused gate/up and down, then the vocabulary's head) at t
 model's shapes, each layer with weights of its own so that a step streams them from memory
 as the engine's does, timed as a step's sequence, in fresh processes taking turns:
 
-- `packed`: ours, as the engine computes (`rag/service/engine/packed.py`: the weight
+- `packed`: ours, the engine's own layer (`rag/service/engine/packed.py`: the weight
   reordered once for oneDNN, `mkldnn._linear_pointwise` per call);
 - `packed_rows`: the same, its layout chosen for the step's own row count, not for 128;
 - `linear`: `F.linear` on the dense weight (oneDNN reorders it at every call);
@@ -17,8 +17,8 @@ as the engine's does, timed as a step's sequence, in fresh processes taking turn
     ragbench-bench .venv/bin/python bench/matmul_peer.py [--rows 1 8 20 24 40]
 
 And what a call costs around the kernel: a product of one row of 64 by 64, called 2,000
-times.  Only the figures of one run compare.  This file's measuring half imports only torch and
-the standard library, so the peer's interpreter runs it as it is.
+times.  Only the figures of one run compare.  The peer's interpreter runs this file as it
+is: what it measures there imports only torch and the standard library.
 """
 
 from __future__ import annotations
@@ -99,8 +99,14 @@ def make_product(kind: str, weight, rows: int):
 
     if kind == "linear":
         return lambda x: F.linear(x, weight)
-    if kind in ("packed", "packed_rows"):
-        packed = torch.ops.mkldnn._reorder_linear_weight(weight, 128 if kind == "packed" else rows)
+    if kind == "packed":  # the engine's own layer (our interpreter runs this kind)
+        from rag.service.engine.packed import PackedLinear
+
+        dense = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False, dtype=weight.dtype)
+        dense.weight.data = weight
+        return PackedLinear(dense).multiply
+    if kind == "packed_rows":
+        packed = torch.ops.mkldnn._reorder_linear_weight(weight, rows)
         return lambda x: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
     from vllm import _custom_ops as ops
 
