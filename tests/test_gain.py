@@ -13,7 +13,7 @@ from dataclasses import replace
 
 import pytest
 
-from rag.cluster.autoscaler import Autoscaler
+from rag.cluster.autoscaler import Autoscaler, Decision
 from rag.cluster.gain import GainCheck, Window, window_of
 from rag.cluster.observation import Observation
 from rag.config import ScalingConfig
@@ -241,18 +241,31 @@ def test_a_replica_on_another_host_forgets_the_knee():
     assert pool.scaler.gain.knee is None
 
 
-def test_replicas_on_their_own_allocations_are_judged_on_their_own_rate():
-    """r1 serves a tenth of what r0 does while the queue grows: taken back, itself."""
+def own_rate_decisions(
+    rates_at: Callable[[int], dict[str, float]], arrivals_at: Callable[[int], float], seconds: int
+) -> list[Decision]:
+    """The decisions, second by second, over replicas on allocations of their own that
+    answer `rates_at(second)` while requests arrive at `arrivals_at(second)`."""
     scaler = Autoscaler(CFG, own_rate=True)
     queue = 0.0
     decisions = []
-    for second in range(1, 30):
-        rates = {"r0": 10.0} if second < 5 else {"r0": 10.0, "r1": 1.0}
+    for second in range(1, seconds + 1):
+        rates, arrivals = rates_at(second), arrivals_at(second)
         served = sum(rates.values())
-        before, queue = queue, queue + 15.0 - served
-        obs = Observation(float(second), 1.0, (before + queue) / 2, 15.0, ready=len(rates),
+        before, queue = queue, queue + arrivals - served
+        obs = Observation(float(second), 1.0, (before + queue) / 2, arrivals, ready=len(rates),
                           served=served, rates=rates, places=frozenset({"n1"}))  # fmt: skip
         decisions.append(scaler.decide(obs))
+    return decisions
+
+
+def test_replicas_on_their_own_allocations_are_judged_on_their_own_rate():
+    """r1 serves a tenth of what r0 does while the queue grows: taken back, itself."""
+    decisions = own_rate_decisions(
+        lambda second: {"r0": 10.0} if second < 5 else {"r0": 10.0, "r1": 1.0},
+        lambda second: 15.0,
+        29,
+    )
     (taken,) = [d for d in decisions if d.verdict == "no gain"]
     assert taken.drain == ("r1",) and taken.replicas == 1
     assert "r1 serves 1.0/s on its own, one replica 10.0/s" in taken.reason
@@ -288,18 +301,12 @@ def test_refuses_a_window_too_short_to_measure():
 def test_a_replica_is_judged_on_the_first_window_in_which_the_queue_grew():
     """While the load only matches what the two serve, r1's windows say nothing of its
     capacity; once the load outgrows them, it is judged (not passed over for good)."""
-    scaler = Autoscaler(CFG, own_rate=True)
-    queue = 0.0
-    verdicts = []
-    for second in range(1, 40):
-        rates = {"r0": 10.0} if second < 5 else {"r0": 10.0, "r1": 9.0}
-        served = sum(rates.values())
-        arrivals = 10.0 if second < 5 else (19.0 if second < 25 else 30.0)
-        before, queue = queue, queue + arrivals - served
-        obs = Observation(float(second), 1.0, (before + queue) / 2, arrivals, ready=len(rates),
-                          served=served, rates=rates, places=frozenset({"n1"}))  # fmt: skip
-        if verdict := scaler.decide(obs).verdict:
-            verdicts.append((second, verdict))
+    decisions = own_rate_decisions(
+        lambda second: {"r0": 10.0} if second < 5 else {"r0": 10.0, "r1": 9.0},
+        lambda second: 10.0 if second < 5 else (19.0 if second < 25 else 30.0),
+        39,
+    )
+    verdicts = [(second, d.verdict) for second, d in enumerate(decisions, start=1) if d.verdict]
     ((second, verdict),) = verdicts
     assert verdict == "gain" and second >= 25
 

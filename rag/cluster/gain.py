@@ -83,10 +83,11 @@ class Window:
 
 def window_of(observations: Sequence[Observation]) -> Window:
     seconds = sum(o.seconds for o in observations)
-    arrivals = sum(o.rps * o.seconds for o in observations) / seconds
-    refused = sum(o.refused * o.seconds for o in observations) / seconds
-    growth = 0.0
-    if len(observations) >= 3:
+    if len(observations) < 3:  # too few to fit: the means, and no growth
+        arrivals = sum(o.rps * o.seconds for o in observations) / seconds
+        refused = sum(o.refused * o.seconds for o in observations) / seconds
+        growth = 0.0
+    else:
         # One fit for the three: the slopes of requests in flight and of the running counts
         # of arrivals and refusals.  Arrivals less growth less refusals is then the slope
         # of the running count of answers; a plain mean of bursty arrivals set against a
