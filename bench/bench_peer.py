@@ -14,7 +14,9 @@ Served (--served): one poisson schedule per rate (4 and 8 requests/s, --served-r
 requests, 240 by default, 32 tokens each) to our batched and continuous servers through
 the load generator, and to vLLM's OpenAI server through /v1/completions (`peer_client`),
 the same queries at the same moments, the prompts our pipeline builds for them.  Targets,
-for our variant with the lower p99: throughput >= 1.0x vLLM's, p50 and p99 latency <= 1.0x.
+for our best variant at each rate (the one meeting the most of them, then the lower p99;
+the record gives every variant's ratios): throughput >= 1.0x vLLM's, p50 and p99 latency
+<= 1.0x.
 
 --steps: where the time goes instead: one run at 1, 8, 20 and 40 requests on each engine,
 step by step, each step's wall time split into matmuls, attention and the rest
@@ -388,23 +390,46 @@ def judge_in_process(record: BenchRecord, rounds: list[dict]) -> None:
             )  # fmt: skip
 
 
+def served_ratios(ours: dict, peer: dict) -> dict[str, float]:
+    """One of our servers' served figures over vLLM's: throughput, p50, p99."""
+    return {
+        "throughput": ours["throughput_rps"] / peer["throughput_rps"],
+        **{f"p{p}": ours[f"latency_adj_p{p}_s"] / peer[f"latency_adj_p{p}_s"] for p in (50, 99)},
+    }
+
+
+def served_met(ratios: dict[str, float]) -> int:
+    """How many of the three served targets these ratios meet."""
+    latencies = (ratios["p50"], ratios["p99"])
+    return (ratios["throughput"] >= MIN_THROUGHPUT_RATIO) + sum(
+        r <= MAX_SERVED_LATENCY_RATIO for r in latencies
+    )
+
+
 def judge_served(record: BenchRecord, results: dict) -> None:
-    """At each rate, our variant with the lower p99 against vLLM: throughput, p50, p99."""
+    """At each rate, our best variant against vLLM: the one meeting the most of the three
+    targets (throughput, p50, p99), then the one with the lower p99; the detail gives the
+    other variants' ratios too."""
     for rate in SERVED_RATES:
         peer = results["vllm"][rate]
-        best = min(SERVED_VARIANTS, key=lambda v: results[v][rate]["latency_adj_p99_s"])
+        ratios = {v: served_ratios(results[v][rate], peer) for v in SERVED_VARIANTS}
+        best = max(SERVED_VARIANTS, key=lambda v: (served_met(ratios[v]), -ratios[v]["p99"]))
         ours = results[best][rate]
+        others = "; ".join(
+            f"{v} " + ", ".join(f"{k} {r:.2f}" for k, r in ratios[v].items())
+            for v in SERVED_VARIANTS if v != best
+        )  # fmt: skip
         detail = f"{best}; vLLM {peer['throughput_rps']:.2f}/s, p50 " \
-            f"{peer['latency_adj_p50_s']:.2f} s, p99 {peer['latency_adj_p99_s']:.2f} s"  # fmt: skip
+            f"{peer['latency_adj_p50_s']:.2f} s, p99 {peer['latency_adj_p99_s']:.2f} s; " \
+            f"{others}"  # fmt: skip
         record.target(
-            f"served {rate:g}/s, throughput, ours / vLLM",
-            ours["throughput_rps"] / peer["throughput_rps"], at_least=MIN_THROUGHPUT_RATIO,
-            detail=detail,
+            f"served {rate:g}/s, throughput, ours / vLLM", ratios[best]["throughput"],
+            at_least=MIN_THROUGHPUT_RATIO, detail=detail,
         )  # fmt: skip
         for p in (50, 99):
             key = f"latency_adj_p{p}_s"
             record.target(
-                f"served {rate:g}/s, p{p}, ours / vLLM", ours[key] / peer[key],
+                f"served {rate:g}/s, p{p}, ours / vLLM", ratios[best][f"p{p}"],
                 at_most=MAX_SERVED_LATENCY_RATIO, detail=f"{best}: {ours[key]:.2f} s",
             )  # fmt: skip
 

@@ -117,6 +117,8 @@ class VariantConfig:
     name: str = MISSING
     kind: ServerKind = MISSING
     max_batch_size: int = 20  # continuous: the running batch at most
+    # continuous: the running batch at most while fewer than this many wait (0: max_batch_size)
+    short_queue_batch_size: int = 0
     max_wait_ms: float = 10.0
     max_queue: int = 512
     request_timeout_s: float = 60.0  # each request's deadline from its arrival

@@ -11,6 +11,7 @@ import asyncio
 import math
 import os
 import signal
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -59,8 +60,10 @@ def test_concurrent_requests_are_answered_with_the_batched_contract(start_contin
         }  # fmt: skip
     after = stats(server.url)
     assert after["running"] == 0 and after["queue_depth"] == 0
-    running_at_most = compose(["variant=continuous"]).variant.max_batch_size
+    cfg = compose(["variant=continuous", "model=tiny"])
+    running_at_most = min(cfg.variant.max_batch_size, cfg.model.engine_slots)
     assert after["max_batch_size"] == running_at_most and after["max_wait_ms"] == 0
+    assert after["short_queue_batch_size"] == cfg.variant.short_queue_batch_size
     assert max(int(rows) for rows in after["batch_size_counts"]) > 1  # decoded together
     parts = after["step_parts"]  # every step counted once, every prompt prefilled once
     assert parts["mixed_steps"] + parts["decode_steps"] == sum(after["batch_size_counts"].values())
@@ -170,3 +173,42 @@ def test_on_a_fake_clock_a_request_past_its_deadline_waiting_for_a_slot_never_ru
     batcher = run(scenario())
     assert (batcher.dropped, batcher.expired) == (2, 0)  # both left; neither was answered
     assert max(batcher.batch_size_counts) == 1  # the running batch never held two
+
+
+def test_the_running_batch_grows_only_while_a_whole_batch_waits(tmp_path):
+    """The continuous loop in process, on the tiny model (LONG requests): with a running
+    batch of 2 while the queue is short and 4 at most, a third request waits while it alone
+    is queued, joins with a fourth once two wait, and two more wait while four run."""
+    cache = [f"model.cache_dir={tmp_path}", f"corpus.cache_dir={tmp_path}"]
+    pipeline = RAGPipeline.from_config(compose(["model=tiny", *LONG, *cache]))
+
+    async def scenario():
+        with ThreadPoolExecutor(1, thread_name_prefix="compute") as compute:
+            batcher = ContinuousBatcher(pipeline, 4, 8, compute, short_queue_running=2)
+            batcher.start()
+            sent = []
+
+            async def send(count: int, then: Callable[[], bool], what: str) -> None:
+                questions = pipeline.ask([HOVER] * count, [1] * count)
+                sent.extend(asyncio.ensure_future(batcher.submit(q)) for q in questions)
+                await until(then, what)
+
+            async def held(running: int, waiting: int) -> None:
+                steps = batcher.batch_size_counts.total()
+                await until(lambda: batcher.batch_size_counts.total() > steps + 2, "steps go on")
+                assert (batcher.running, batcher.depth) == (running, waiting)
+
+            await send(2, lambda: batcher.running == 2, "the first two decoding")
+            await send(1, lambda: batcher.depth == 1, "the third queued")
+            await held(2, 1)
+            await send(1, lambda: batcher.running == 4, "the third and fourth joining")
+            await send(2, lambda: batcher.depth == 2, "the fifth and sixth queued")
+            await held(4, 2)
+            for request in sent:
+                request.cancel()
+            await soon(batcher.wait_idle(math.inf))
+            await batcher.stop()
+        return batcher
+
+    batcher = run(scenario())
+    assert max(batcher.batch_size_counts) == 4

@@ -36,7 +36,7 @@ def test_every_variant_and_model_composes(variant: str, model: str):
 KINDS = {
     "base": (ServerKind.one_at_a_time, (1, 0.0)),
     "batched": (ServerKind.batcher, (20, 10.0)),
-    "continuous": (ServerKind.continuous, (24, 0.0)),
+    "continuous": (ServerKind.continuous, (64, 0.0)),
     "scaling": (ServerKind.balancer, (20, 10.0)),
     "external": (ServerKind.external, (20, 10.0)),
 }

@@ -99,8 +99,11 @@ class ContinuousBatcher(RequestQueue):
         on_step: Callable[[BatchRecord], None] | None = None,
         clock: Clock = MONOTONIC,
         publish: Publish | None = None,
+        short_queue_running: int = 0,
     ) -> None:
-        """`publish` takes the documents and token events of streamed questions."""
+        """`publish` takes the documents and token events of streamed questions;
+        `short_queue_running` is the running batch at most while fewer than that many
+        requests wait (0: `max_running` always)."""
         engine = getattr(pipeline.generator, "engine", None)
         if engine is None:
             raise ValueError("variant=continuous needs the generation engine (model.engine=true)")
@@ -110,6 +113,7 @@ class ContinuousBatcher(RequestQueue):
         self.pipeline = pipeline
         self.engine: Engine = engine
         self.max_batch_size = min(max_running, engine.slots)
+        self.short_queue_batch_size = min(short_queue_running or max_running, self.max_batch_size)
         self.max_wait_s = 0.0  # a newcomer joins at the next step
         self.on_step = on_step
         self.publish = publish
@@ -126,18 +130,28 @@ class ContinuousBatcher(RequestQueue):
     def _pending(self) -> list:
         return [*self._queue, *self._running.values()]
 
+    def room(self, waiting: int) -> int:
+        """The running batch at most while `waiting` requests queue for it.  Held to
+        `short_queue_batch_size`, a burst's requests end about in their order of arrival,
+        the earliest soonest.  A whole such batch waiting means the server is past its
+        capacity, where every request waits for the backlog: up to `max_batch_size` rows
+        then decode more tokens for the same weights read and drain it sooner."""
+        short = self.short_queue_batch_size
+        return self.max_batch_size if waiting >= short else short
+
     def likely_finish(self, now: float, ahead: int) -> float | None:
         """When a request arriving `now` with `ahead` requests before it for the slots
         will likely have been answered: a slot frees at the latest after one full-batch
-        request time per wave of `max_batch_size` ahead, then its own; None before any
+        request time per wave of running batches ahead, then its own; None before any
         request was measured."""
-        full = self.request_times.likely_max(self.max_batch_size)
+        wave = self.room(ahead + 1)
+        full = self.request_times.likely_max(wave)
         if full is None:
             return None
-        free = self.max_batch_size - self.running
+        free = wave - self.running
         if ahead < free:
             return now + full
-        return now + ((ahead - free) // self.max_batch_size + 2) * full
+        return now + ((ahead - free) // wave + 2) * full
 
     async def submit(self, question: Question, timeout_s: float = math.inf) -> Completed:
         """Queue one question and wait for its answer, for at most `timeout_s`; raises as
@@ -152,7 +166,8 @@ class ContinuousBatcher(RequestQueue):
         their deadline (at the fastest a request has run); others are answered
         DeadlineExceeded, never computed, unless nothing else runs."""
         joining: list[_Request] = []
-        while self._queue and self.running + len(joining) < self.max_batch_size:
+        room = self.room(self.depth)
+        while self._queue and self.running + len(joining) < room:
             request = self._queue.popleft()
             if request.future.done():
                 self.dropped += 1

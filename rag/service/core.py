@@ -160,6 +160,7 @@ class Core:
                 self.compute,
                 on_step=self._record_batch,
                 publish=self.publish,
+                short_queue_running=variant.short_queue_batch_size,
             )
         max_batch_size, max_wait_ms = batch_limits(variant)
         return Batcher(
@@ -257,6 +258,7 @@ class Core:
             "replica": cfg.server.replica_id or None,
             "max_batch_size": batcher.max_batch_size if batcher else None,
             "max_wait_ms": batcher.max_wait_s * 1e3 if batcher else None,
+            "short_queue_batch_size": getattr(batcher, "short_queue_batch_size", None),
             "max_queue": cfg.variant.max_queue,
             "queue_depth": batcher.depth if batcher else 0,
             "running": batcher.running if batcher else 0,
