@@ -85,7 +85,7 @@ STAGES = [
         "continuous", 170,
         ["bench/bench_continuous.py", "--model", "a6000-shaped", "--seconds", "15",
          "--rounds", "2", "--saturate-seconds", "8", "--burst-gap", "0.02",
-         "--continuous", "variant.max_batch_size=32"],
+         "--continuous", "variant.max_batch_size=32", "variant.short_queue_batch_size=32"],
         ["bench/bench_continuous.py", "--model", "tiny", "--override", "model.ignore_eos=true",
          "model.max_new_tokens=64", "--seconds", "3", "--rounds", "1",
          "--saturate-seconds", "2", "--burst-gap", "0.02"],
