@@ -296,6 +296,14 @@ def test_batch_times_learn_the_likely_maximum_and_the_fastest():
     assert times.fastest(4) == 1.5
 
 
+def test_batches_in_a_row_deviate_as_their_sum_not_each_at_its_slowest():
+    times = BatchTimes()
+    times.record(4, 8.0)
+    times.record(4, 12.0)  # mean 8.5 s, deviation 1 s
+    assert times.likely_max(4) == times.likely_total(4, 1) == pytest.approx(12.5)
+    assert times.likely_total(4, 4) == pytest.approx(4 * 8.5 + 4 * 2 * 1.0)  # not 4 x 12.5
+
+
 def test_one_slow_batch_stops_ruling_admission_once_its_size_goes_unmeasured():
     """After one outlier, a full batch's likely maximum passes any deadline; if admission
     then keeps full batches from running, the figure must still come back down."""
@@ -342,15 +350,19 @@ async def queue_until_refused(batcher: Batcher, timeout_s: float) -> tuple[int, 
 ADMISSIONS = {
     # one at a time, 10 s each: positions 0, 1, 2 end 10, 20, 30 s from now; the fourth
     # would take 40 s against a 35 s deadline
-    "one-at-a-time": dict(batch=1, measured={1: 10.0}, timeout=35, admitted=3, retry=5),
+    "one-at-a-time": dict(batch=1, measured={1: (10.0,)}, timeout=35, admitted=3, retry=5),
     # batches of 4, 8 s each, counted full: positions 1..3 are served by one batch (8 s),
     # 4..7 by two (16 s); position 8 would need three (24 s)
-    "batches-fill-up": dict(batch=4, measured={4: 8.0}, timeout=17, admitted=8, retry=7),
+    "batches-fill-up": dict(batch=4, measured={4: (8.0,)}, timeout=17, admitted=8, retry=7),
     # after one pathological batch an idle batcher still admits one (its batch is measured)
-    "idle-admits": dict(batch=1, measured={1: 100.0}, timeout=5, admitted=1, retry=195),
+    "idle-admits": dict(batch=1, measured={1: (100.0,)}, timeout=5, admitted=1, retry=195),
     # nothing measured yet: only the queue's bound refuses (a deadline long enough that no
     # request expires, and is dropped, while a slow machine fills the queue)
     "unmeasured": dict(batch=1, measured={}, timeout=3600, admitted=64, retry=1),
+    # batches of 4 measured at 8 then 12 s (mean 8.5, deviation 1): three batches likely
+    # end within 3 x 8.5 + 4 x sqrt(3) = 32.4 s of a 36 s deadline (each at its likely
+    # maximum, 12.5 s, they would not), four within 42 s
+    "jittery-batches": dict(batch=4, measured={4: (8.0, 12.0)}, timeout=36, admitted=12, retry=6),
 }
 
 
@@ -362,8 +374,9 @@ def test_the_door_admits_what_the_measured_batches_serve_before_the_deadline(cas
         batcher = Batcher(
             Recorder(), max_batch_size=knobs["batch"], max_wait_s=0, max_queue=64, clock=FakeClock()
         )
-        for size, seconds in knobs["measured"].items():
-            batcher.batch_times.record(size, seconds)
+        for size, durations in knobs["measured"].items():
+            for seconds in durations:
+                batcher.batch_times.record(size, seconds)
         admitted, refusal = await queue_until_refused(batcher, timeout_s=knobs["timeout"])
         # What the core tells the HTTP process of the next arrival (its door)
         door = batcher.refusal(batcher.clock.now(), knobs["timeout"])

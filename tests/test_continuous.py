@@ -33,7 +33,7 @@ from rag.cluster.pool import Replica
 from rag.cluster.scaling import replica_overrides
 from rag.config import ServerKind, compose
 from rag.service.batching import DeadlineExceeded
-from rag.service.continuous import ContinuousBatcher
+from rag.service.continuous import ContinuousBatcher, waves_to_wait
 from rag.service.pipeline import RAGPipeline
 
 HOVER = "Which animals can hover in the air?"
@@ -212,3 +212,13 @@ def test_the_running_batch_grows_only_while_a_whole_batch_waits(tmp_path):
 
     batcher = run(scenario())
     assert max(batcher.batch_size_counts) == 4
+
+
+def test_a_request_waits_through_the_running_batch_and_the_waves_ahead():
+    assert waves_to_wait(ahead=0, running=1, room=24) == 1  # a free slot: its own only
+    assert waves_to_wait(ahead=23, running=0, room=24) == 1
+    assert waves_to_wait(ahead=0, running=24, room=24) == 2  # the running batch's rest first
+    assert waves_to_wait(ahead=30, running=64, room=64) == 2
+    assert waves_to_wait(ahead=64, running=64, room=64) == 3
+    # The queue shortened while 64 run: none of the 40 rows above 24 counts as a wave ahead.
+    assert waves_to_wait(ahead=20, running=64, room=24) == 2

@@ -108,9 +108,19 @@ class BatchTimes:
 
     def likely_max(self, size: int) -> float | None:
         """Seconds a batch of `size` rarely exceeds; None before any batch was measured."""
+        return self.likely_total(size, 1)
+
+    def likely_total(self, size: int, count: int) -> float | None:
+        """Seconds `count` batches of `size`, one after another, rarely exceed: their means
+        and 4 deviations of their sum.  Slow batches come and go independently, so the sum
+        deviates by sqrt(count) deviations, not count: a queue of many batches is not
+        judged as if each of them were its slowest."""
         now = self.clock.now()
-        likely = {n: mean + 4 * self._current_deviation(n, now) for n, mean in self._mean.items()}
-        return _interpolate(likely, size)
+        deviations = {n: self._current_deviation(n, now) for n in self._mean}
+        mean, deviation = _interpolate(self._mean, size), _interpolate(deviations, size)
+        if mean is None or deviation is None:
+            return None
+        return count * mean + 4 * math.sqrt(count) * deviation
 
     def _current_deviation(self, size: int, now: float) -> float:
         age = now - self._measured_at[size]
@@ -321,11 +331,11 @@ class Batcher(RequestQueue, Generic[T, R]):
         """When a request arriving `now` behind `ahead` queued requests will likely have
         been answered: the running batch's rest, the full batches ahead, then its own, which
         may fill up while it waits; None before any batch was measured."""
-        full = self.batch_times.likely_max(self.max_batch_size)
-        if full is None:
+        count = ahead // self.max_batch_size + 1
+        batches = self.batch_times.likely_total(self.max_batch_size, count)
+        if batches is None:
             return None
-        batches = ahead // self.max_batch_size + 1
-        return now + self._running_rest(now) + self.max_wait_s + batches * full
+        return now + self._running_rest(now) + self.max_wait_s + batches
 
     def _running_rest(self, now: float) -> float:
         return max(0.0, self._busy_until - now) if self._running else 0.0

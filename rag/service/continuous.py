@@ -141,17 +141,12 @@ class ContinuousBatcher(RequestQueue):
 
     def likely_finish(self, now: float, ahead: int) -> float | None:
         """When a request arriving `now` with `ahead` requests before it for the slots
-        will likely have been answered: a slot frees at the latest after one full-batch
-        request time per wave of running batches ahead, then its own; None before any
+        will likely have been answered: the waves of running batches it waits through, each
+        a request's time in a batch of that size, their likely total; None before any
         request was measured."""
         wave = self.room(ahead + 1)
-        full = self.request_times.likely_max(wave)
-        if full is None:
-            return None
-        free = wave - self.running
-        if ahead < free:
-            return now + full
-        return now + ((ahead - free) // wave + 2) * full
+        full = self.request_times.likely_total(wave, waves_to_wait(ahead, self.running, wave))
+        return None if full is None else now + full
 
     async def submit(self, question: Question, timeout_s: float = math.inf) -> Completed:
         """Queue one question and wait for its answer, for at most `timeout_s`; raises as
@@ -279,6 +274,15 @@ class ContinuousBatcher(RequestQueue):
         self._running.clear()
         for request in requests:
             _settle(request.future, exc)
+
+
+def waves_to_wait(ahead: int, running: int, room: int) -> int:
+    """Running batches of up to `room` rows that a request behind `ahead` waiting ones
+    lives through, its own included: its own alone if a slot is free for it; else the
+    running batch's rest, the waves ahead, then its own.  A running batch above `room` (the
+    queue has shortened since it grew) frees no slot until it is back below."""
+    free = max(room - running, 0)
+    return 1 if ahead < free else (ahead - free) // room + 2
 
 
 def _settle(future: asyncio.Future, outcome: object) -> None:
