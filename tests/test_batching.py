@@ -297,7 +297,7 @@ def test_batch_times_learn_the_likely_maximum_and_the_fastest():
 
 
 def test_batches_in_a_row_deviate_as_their_sum_not_each_at_its_slowest():
-    times = BatchTimes()
+    times = BatchTimes(FakeClock())  # (a deviation decays as time passes)
     times.record(4, 8.0)
     times.record(4, 12.0)  # mean 8.5 s, deviation 1 s
     assert times.likely_max(4) == times.likely_total(4, 1) == pytest.approx(12.5)
