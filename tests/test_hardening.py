@@ -230,7 +230,7 @@ def test_requests_that_cannot_meet_their_deadline_are_refused_at_the_door(start_
     refused = [(r, s) for r, s in outcomes if r.status_code == 429]
     assert served and refused
     assert {r.status_code for r, _ in outcomes} <= {200, 429, 504}
-    for response, _ in served:
+    for response, _ in served:  # within its deadline from its arrival at the HTTP process
         assert response.json()["timings"]["total_ms"] <= deadline_s * 1e3
     for response, seconds in refused:
         # Told at the door, not when the deadline passes: the deadline runs from the

@@ -93,8 +93,13 @@ class Answering:
         task.cancel()
 
     async def _answer(self, question: Question, timeout_s: float) -> None:
+        """Answer within `timeout_s` of the question's arrival at the HTTP process (on the
+        clock both processes share), not of this later moment; an answer built after that
+        is not served."""
+        deadline = question.arrival + timeout_s
         try:
-            completed = await self.serving().submit(question, timeout_s)
+            left = max(deadline - time.perf_counter(), 0.0)
+            completed = await self.serving().submit(question, left)
         except asyncio.CancelledError:
             question.cancelled = True
             raise
@@ -103,6 +108,10 @@ class Answering:
             self.publish([Event(question.id, Kind.ERROR, error_payload(exc))])
             return
         payload = answer_payload(completed, question, self.cfg)
+        if time.perf_counter() > deadline:  # settled in time, but built after its deadline
+            late = DeadlineExceeded(f"not answered within its {timeout_s:.4g} s deadline")
+            self.publish([Event(question.id, Kind.ERROR, error_payload(late))])
+            return
         self.observe(payload)
         self.publish([Event(question.id, Kind.DONE, payload)])
 

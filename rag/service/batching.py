@@ -257,7 +257,7 @@ class RequestQueue:
         if finish is not None and finish > now + timeout_s:
             reason = (
                 f"{ahead} requests queued ahead; this one would be answered in about "
-                f"{finish - now:.1f} s, past its {timeout_s:g} s deadline"
+                f"{finish - now:.1f} s, past its {timeout_s:.4g} s deadline"
             )
             return reason, finish - (now + timeout_s)
         return None
@@ -283,7 +283,7 @@ class RequestQueue:
         except DeadlineExceeded:
             raise
         except TimeoutError:
-            raise DeadlineExceeded(f"not answered within its {timeout_s:g} s deadline") from None
+            raise DeadlineExceeded(f"not answered within its {timeout_s:.4g} s deadline") from None
 
     def _drop_abandoned(self) -> None:
         before = len(self._queue)
