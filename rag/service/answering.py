@@ -105,11 +105,13 @@ class Answering:
             raise
         except Exception as exc:
             question.cancelled = True  # a deadline passed mid-batch: stop generating it
+            if isinstance(exc, DeadlineExceeded) and time.perf_counter() >= deadline:
+                exc = DeadlineExceeded.after(timeout_s)  # the deadline asked for, not `left`
             self.publish([Event(question.id, Kind.ERROR, error_payload(exc))])
             return
         payload = answer_payload(completed, question, self.cfg)
         if time.perf_counter() > deadline:  # settled in time, but built after its deadline
-            late = DeadlineExceeded(f"not answered within its {timeout_s:.4g} s deadline")
+            late = DeadlineExceeded.after(timeout_s)
             self.publish([Event(question.id, Kind.ERROR, error_payload(late))])
             return
         self.observe(payload)

@@ -62,6 +62,11 @@ class Draining(Exception):
 class DeadlineExceeded(TimeoutError):
     """The request could not be served before its deadline; it was not computed."""
 
+    @classmethod
+    def after(cls, timeout_s: float) -> DeadlineExceeded:
+        """The request's `timeout_s` ran out before its answer was ready."""
+        return cls(f"not answered within its {timeout_s:.4g} s deadline")
+
 
 @dataclass(frozen=True)
 class Completed(Generic[R]):
@@ -283,7 +288,7 @@ class RequestQueue:
         except DeadlineExceeded:
             raise
         except TimeoutError:
-            raise DeadlineExceeded(f"not answered within its {timeout_s:.4g} s deadline") from None
+            raise DeadlineExceeded.after(timeout_s) from None
 
     def _drop_abandoned(self) -> None:
         before = len(self._queue)
