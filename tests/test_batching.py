@@ -430,6 +430,44 @@ def test_a_request_whose_deadline_falls_before_its_batch_ends_is_not_computed():
     assert batcher.expired == 1
 
 
+@pytest.mark.parametrize(
+    ("behind", "batches"),
+    [
+        ("bcde", [["b", "c", "d", "e"]]),  # "e" would take the row: "tight" gives it up
+        ("bcd", [["tight", "b", "c", "d"]]),  # no one would: "tight" may still make it
+    ],
+)
+def test_a_row_another_request_wants_goes_to_one_likely_to_end_in_time(behind, batches):
+    async def scenario():
+        recorder = Recorder()
+        batcher = Batcher(recorder, max_batch_size=4, max_wait_s=0, max_queue=8, clock=FakeClock())
+        batcher.batch_times.record(4, 1.0)
+        batcher.batch_times.record(4, 2.0)  # fastest 1 s, likely at most 1.125 + 4 x 0.25 s
+        tight = asyncio.ensure_future(batcher.submit("tight", timeout_s=1.5))
+        rest = [asyncio.ensure_future(batcher.submit(x, timeout_s=10)) for x in behind]
+        await until(lambda: batcher.depth == 1 + len(behind), "all queued")
+        batcher.start()
+        outcomes = await soon(asyncio.gather(tight, *rest, return_exceptions=True))
+        await batcher.stop()
+        return recorder, outcomes
+
+    recorder, outcomes = run(scenario())
+    assert recorder.batches == batches
+    computed = [o.value for o in outcomes if not isinstance(o, DeadlineExceeded)]
+    assert len(computed) == sum(map(len, batches))
+
+
+def test_a_batch_is_worth_starting_at_its_likely_maximum_when_a_row_is_wanted():
+    times = BatchTimes(FakeClock())
+    assert times.worth_starting(4, 0.0, row_wanted=True)  # nothing measured: start
+    times.record(4, 1.0)
+    times.record(4, 2.0)
+    assert times.likely_max(4) == 2.125 and times.fastest(4) == 1.0
+    assert times.worth_starting(4, 1.5, row_wanted=False)
+    assert not times.worth_starting(4, 1.5, row_wanted=True)
+    assert times.worth_starting(4, 2.125, row_wanted=True)
+
+
 def test_an_oldest_request_that_its_batch_cannot_serve_in_time_gives_way():
     async def scenario():
         recorder = Recorder()

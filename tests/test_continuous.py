@@ -176,6 +176,44 @@ def test_on_a_fake_clock_a_request_past_its_deadline_waiting_for_a_slot_never_ru
     assert max(batcher.batch_size_counts) == 1  # the running batch never held two
 
 
+@pytest.mark.parametrize("spare", [True, False])
+def test_a_freed_row_goes_to_a_request_likely_to_end_in_time_when_another_waits(tmp_path, spare):
+    """The continuous loop in process, on the tiny model and a fake clock, one slot: a
+    request with 1.5 s left when the slot frees (a request there takes 1-2 s, likely at
+    most 2.125) gives it up to a younger one waiting behind it, and takes it when none is."""
+    cache = [f"model.cache_dir={tmp_path}", f"corpus.cache_dir={tmp_path}"]
+    pipeline = RAGPipeline.from_config(compose(["model=tiny", *LONG, *cache]))
+
+    async def scenario():
+        clock = FakeClock()
+        with ThreadPoolExecutor(1, thread_name_prefix="compute") as compute:
+            batcher = ContinuousBatcher(pipeline, 1, 4, compute, clock=clock)
+            batcher.request_times.record(1, 1.0)
+            batcher.request_times.record(1, 2.0)
+            batcher.start()
+            ask = lambda: pipeline.ask([HOVER], [1])[0]  # noqa: E731
+            first = asyncio.ensure_future(batcher.submit(ask()))
+            await until(lambda: batcher.running == 1, "the first decoding")
+            tight = asyncio.ensure_future(batcher.submit(ask(), timeout_s=10))
+            await until(lambda: batcher.depth == 1, "the second queued")
+            clock.advance(8.5)
+            queued = [asyncio.ensure_future(batcher.submit(ask(), timeout_s=10))] if spare else []
+            await until(lambda: batcher.depth == 1 + len(queued), "all queued")
+            first.cancel()
+            if spare:
+                with pytest.raises(DeadlineExceeded, match="before it could end"):
+                    await soon(tight)
+            await until(lambda: batcher.running == 1 and batcher.depth == 0, "the slot taken")
+            assert tight.done() == spare  # without a spare, "tight" runs
+            for request in (tight, *queued):
+                request.cancel()
+            await soon(batcher.wait_idle(math.inf))
+            await batcher.stop()
+        return batcher
+
+    assert run(scenario()).expired == int(spare)
+
+
 def test_the_running_batch_grows_only_while_a_whole_batch_waits(tmp_path):
     """The continuous loop in process, on the tiny model (LONG requests): with a running
     batch of 2 while the queue is short and 4 at most, a third request waits while it alone

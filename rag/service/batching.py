@@ -135,6 +135,15 @@ class BatchTimes:
         """The shortest a batch of `size` has taken; None before any batch was measured."""
         return _interpolate(self._fastest, size)
 
+    def worth_starting(self, size: int, left_s: float, row_wanted: bool) -> bool:
+        """Whether to start a request with `left_s` to its deadline in a batch of `size`.
+        When another request waits for its row (`row_wanted`), only if the batch will
+        likely end in time: a row given to a request that misses its deadline is work
+        thrown away, and goodput lost.  Otherwise whenever it could (at the fastest such a
+        batch has run): the row would stay empty."""
+        seconds = self.likely_max(size) if row_wanted else self.fastest(size)
+        return left_s >= (seconds or 0.0)
+
 
 def _interpolate(by_size: dict[int, float], size: int) -> float | None:
     if not by_size:
@@ -381,16 +390,20 @@ class Batcher(RequestQueue, Generic[T, R]):
         return self._take_in_time(self.clock.now())
 
     def _take_in_time(self, now: float) -> list[_Waiting[T]]:
-        """A batch as full as the queue allows, whose oldest request's deadline the batch
-        could meet (at the fastest such a batch has run).  An oldest request that it could
-        not is answered DeadlineExceeded and never computed, and the batch fills from
-        behind; except a request alone in the queue (it costs no one and refreshes the
+        """A batch as full as the queue allows, worth starting for its oldest request
+        (`BatchTimes.worth_starting`: a request left out would take its row if the queue
+        holds more than a batch).  An oldest request it is not worth starting for is
+        answered DeadlineExceeded and never computed, and the batch fills from behind;
+        except a request alone in the queue (it costs no one and refreshes the
         estimates)."""
         while self._queue:
             first = self._queue[0]
             size = min(self.max_batch_size, len(self._queue))
-            end = now + (self.batch_times.fastest(size) or 0.0)
-            if first.deadline >= end or len(self._queue) == 1:
+            row_wanted = len(self._queue) > size
+            if (
+                self.batch_times.worth_starting(size, first.deadline - now, row_wanted)
+                or len(self._queue) == 1
+            ):
                 return [self._queue.popleft() for _ in range(size)]
             self._queue.popleft()
             self.expired += 1

@@ -157,8 +157,9 @@ class ContinuousBatcher(RequestQueue):
         return await self._wait(_Request(question, now, now + timeout_s, future), timeout_s)
 
     def _newcomers(self, now: float) -> list[_Request]:
-        """The live queued requests that fit in the free slots and could still end before
-        their deadline (at the fastest a request has run); others are answered
+        """The live queued requests that fit in the free slots and are worth starting
+        before their deadline (`BatchTimes.worth_starting`: a request left out would take
+        the row if more wait than there are free rows); others are answered
         DeadlineExceeded, never computed, unless nothing else runs."""
         joining: list[_Request] = []
         room = self.room(self.depth)
@@ -168,8 +169,9 @@ class ContinuousBatcher(RequestQueue):
                 self.dropped += 1
                 continue
             size = self.running + len(joining) + 1
-            end = now + (self.request_times.fastest(size) or 0.0)
-            if request.deadline < end and (self._running or joining or self._queue):
+            row_wanted = len(self._queue) >= room - size + 1
+            worth = self.request_times.worth_starting(size, request.deadline - now, row_wanted)
+            if not worth and (self._running or joining or self._queue):
                 self.expired += 1
                 request.future.set_exception(
                     DeadlineExceeded("not answered: its deadline falls before it could end")
