@@ -67,6 +67,11 @@ class DeadlineExceeded(TimeoutError):
         """The request's `timeout_s` ran out before its answer was ready."""
         return cls(f"not answered within its {timeout_s:.4g} s deadline")
 
+    @classmethod
+    def unstarted(cls) -> DeadlineExceeded:
+        """The request was never computed: `BatchTimes.worth_starting` said no."""
+        return cls("not started: it would likely end past its deadline")
+
 
 @dataclass(frozen=True)
 class Completed(Generic[R]):
@@ -407,9 +412,7 @@ class Batcher(RequestQueue, Generic[T, R]):
                 return [self._queue.popleft() for _ in range(size)]
             self._queue.popleft()
             self.expired += 1
-            first.future.set_exception(
-                DeadlineExceeded("not answered: its deadline falls before a batch could end")
-            )
+            first.future.set_exception(DeadlineExceeded.unstarted())
         return []
 
     async def _serve_forever(self) -> None:

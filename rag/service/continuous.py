@@ -173,9 +173,7 @@ class ContinuousBatcher(RequestQueue):
             worth = self.request_times.worth_starting(size, request.deadline - now, row_wanted)
             if not worth and (self._running or joining or self._queue):
                 self.expired += 1
-                request.future.set_exception(
-                    DeadlineExceeded("not answered: its deadline falls before it could end")
-                )
+                request.future.set_exception(DeadlineExceeded.unstarted())
                 continue
             joining.append(request)
         return joining
