@@ -13,6 +13,7 @@ import os
 import signal
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import pytest
@@ -37,6 +38,12 @@ from rag.service.continuous import ContinuousBatcher, waves_to_wait
 from rag.service.pipeline import RAGPipeline
 
 HOVER = "Which animals can hover in the air?"
+
+
+def long_tiny_pipeline(tmp_path: Path) -> RAGPipeline:
+    """The tiny model's pipeline in process, its requests LONG, its caches under `tmp_path`."""
+    cache = [f"model.cache_dir={tmp_path}", f"corpus.cache_dir={tmp_path}"]
+    return RAGPipeline.from_config(compose(["model=tiny", *LONG, *cache]))
 
 
 @pytest.fixture
@@ -147,8 +154,7 @@ def test_on_a_fake_clock_a_request_past_its_deadline_waiting_for_a_slot_never_ru
     """The continuous loop in process, on the tiny model and a fake clock: a request queued
     behind a full running batch expires when the test moves the clock past its deadline
     (an hour: on the real clock the test would wait that long), and never joins the engine."""
-    cache = [f"model.cache_dir={tmp_path}", f"corpus.cache_dir={tmp_path}"]
-    pipeline = RAGPipeline.from_config(compose(["model=tiny", *LONG, *cache]))
+    pipeline = long_tiny_pipeline(tmp_path)
 
     async def scenario():
         clock = FakeClock()
@@ -181,8 +187,7 @@ def test_a_freed_row_goes_to_a_request_likely_to_end_in_time_when_another_waits(
     """The continuous loop in process, on the tiny model and a fake clock, one slot: a
     request with 1.5 s left when the slot frees (a request there takes 1-2 s, likely at
     most 2.125) gives it up to a younger one waiting behind it, and takes it when none is."""
-    cache = [f"model.cache_dir={tmp_path}", f"corpus.cache_dir={tmp_path}"]
-    pipeline = RAGPipeline.from_config(compose(["model=tiny", *LONG, *cache]))
+    pipeline = long_tiny_pipeline(tmp_path)
 
     async def scenario():
         clock = FakeClock()
@@ -218,8 +223,7 @@ def test_the_running_batch_grows_only_while_a_whole_batch_waits(tmp_path):
     """The continuous loop in process, on the tiny model (LONG requests): with a running
     batch of 2 while the queue is short and 4 at most, a third request waits while it alone
     is queued, joins with a fourth once two wait, and two more wait while four run."""
-    cache = [f"model.cache_dir={tmp_path}", f"corpus.cache_dir={tmp_path}"]
-    pipeline = RAGPipeline.from_config(compose(["model=tiny", *LONG, *cache]))
+    pipeline = long_tiny_pipeline(tmp_path)
 
     async def scenario():
         with ThreadPoolExecutor(1, thread_name_prefix="compute") as compute:
