@@ -39,7 +39,10 @@ def kernels() -> dict:
                      extra_link_args=link),
         # The same for CPUs with AVX-512 (x86-64-v4), twice the vector width, which
         # kernels.py loads where torch runs its own AVX-512 code.
-        CppExtension(f"{LIBRARY}_avx512", [p.replace(".cpp", "_avx512.cpp") for p in sources],
+        # It alone holds the 4-bit matmul for AVX512-BF16 (int4_matmul.cpp).
+        CppExtension(f"{LIBRARY}_avx512",
+                     [*(p.replace(".cpp", "_avx512.cpp") for p in sources),
+                      "rag/service/engine/int4_matmul.cpp"],
                      extra_compile_args=[*flags, "-march=x86-64-v4"], extra_link_args=link),
     ]  # fmt: skip
     return {"ext_modules": extensions, "cmdclass": {"build_ext": OptionalBuild}}

@@ -21,7 +21,7 @@ T = TypeVar("T")
 CATEGORIES = {
     "matmul": {
         "aten::linear", "aten::mm", "aten::addmm", "aten::matmul",
-        "aten::_weight_int4pack_mm_for_cpu", "mkldnn::_linear_pointwise",
+        "aten::_weight_int4pack_mm_for_cpu", "ragbench::int4_linear", "mkldnn::_linear_pointwise",
         "_C::onednn_mm", "_C::weight_packed_linear",
     },
     "attention": {

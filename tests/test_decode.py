@@ -9,8 +9,10 @@ import pytest
 import torch
 from engine_helpers import FAMILIES, tiny_model
 from gguf import GGMLQuantizationType, quants
+from torch.utils.flop_counter import FlopCounterMode
 from transformers.modeling_gguf_pytorch_utils import TensorProcessor, get_gguf_hf_weights_map
 
+from rag.service.engine import kernels
 from rag.service.engine.engine import Engine, Sequence
 from rag.service.engine.forward import rms_norm
 from rag.service.engine.fused import fuse
@@ -19,12 +21,14 @@ from rag.service.engine.packed import PackedLinear, can_pack
 from rag.service.engine.runner import SlotModel
 
 
-def q4_layer(out_features: int, seed: int, kind=GGMLQuantizationType.Q4_1) -> Int4Linear:
+def q4_layer(
+    out_features: int, seed: int, kind=GGMLQuantizationType.Q4_1, dtype=torch.float32
+) -> Int4Linear:
     weights = np.random.default_rng(seed).standard_normal((out_features, 128))
     raw = quants.quantize(weights.astype(np.float32), kind)
     dense = torch.nn.Linear(128, out_features, bias=False)
     dense.weight.data = torch.from_numpy(quants.dequantize(raw, kind)) + 1.0  # tell them apart
-    return Int4Linear.from_blocks(dense, READERS[kind](raw), max_rows=4)
+    return Int4Linear.from_blocks(dense.to(dtype), READERS[kind](raw), max_rows=4)
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
@@ -40,12 +44,17 @@ def test_gguf_names_map_the_tensors_as_transformers_does(family):
 
 
 @pytest.mark.parametrize("kind", [GGMLQuantizationType.Q4_1, GGMLQuantizationType.Q8_0])
-def test_fused_4_bit_layers_give_each_layers_output_side_by_side(kind):
-    layers = [q4_layer(n, seed, kind) for seed, n in enumerate((64, 128, 64))]
-    few, many = torch.randn(3, 128), torch.randn(6, 128)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_4_bit_layers_give_each_layers_output_side_by_side(kind, dtype):
+    """In float32 with torch's kernel (blocks of 64 rows), in bf16 with the engine's where
+    it runs (blocks of 16)."""
+    paired = dtype == torch.bfloat16 and kernels.INT4_LINEAR
+    sizes = (64, 128, 48 if paired else 64)
+    layers = [q4_layer(n, seed, kind, dtype) for seed, n in enumerate(sizes)]
+    few, many = torch.randn(3, 128).to(dtype), torch.randn(6, 128).to(dtype)
     alone = [(layer(few), layer(many)) for layer in layers]
     fused = fuse(layers)
-    assert isinstance(fused, Int4Linear)
+    assert isinstance(fused, Int4Linear) and fused.paired == paired
     assert torch.equal(fused(few), torch.cat([a for a, _ in alone], dim=-1))
     torch.testing.assert_close(fused(many), torch.cat([b for _, b in alone], dim=-1))
     for layer, (a, b) in zip(layers, alone, strict=True):  # the layers now read views
@@ -53,8 +62,8 @@ def test_fused_4_bit_layers_give_each_layers_output_side_by_side(kind):
 
 
 def test_layers_that_cannot_be_packed_together_are_fused_dense():
-    """Packed rows come in blocks of 64; 4-bit layers of other sizes, or mixed with a
-    dense one, are fused from their dense weights."""
+    """Packed rows come in blocks (torch's 64); 4-bit layers of other sizes, or mixed with
+    a dense one, are fused from their dense weights."""
     odd = [q4_layer(n, seed) for seed, n in enumerate((64, 96))]
     plain = torch.nn.Linear(128, 32)
     mixed = [q4_layer(64, 2), plain]
@@ -129,6 +138,17 @@ def test_bf16_layers_packed_for_onednn_compute_what_they_computed():
         for name, out in before.items():
             torch.testing.assert_close(model.get_submodule(name)(inputs[name]), out)
         torch.testing.assert_close(model(tokens).logits, logits)
+
+
+def test_a_packed_layers_flops_are_counted_as_the_dense_matmuls():
+    """FlopCounterMode counts a packed product as `F.linear`'s (the benchmarks' FLOP/s)."""
+    layer = torch.nn.Linear(64, 48).to(torch.bfloat16)
+    x = torch.randn(2, 3, 64, dtype=torch.bfloat16)
+    with FlopCounterMode(display=False) as dense:
+        layer(x)
+    with FlopCounterMode(display=False) as packed:
+        PackedLinear(layer)(x)
+    assert packed.get_total_flops() == dense.get_total_flops() == 2 * 6 * 64 * 48
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

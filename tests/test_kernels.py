@@ -10,10 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from gguf import GGMLQuantizationType, quants
 from torch.utils.flop_counter import FlopCounterMode
 from transformers.models.llama.modeling_llama import LlamaRMSNorm, rotate_half
 
 from rag.service.engine import kernels
+from rag.service.engine.int4 import READERS, Int4Linear
 from rag.service.engine.slots import causal_mask, eager_attention
 
 pytestmark = pytest.mark.skipif(
@@ -222,3 +224,45 @@ def test_bf16_keys_converted_to_float_give_what_the_torch_path_gives():
     products, its other way (converted to float, what a CPU without them runs) passes the
     attention tests."""
     run_this_file({"RAGBENCH_BF16_DOT": "0"}, "-k", "decode_attention or prompt_attention")
+
+
+four_bit_kernel = pytest.mark.skipif(
+    not kernels.INT4_LINEAR, reason="no AVX512-BF16 here, or not the AVX-512 build"
+)
+
+
+@four_bit_kernel
+@pytest.mark.parametrize("kind", [GGMLQuantizationType.Q4_1, GGMLQuantizationType.Q8_0])
+def test_the_4_bit_kernel_multiplies_what_the_gguf_blocks_hold(kind):
+    """1 to 17 rows (the kernel takes up to 8 together, and gives 1 to 4 rows sums of their
+    own) of three blocks of 16 outputs and three groups of 32 inputs, against the GGUF's own
+    dequantised weights in float32, up to the output's bf16 rounding."""
+    generator = torch.Generator().manual_seed(2)
+    weights = torch.randn(48, 96, generator=generator).numpy()
+    raw = quants.quantize(weights, kind)
+    exact = torch.from_numpy(quants.dequantize(raw, kind))
+    dense = torch.nn.Linear(96, 48, bias=False).to(torch.bfloat16)
+    layer = Int4Linear.from_blocks(dense, READERS[kind](raw), max_rows=17)
+    assert layer.paired
+    for rows in range(1, 18):
+        x = torch.randn(rows, 96, generator=generator).to(torch.bfloat16)
+        expected = x.float() @ exact.T
+        out = layer(x)
+        assert out.dtype == torch.bfloat16 and out.shape == (rows, 48)
+        bf16_step = 2**-8 * expected.abs().max().item()
+        torch.testing.assert_close(out.float(), expected, rtol=2**-8, atol=bf16_step)
+    with FlopCounterMode(display=False) as counted:
+        layer(x)
+    assert counted.get_total_flops() == 2 * 17 * 96 * 48 * len(layer.packed)
+
+
+@four_bit_kernel
+def test_the_4_bit_kernel_refuses_what_it_cannot_multiply():
+    codes = torch.zeros(16, 48, dtype=torch.uint8)
+    scales = torch.zeros(3, 16, 2, dtype=torch.float16)
+    with pytest.raises(RuntimeError, match="x: \\[rows, in\\] bf16"):
+        kernels.int4_linear(torch.zeros(1, 96), codes, scales)
+    with pytest.raises(RuntimeError, match="out: a multiple of 16"):
+        kernels.int4_linear(torch.zeros(1, 96, dtype=torch.bfloat16), codes[:8], scales[:, :8])
+    with pytest.raises(RuntimeError, match="scales_mins"):
+        kernels.int4_linear(torch.zeros(1, 96, dtype=torch.bfloat16), codes, scales.float())

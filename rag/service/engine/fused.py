@@ -15,10 +15,6 @@ import torch
 
 from rag.service.engine.int4 import Int4Linear
 
-# torch's CPU int4 packing interleaves rows in blocks of up to 64, so packed matrices
-# concatenate along rows only if each one's row count is a multiple of it.
-INT4_PACK_BLOCK = 64
-
 
 @torch.no_grad()
 def fuse(layers: Sequence[torch.nn.Module]) -> torch.nn.Module:
@@ -27,16 +23,19 @@ def fuse(layers: Sequence[torch.nn.Module]) -> torch.nn.Module:
     dense = _concatenated_linear([_dense_of(layer) for layer in layers])
     if not all(isinstance(layer, Int4Linear) for layer in layers):
         return dense
-    parts = {len(layer.packed) for layer in layers}
-    if len(parts) != 1 or any(layer.out_features % INT4_PACK_BLOCK for layer in layers):
+    # Packed matrices concatenate along output rows only in whole blocks of one layout.
+    parts = {(len(layer.packed), layer.paired) for layer in layers}
+    if len(parts) != 1 or any(layer.out_features % layer.row_block for layer in layers):
         return dense
+    count, paired = parts.pop()
     packed, scales_zeros = [], []
-    for part in range(parts.pop()):
+    for part in range(count):
         packed.append(torch.cat([layer.packed[part] for layer in layers]))
         scales_zeros.append(torch.cat([layer.scales_zeros[part] for layer in layers], dim=1))
         for layer, rows in zip(layers, _row_ranges(layers), strict=True):
             layer.packed[part] = packed[-1][rows]
-    return Int4Linear(dense, packed, [s.contiguous() for s in scales_zeros], layers[0].max_rows)
+    scales_zeros = [s.contiguous() for s in scales_zeros]
+    return Int4Linear(dense, packed, scales_zeros, layers[0].max_rows, paired)
 
 
 def _dense_of(layer: torch.nn.Module) -> torch.nn.Linear:

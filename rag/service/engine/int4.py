@@ -8,10 +8,16 @@ embedding / LM head is Q8_0 (w = d x q, q in -127..127): q = 16 x hi + lo splits
 4-bit matrices whose products add up to the same result.  Nothing is rounded beyond what the
 GGUF holds, except the scales, which the kernel takes in the activations' dtype.
 
+Where the CPU has AVX512-BF16 and the engine's kernels are built, a bf16 layer multiplies
+with the engine's own kernel instead (int4_matmul.cpp, its codes packed by `pair_codes`):
+it unpacks a group once for up to 8 rows where torch's unpacks it for each row, so 4 bits
+pay at more rows.
+
 Each replaced layer keeps its dense weight (packed for oneDNN where it is bf16) for many
 rows (prefill, large batches), where a dense bf16 matmul is faster than unpacking 4-bit
-groups.  The kernel is vectorised for bf16 activations only: in float32 or float16 it is
-far slower than the dense matmul, so a model in those dtypes keeps its dense layers.
+groups.  Both kernels are vectorised for bf16 activations only: in float32 or float16
+torch's is far slower than the dense matmul, so a model in those dtypes keeps its dense
+layers.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from torch.utils.flop_counter import register_flop_formula
 from transformers import PreTrainedModel
 from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor
 
+from rag.service.engine import kernels
 from rag.service.engine.packed import dense_product
 
 GROUP = 32
@@ -85,11 +92,29 @@ def _q8_0(raw: np.ndarray) -> list[Blocks]:
 
 READERS = {GGMLQuantizationType.Q4_1: _q4_1, GGMLQuantizationType.Q8_0: _q8_0}
 
+PAIRED_BLOCK = 16  # output rows per block of `pair_codes`' layout
+TORCH_BLOCK = 64  # torch's CPU packing interleaves output rows in blocks of up to 64
+
+
+def pair_codes(codes: np.ndarray) -> np.ndarray:
+    """Codes [out, in] (0..15) in the engine's kernel's layout (int4_matmul.cpp), [out, in /
+    2] bytes: per block of 16 outputs, for each 4 inputs 4i + 2h + e, byte 2j + e holds
+    output j's code for h = 0 in its low nibble and for h = 1 in its high one."""
+    out, inner = codes.shape
+    split = codes.reshape(out // PAIRED_BLOCK, PAIRED_BLOCK, inner // 4, 2, 2)  # block j i h e
+    nibbles = split[:, :, :, 0, :] | (split[:, :, :, 1, :] << 4)  # block j i e
+    return np.ascontiguousarray(nibbles.transpose(0, 2, 1, 3)).reshape(out, inner // 2)
+
+
+def _torch_int4_mm(flat: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tensor):
+    return INT4_MM(flat, packed, GROUP, scales_zeros)
+
 
 class Int4Linear(torch.nn.Module):
     """A linear layer that multiplies up to `max_rows` rows with 4-bit weights (summing
-    the parts, one or two: `packed[i]` with `scales_zeros[i]`) and more rows with the dense
-    weight it replaces."""
+    the parts, one or two: `packed[i]` with `scales_zeros[i]`, in the engine's kernel's
+    layout where `paired`, torch's otherwise) and more rows with the dense weight it
+    replaces."""
 
     def __init__(
         self,
@@ -97,6 +122,7 @@ class Int4Linear(torch.nn.Module):
         packed: list[torch.Tensor],
         scales_zeros: list[torch.Tensor],
         max_rows: int,
+        paired: bool,
     ) -> None:
         super().__init__()
         self.dense = dense
@@ -105,21 +131,40 @@ class Int4Linear(torch.nn.Module):
         self.out_features = dense.out_features
         self.packed = packed
         self.scales_zeros = scales_zeros
+        self.paired = paired
+        self.row_block = PAIRED_BLOCK if paired else TORCH_BLOCK
+        self._product = kernels.int4_linear if paired else _torch_int4_mm
 
     @classmethod
     def from_blocks(cls, dense: torch.nn.Linear, parts: list[Blocks], max_rows: int) -> Int4Linear:
+        """The engine's kernel for a bf16 layer where it runs (`kernels.INT4_LINEAR`) and
+        the outputs come in whole blocks; torch's otherwise."""
         dtype = dense.weight.dtype
-        packed = [
-            torch.ops.aten._convert_weight_to_int4pack_for_cpu(
-                torch.from_numpy(p.codes.astype(np.int32)), 2
-            )
-            for p in parts
-        ]
+        paired = (
+            kernels.INT4_LINEAR
+            and dtype == torch.bfloat16
+            and dense.out_features % PAIRED_BLOCK == 0
+        )
+        if paired:
+            packed = [torch.from_numpy(pair_codes(p.codes)) for p in parts]
+        else:
+            packed = [
+                torch.ops.aten._convert_weight_to_int4pack_for_cpu(
+                    torch.from_numpy(p.codes.astype(np.int32)), 2
+                )
+                for p in parts
+            ]
+        # torch's takes (scale, zero) in the activations' dtype; the engine's (scale, min)
+        # as GGUF stores them, in float16.
         scales_zeros = [
-            torch.from_numpy(np.stack([p.scales.T, p.zeros.T], axis=-1)).to(dtype).contiguous()
+            torch.from_numpy(
+                np.stack([p.scales.T, (p.zeros - 8 * p.scales if paired else p.zeros).T], -1)
+            )
+            .to(torch.float16 if paired else dtype)
+            .contiguous()
             for p in parts
         ]
-        return cls(dense, packed, scales_zeros, max_rows)
+        return cls(dense, packed, scales_zeros, max_rows, paired)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1]).contiguous()
@@ -136,9 +181,9 @@ class Int4Linear(torch.nn.Module):
         return dense_product(self.dense, flat)
 
     def four_bit_product(self, flat: torch.Tensor) -> torch.Tensor:
-        out = INT4_MM(flat, self.packed[0], GROUP, self.scales_zeros[0])
+        out = self._product(flat, self.packed[0], self.scales_zeros[0])
         for packed, scales_zeros in zip(self.packed[1:], self.scales_zeros[1:], strict=True):
-            out = out + INT4_MM(flat, packed, GROUP, scales_zeros)
+            out = out + self._product(flat, packed, scales_zeros)
         if self.dense.bias is not None:
             out = out + self.dense.bias
         return out

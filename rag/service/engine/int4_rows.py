@@ -1,11 +1,12 @@
 """Up to how many rows 4-bit decode pays on this machine, timed when the engine is built.
 
-torch's 4-bit CPU kernel unpacks every weight group for each row it multiplies, so its time
-grows with the rows, while a dense bf16 matmul of a few rows costs its weights' bytes
-whatever the rows.  Where the two cross depends on the processor (its bf16 matrix units,
-its memory bandwidth), and these machines change from day to day: so the crossover is
-measured, on the model's own layers, with the threads the engine computes with, rather
-than set once.
+A 4-bit matmul's time grows with the rows (torch's CPU kernel unpacks every weight group
+for each row it multiplies; the engine's unpacks a group once for up to 8 rows, but its dot
+products then fill the processor's bf16 units), while a dense bf16 matmul of a few rows
+costs its weights' bytes whatever the rows.  Where the two cross depends on the processor
+(its bf16 matrix units, its memory bandwidth), and these machines change from day to day:
+so the crossover is measured, on the model's own layers, with the threads the engine
+computes with, rather than set once.
 
 A probe is one decode step's matmuls at a given number of rows (every 4-bit layer the
 forward pass multiplies with, in order, so the weights stream from memory as in a real

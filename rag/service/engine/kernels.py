@@ -1,12 +1,12 @@
 """The engine's own CPU kernels (kernels.cpp: decode attention; layer_ops.cpp: the pointwise
 work between a layer's matmuls; built with the package by setup.py, once for AVX2 and once
-for AVX-512), loaded as torch operators when the library was built and the CPU runs what it
-was compiled for: the AVX-512 build where torch runs its own AVX-512 code (twice the vector
-width, which the layer kernels use), the AVX2 one where it runs AVX2.  `available` says so,
-and callers keep a torch fallback for the rest.  RAGBENCH_KERNELS=0 in the environment
-leaves them unloaded: the torch path, as on a machine where they were not built (to test or
-measure it beside them); RAGBENCH_KERNELS=avx2 loads the AVX2 build on any machine that
-runs it.
+for AVX-512, which alone holds int4_matmul.cpp's 4-bit matmul), loaded as torch operators
+when the library was built and the CPU runs what it was compiled for: the AVX-512 build
+where torch runs its own AVX-512 code (twice the vector width, which the layer kernels
+use), the AVX2 one where it runs AVX2.  `available` says so, and callers keep a torch
+fallback for the rest.  RAGBENCH_KERNELS=0 in the environment leaves them unloaded: the
+torch path, as on a machine where they were not built (to test or measure it beside them);
+RAGBENCH_KERNELS=avx2 loads the AVX2 build on any machine that runs it.
 """
 
 from __future__ import annotations
@@ -38,6 +38,13 @@ def _load() -> str | None:
 
 LOADED_LIBRARY = _load()
 LOADED = LOADED_LIBRARY is not None
+# The 4-bit matmul (int4_matmul.cpp) is in the AVX-512 build and multiplies with AVX512-BF16's
+# dot products; RAGBENCH_BF16_DOT=0 leaves it unused, as the attention kernels' bf16 dots.
+INT4_LINEAR = (
+    BUILDS["AVX512"][0] == LOADED_LIBRARY
+    and torch.cpu._is_avx512_bf16_supported()
+    and os.environ.get("RAGBENCH_BF16_DOT") != "0"
+)
 
 
 def attention_flops(query: torch.Tensor, pairs: int) -> int:
@@ -50,6 +57,13 @@ if LOADED:  # counted by torch's FlopCounterMode as the matmuls they replace are
     @register_flop_formula(torch.ops.ragbench.decode_attention, get_raw=True)
     def _decode_attention_flops(query, keys, values, lengths, scale, **kwargs) -> int:
         return attention_flops(query, int(lengths.sum()))
+
+    if INT4_LINEAR:
+
+        @register_flop_formula(torch.ops.ragbench.int4_linear, get_raw=True)
+        def _int4_linear_flops(x, codes, scales_mins, **kwargs) -> int:
+            """The dense matmul's it replaces: 2 x rows x in x out."""
+            return 2 * x.shape[0] * x.shape[1] * codes.shape[0]
 
     @register_flop_formula(torch.ops.ragbench.prompt_attention, get_raw=True)
     def _prompt_attention_flops(query, keys, values, spans, scale, out, **kwargs) -> int:
@@ -116,3 +130,10 @@ def prompt_attention(
     positions already in the slot.  transformers' eager arithmetic: scores in the dtype,
     softmax in float32."""
     torch.ops.ragbench.prompt_attention(query, keys, values, spans, scale, out)
+
+
+def int4_linear(x: torch.Tensor, codes: torch.Tensor, scales_mins: torch.Tensor) -> torch.Tensor:
+    """x [rows, in] bf16 times a 4-bit matrix packed by `int4.pair_codes` (codes [out, in /
+    2] uint8; scales_mins [in / 32, out, 2] float16: w = q x scale + min per group of 32);
+    [rows, out] bf16.  Only where INT4_LINEAR."""
+    return torch.ops.ragbench.int4_linear(x, codes, scales_mins)

@@ -13,8 +13,16 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.utils.flop_counter import register_flop_formula
 
 PACKED_FOR_ROWS = 128  # oneDNN chooses the layout for this many rows; it serves any number
+
+
+@register_flop_formula(torch.ops.mkldnn._linear_pointwise, get_raw=True)
+def _packed_linear_flops(x, weight, *args, **kwargs) -> int:
+    """Counted by torch's FlopCounterMode as `F.linear` is: 2 x rows x in x out (the
+    packed weight keeps its [out, in] shape)."""
+    return 2 * x.numel() * weight.shape[0]
 
 
 def can_pack(weight: torch.Tensor) -> bool:
