@@ -1,4 +1,4 @@
-"""A decode step's dense products alone, ours beside vLLM-CPU's, at each row count.
+"""A decode step's products alone, ours (dense and 4-bit) beside vLLM-CPU's, at each row count.
 
 `bench_peer.py --steps` found a decode step's matmuls the one part still slower than
 vLLM's (12.6 against 10.8 ms at 20 rows), with the same torch and the same oneDNN under
@@ -11,6 +11,10 @@ as the engine's does, timed as a step's sequence, in fresh processes taking turn
   reordered once for oneDNN, `mkldnn._linear_pointwise` per call);
 - `packed_rows`: the same, its layout chosen for the step's own row count, not for 128;
 - `linear`: `F.linear` on the dense weight (oneDNN reorders it at every call);
+- `four_bit`: the engine's 4-bit layer (`rag/service/engine/int4.py`, the kernel the
+  engine multiplies decode steps of up to `model.int4_max_rows` rows with), on random
+  codes and scales (a product's time does not depend on them), the head in two 4-bit
+  halves as the default model's Q8_0 head is;
 - `vllm`: vLLM-CPU's `onednn_mm` (a handle made once from the transposed weight, as its
   `dispatch_cpu_unquantized_gemm` does), run by the peer's own interpreter.
 
@@ -33,8 +37,8 @@ import tempfile
 import time
 from pathlib import Path
 
-KINDS = ("packed", "packed_rows", "linear", "vllm")
-ROWS = (1, 8, 20, 24, 40)
+KINDS = ("packed", "packed_rows", "linear", "four_bit", "vllm")
+ROWS = (1, 2, 4, 6, 8, 12, 16, 20, 24, 40)
 PEER_ENV = {"OMP_NUM_THREADS": "2"}
 DEFAULT_PEER = "/work/venvs/vllm/bin/python"
 TARGET_ROWS = 20  # the row count whose ratio is judged: a served decode step's
@@ -56,9 +60,10 @@ def measure(kind: str, spec: dict, out: str) -> None:
     torch.manual_seed(0)
     shapes = [tuple(s) for s in spec["layer"]] * spec["layers"] + [tuple(spec["head"])]
     weights = [torch.randn(o, i, dtype=torch.bfloat16) / i**0.5 for i, o in shapes]
+    halves = [1] * (len(shapes) - 1) + [2]  # the head's Q8_0 is two 4-bit halves
     figures = {}
     for rows in spec["rows"]:
-        products = [make_product(kind, w, rows) for w in weights]
+        products = [make_product(kind, w, rows, n) for w, n in zip(weights, halves, strict=True)]
         inputs = {i: torch.randn(rows, i, dtype=torch.bfloat16) for i, _ in shapes}
         step = [(product, inputs[i]) for product, (i, _) in zip(products, shapes, strict=True)]
         seconds = []
@@ -81,7 +86,7 @@ def call_cost(kind: str, calls: int = 2000) -> float:
     by 64): what `kind` spends around oneDNN's kernel (the best of 5 runs)."""
     import torch
 
-    product = make_product(kind, torch.randn(64, 64, dtype=torch.bfloat16), 1)
+    product = make_product(kind, torch.randn(64, 64, dtype=torch.bfloat16), 1, 1)
     x = torch.randn(1, 64, dtype=torch.bfloat16)
     runs = []
     for _ in range(6):
@@ -92,8 +97,9 @@ def call_cost(kind: str, calls: int = 2000) -> float:
     return min(runs[1:])
 
 
-def make_product(kind: str, weight, rows: int):
-    """The function computing x @ weight.T the way `kind` does."""
+def make_product(kind: str, weight, rows: int, parts: int):
+    """The function computing x @ weight.T the way `kind` does (`four_bit`: a 4-bit
+    matrix of `parts` parts of weight's shape instead)."""
     import torch
     import torch.nn.functional as F
 
@@ -105,6 +111,8 @@ def make_product(kind: str, weight, rows: int):
         dense = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False, dtype=weight.dtype)
         dense.weight.data = weight
         return PackedLinear(dense).multiply
+    if kind == "four_bit":
+        return four_bit_layer(weight.shape, parts, rows).four_bit_product
     if kind == "packed_rows":
         packed = torch.ops.mkldnn._reorder_linear_weight(weight, rows)
         return lambda x: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
@@ -112,6 +120,27 @@ def make_product(kind: str, weight, rows: int):
 
     handler = ops.create_onednn_mm(weight.t(), 32)
     return lambda x: ops.onednn_mm(handler, x, None)
+
+
+def four_bit_layer(shape, parts: int, rows: int):
+    """The engine's 4-bit layer of `shape` ([out, in]) multiplying up to `rows` rows, its
+    codes and per-group scales random."""
+    import numpy as np
+    import torch
+
+    from rag.service.engine.int4 import GROUP, Blocks, Int4Linear
+
+    out, inner = shape
+    rng = np.random.default_rng(0)
+    groups = (out, inner // GROUP)
+    blocks = [
+        Blocks(rng.integers(0, 16, shape, dtype=np.uint8),
+               rng.uniform(1e-3, 2e-3, groups).astype(np.float32),
+               rng.uniform(-1e-2, 1e-2, groups).astype(np.float32))
+        for _ in range(parts)
+    ]  # fmt: skip
+    dense = torch.nn.Linear(inner, out, bias=False, dtype=torch.bfloat16, device="meta")
+    return Int4Linear.from_blocks(dense, blocks, max_rows=rows)
 
 
 def run_kind(kind: str, peer: str, spec: dict) -> dict:
