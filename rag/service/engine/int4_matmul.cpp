@@ -1,12 +1,12 @@
 // int4_linear: rows of bf16 activations times a 4-bit weight matrix (GGUF's groups of 32
-// with a scale and a zero each), built into the kernels' AVX-512 library only (setup.py) and
+// with a scale and a minimum each), built into the kernels' AVX-512 library only (setup.py) and
 // called where the CPU has AVX512-BF16 (rag/service/engine/kernels.py says where).
 //
 // torch's CPU 4-bit kernel unpacks each weight group again for every row it multiplies, so
 // its time grows with the rows and a dense bf16 matmul overtakes it at about 4 rows.  Here a
 // group is unpacked once into registers and multiplied with up to 8 rows at a time by
 // `vdpbf16ps` (products of bf16 pairs exact in float32, summed in float32), so a decode step
-// of 5-16 rows still reads a quarter of the dense weights' bytes.
+// of 5-10 rows, as one of 1-4, reads a quarter of the dense weights' bytes and beats them.
 //
 // A 4-bit code q (0..15) becomes the bf16 number 128 + q by setting the bits 0x4300 above it
 // (128 is 2^7 and a bf16 mantissa has 7 bits, so 128 + q is exact).  For a group of 32
@@ -36,17 +36,17 @@
 
 namespace {
 
-constexpr int64_t kGroup = 32;      // inputs per scale and zero
+constexpr int64_t kGroup = 32;      // inputs per scale and minimum
 constexpr int64_t kBlock = 16;      // output rows per packed block: one float32 vector
-constexpr int64_t kMostRows = 8;    // rows multiplied together: 2 x 8 accumulators in registers
+constexpr int64_t kMostRows = 8;    // rows multiplied together: their sums fill the registers
 constexpr int64_t kStepBytes = 32;  // one step: 16 outputs x 4 inputs x 4 bits
 
 struct Operands {
-  const uint16_t* x;      // [rows, in] bf16 bits
-  const float* sums;      // [rows, groups]: S per row and group
-  const uint8_t* codes;   // [out, in / 2]
-  const at::Half* scales_mins;  // [groups, out, 2]
-  uint16_t* y;            // [rows, out] bf16 bits
+  const uint16_t* x;             // [rows, in] bf16 bits
+  const float* sums;             // [rows, groups]: S per row and group
+  const uint8_t* codes;          // [out, in / 2]
+  const at::Half* scales_mins;   // [groups, out, 2]
+  uint16_t* y;                   // [rows, out] bf16 bits
   int64_t in, out, groups;
 };
 
