@@ -205,7 +205,7 @@ def throughput(pipeline: RAGPipeline, batch: int) -> dict[str, float]:
 def read_bytes(linear: torch.nn.Module, rows: int) -> int:
     """The weight bytes a linear layer reads to multiply `rows` rows."""
     if isinstance(linear, Int4Linear) and rows <= linear.max_rows:
-        return sum(t.nbytes for t in (*linear.packed, *linear.scales_zeros))
+        return sum(t.nbytes for t in (*linear.packed, *linear.scales))
     dense = linear.dense if isinstance(linear, Int4Linear) else linear
     return dense.nbytes if isinstance(dense, PackedLinear) else dense.weight.nbytes
 

@@ -28,14 +28,14 @@ def fuse(layers: Sequence[torch.nn.Module]) -> torch.nn.Module:
     if len(parts) != 1 or any(layer.out_features % layer.row_block for layer in layers):
         return dense
     count, paired = parts.pop()
-    packed, scales_zeros = [], []
+    packed, scales = [], []
     for part in range(count):
         packed.append(torch.cat([layer.packed[part] for layer in layers]))
-        scales_zeros.append(torch.cat([layer.scales_zeros[part] for layer in layers], dim=1))
+        scales.append(torch.cat([layer.scales[part] for layer in layers], dim=1))
         for layer, rows in zip(layers, _row_ranges(layers), strict=True):
             layer.packed[part] = packed[-1][rows]
-    scales_zeros = [s.contiguous() for s in scales_zeros]
-    return Int4Linear(dense, packed, scales_zeros, layers[0].max_rows, paired)
+    scales = [s.contiguous() for s in scales]
+    return Int4Linear(dense, packed, scales, layers[0].max_rows, paired)
 
 
 def _dense_of(layer: torch.nn.Module) -> torch.nn.Linear:

@@ -6,7 +6,7 @@ GGUF Q4_1 already (groups of 32: w = d x q + m, q in 0..15), which torch's CPU i
 computes directly as w = (q - 8) x scale + zero with scale = d and zero = m + 8d.  The tied
 embedding / LM head is Q8_0 (w = d x q, q in -127..127): q = 16 x hi + lo splits it into two
 4-bit matrices whose products add up to the same result.  Nothing is rounded beyond what the
-GGUF holds, except the scales, which the kernel takes in the activations' dtype.
+GGUF holds, except the scales, which torch's kernel takes in the activations' dtype.
 
 Where the CPU has AVX512-BF16 and the engine's kernels are built, a bf16 layer multiplies
 with the engine's own kernel instead (int4_matmul.cpp, its codes packed by `pair_codes`):
@@ -106,21 +106,21 @@ def pair_codes(codes: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(nibbles.transpose(0, 2, 1, 3)).reshape(out, inner // 2)
 
 
-def _torch_int4_mm(flat: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tensor):
-    return INT4_MM(flat, packed, GROUP, scales_zeros)
+def _torch_int4_mm(flat: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor):
+    return INT4_MM(flat, packed, GROUP, scales)
 
 
 class Int4Linear(torch.nn.Module):
     """A linear layer that multiplies up to `max_rows` rows with 4-bit weights (summing
-    the parts, one or two: `packed[i]` with `scales_zeros[i]`, in the engine's kernel's
-    layout where `paired`, torch's otherwise) and more rows with the dense weight it
-    replaces."""
+    the parts, one or two: codes `packed[i]` with `scales[i]`, [in / 32, out, 2]: each
+    group's scale and zero for torch's kernel, scale and minimum for the engine's, whose
+    layout they are in where `paired`) and more rows with the dense weight it replaces."""
 
     def __init__(
         self,
         dense: torch.nn.Linear,
         packed: list[torch.Tensor],
-        scales_zeros: list[torch.Tensor],
+        scales: list[torch.Tensor],
         max_rows: int,
         paired: bool,
     ) -> None:
@@ -130,7 +130,7 @@ class Int4Linear(torch.nn.Module):
         self.in_features = dense.in_features
         self.out_features = dense.out_features
         self.packed = packed
-        self.scales_zeros = scales_zeros
+        self.scales = scales
         self.paired = paired
         self.row_block = PAIRED_BLOCK if paired else TORCH_BLOCK
         self._product = kernels.int4_linear if paired else _torch_int4_mm
@@ -156,7 +156,7 @@ class Int4Linear(torch.nn.Module):
             ]
         # torch's takes (scale, zero) in the activations' dtype; the engine's (scale, min)
         # as GGUF stores them, in float16.
-        scales_zeros = [
+        scales = [
             torch.from_numpy(
                 np.stack([p.scales.T, (p.zeros - 8 * p.scales if paired else p.zeros).T], -1)
             )
@@ -164,7 +164,7 @@ class Int4Linear(torch.nn.Module):
             .contiguous()
             for p in parts
         ]
-        return cls(dense, packed, scales_zeros, max_rows, paired)
+        return cls(dense, packed, scales, max_rows, paired)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1]).contiguous()
@@ -181,9 +181,9 @@ class Int4Linear(torch.nn.Module):
         return dense_product(self.dense, flat)
 
     def four_bit_product(self, flat: torch.Tensor) -> torch.Tensor:
-        out = self._product(flat, self.packed[0], self.scales_zeros[0])
-        for packed, scales_zeros in zip(self.packed[1:], self.scales_zeros[1:], strict=True):
-            out = out + self._product(flat, packed, scales_zeros)
+        out = self._product(flat, self.packed[0], self.scales[0])
+        for packed, scales in zip(self.packed[1:], self.scales[1:], strict=True):
+            out = out + self._product(flat, packed, scales)
         if self.dense.bias is not None:
             out = out + self.dense.bias
         return out
