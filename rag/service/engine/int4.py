@@ -110,6 +110,32 @@ def _torch_int4_mm(flat: torch.Tensor, packed: torch.Tensor, scales: torch.Tenso
     return INT4_MM(flat, packed, GROUP, scales)
 
 
+def _scale_pairs(first: np.ndarray, second: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+    """Per-group [out, in / 32] pairs as the kernels take them: [in / 32, out, 2]."""
+    return torch.from_numpy(np.stack([first.T, second.T], axis=-1)).to(dtype).contiguous()
+
+
+def _paired_parts(parts: list[Blocks]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The engine's kernel's codes, and (scale, minimum) in float16 as GGUF stores them."""
+    packed = [torch.from_numpy(pair_codes(p.codes)) for p in parts]
+    scales = [_scale_pairs(p.scales, p.zeros - 8 * p.scales, torch.float16) for p in parts]
+    return packed, scales
+
+
+def _torch_parts(
+    parts: list[Blocks], dtype: torch.dtype
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """torch's packed codes, and (scale, zero) in the activations' dtype, as its kernel
+    takes them."""
+    packed = [
+        torch.ops.aten._convert_weight_to_int4pack_for_cpu(
+            torch.from_numpy(p.codes.astype(np.int32)), 2
+        )
+        for p in parts
+    ]
+    return packed, [_scale_pairs(p.scales, p.zeros, dtype) for p in parts]
+
+
 class Int4Linear(torch.nn.Module):
     """A linear layer that multiplies up to `max_rows` rows with 4-bit weights (summing
     the parts, one or two: codes `packed[i]` with `scales[i]`, [in / 32, out, 2]: each
@@ -132,8 +158,12 @@ class Int4Linear(torch.nn.Module):
         self.packed = packed
         self.scales = scales
         self.paired = paired
-        self.row_block = PAIRED_BLOCK if paired else TORCH_BLOCK
         self._product = kernels.int4_linear if paired else _torch_int4_mm
+
+    @property
+    def row_block(self) -> int:
+        """Output rows per block of the codes' layout (matrices concatenate in whole ones)."""
+        return PAIRED_BLOCK if self.paired else TORCH_BLOCK
 
     @classmethod
     def from_blocks(cls, dense: torch.nn.Linear, parts: list[Blocks], max_rows: int) -> Int4Linear:
@@ -145,25 +175,7 @@ class Int4Linear(torch.nn.Module):
             and dtype == torch.bfloat16
             and dense.out_features % PAIRED_BLOCK == 0
         )
-        if paired:
-            packed = [torch.from_numpy(pair_codes(p.codes)) for p in parts]
-        else:
-            packed = [
-                torch.ops.aten._convert_weight_to_int4pack_for_cpu(
-                    torch.from_numpy(p.codes.astype(np.int32)), 2
-                )
-                for p in parts
-            ]
-        # torch's takes (scale, zero) in the activations' dtype; the engine's (scale, min)
-        # as GGUF stores them, in float16.
-        scales = [
-            torch.from_numpy(
-                np.stack([p.scales.T, (p.zeros - 8 * p.scales if paired else p.zeros).T], -1)
-            )
-            .to(torch.float16 if paired else dtype)
-            .contiguous()
-            for p in parts
-        ]
+        packed, scales = _paired_parts(parts) if paired else _torch_parts(parts, dtype)
         return cls(dense, packed, scales, max_rows, paired)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
